@@ -1,0 +1,44 @@
+# `make demo`: set up from nothing, then train on Spark local[*], compute codes, print recall.
+# `make test`: set up from nothing, then lint and run the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYSPARK_PYTHON := $(abspath $(PY))
+export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
+
+.PHONY: demo test lint bench system-deps venv clean
+
+system-deps:
+	@# Spark needs a Java runtime; python3-venv provides `python3 -m venv` on Debian.
+	@if ! command -v java >/dev/null 2>&1 || ! $(PYTHON) -c 'import ensurepip' 2>/dev/null; then \
+	  echo "installing Java and python venv support from Debian"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    openjdk-17-jre-headless python3-venv; \
+	fi
+
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt lopq/_kernels/_cython.pyx
+	$(MAKE) system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	bash scripts/demo.sh
+
+lint: venv
+	$(PY) -m ruff check lopq spark benchmarks tests scripts
+
+test: venv lint
+	$(PY) -m pytest -q -ra
+
+bench: venv
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info lopq/_kernels/*.so lopq/_kernels/_cython.c demo-out bench-out

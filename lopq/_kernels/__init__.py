@@ -1,0 +1,101 @@
+"""Hot-path kernels with a selectable backend.
+
+`reference` (numpy) is the specification; `numba` (default) and `cython` compute the same
+functions faster. Choose with the ``LOPQ_KERNELS`` environment variable
+(``numpy|numba|cython``) or the ``backend=`` argument of each function here.
+
+The functions in this module are the boundary: they accept any array-like (float64,
+non-contiguous, read-only) and hand the backend float32 C-contiguous arrays.
+"""
+
+import importlib
+import os
+
+import numpy as np
+
+from . import reference
+
+BACKENDS = ("numpy", "numba", "cython")
+_MODULES = {"numpy": "lopq._kernels.reference", "numba": "lopq._kernels.numba_kernels",
+            "cython": "lopq._kernels.cython_kernels"}
+
+
+def default_backend():
+    """The backend named by ``LOPQ_KERNELS``, else ``numba``."""
+    return os.environ.get("LOPQ_KERNELS", "numba").strip().lower() or "numba"
+
+
+def get_backend(name=None):
+    """The kernel module for ``name`` (default: `default_backend()`)."""
+    name = (name or default_backend()).lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: choose one of {', '.join(BACKENDS)} "
+                         "(argument backend= or environment variable LOPQ_KERNELS)")
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as err:
+        raise ImportError(f"kernel backend {name!r} is not available ({err}); "
+                          "install lopq with `pip install .` to build it, "
+                          "or set LOPQ_KERNELS=numba") from err
+
+
+def rows32(X):
+    """X as a float32 C-contiguous 2-D array (copying only when needed)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim == 1:
+        X = X.reshape(1, -1)
+    return X
+
+
+def _labels32(labels):
+    return np.ascontiguousarray(labels, dtype=np.int32)
+
+
+def assign(X, C, backend=None):
+    """Nearest centroid of each row: X (n, d), C (k, d) -> (labels (n,) int32,
+    sqdist (n,) float32)."""
+    return get_backend(backend).assign(rows32(X), rows32(C))
+
+
+def project_residuals(X, labels, C, R, mu, backend=None):
+    """P[i] = R[l] @ (X[i] - C[l] - mu[l]) with l = labels[i]: (n, d) float32."""
+    return get_backend(backend).project_residuals(
+        rows32(X), _labels32(labels), rows32(C),
+        np.ascontiguousarray(R, dtype=np.float32), rows32(mu))
+
+
+def encode_fine(P, codebooks, backend=None):
+    """Subquantizer codes of projected residuals P (n, m*ds) with codebooks (m, S, ds):
+    (n, m) uint8 (S <= 256) or uint16."""
+    return get_backend(backend).encode_fine(
+        rows32(P), np.ascontiguousarray(codebooks, dtype=np.float32))
+
+
+def decode_fine(codes, codebooks):
+    """Subquantizer centroids of codes: (n, m) -> (n, m*ds) float32."""
+    return reference.decode_fine(np.asarray(codes), np.asarray(codebooks, dtype=np.float32))
+
+
+def accumulate_covariance(residuals, labels, V, backend=None):
+    """Per-cluster (A (V,d,d) float64, sums (V,d) float64, counts (V,) int64)."""
+    return get_backend(backend).accumulate_covariance(rows32(residuals), _labels32(labels), V)
+
+
+def cluster_sums(X, labels, k, backend=None):
+    """Per-cluster (sums (k,d) float64, counts (k,) int64)."""
+    return get_backend(backend).cluster_sums(rows32(X), _labels32(labels), k)
+
+
+def adc_tables(P, codebooks, backend=None):
+    """Distance tables (q, m, S) float32 of projected queries P (q, m*ds)."""
+    return get_backend(backend).adc_tables(
+        rows32(P), np.ascontiguousarray(codebooks, dtype=np.float32))
+
+
+def adc_scan(table, codes, backend=None):
+    """Distances (n,) float32 of codes (n, m) to one query's table (m, S)."""
+    return get_backend(backend).adc_scan(
+        np.ascontiguousarray(table, dtype=np.float32), np.ascontiguousarray(codes))
+
+
+code_dtype = reference.code_dtype

@@ -1,0 +1,101 @@
+"""Cython backend: the functions of `reference.py` on ahead-of-time compiled loops.
+
+Distances to small codebooks are fused loops; large ones use numpy's sgemm on blocks
+and a compiled argmin. Per-cluster GEMM work (projection, covariance) groups rows with
+numpy's stable argsort. Built by ``pip install .`` (setup.py compiles ``_cython.pyx``).
+"""
+
+import numpy as np
+
+from . import _cython
+from .reference import code_dtype
+
+SMALL_D = 16
+BLOCK_ROWS = 2048
+
+
+def assign(X, C):
+    """Nearest centroid; see `reference.assign`."""
+    n, d = X.shape
+    labels = np.empty(n, dtype=np.int32)
+    sqdist = np.empty(n, dtype=np.float32)
+    c_sqnorm = np.einsum("ij,ij->i", C, C)
+    if d <= SMALL_D:
+        _cython.assign_small(X, np.ascontiguousarray(C.T), c_sqnorm, labels, sqdist)
+        return labels, sqdist
+    CT = np.ascontiguousarray(C.T)
+    for start in range(0, n, BLOCK_ROWS):
+        stop = min(n, start + BLOCK_ROWS)
+        G = X[start:stop] @ CT
+        _cython.argmin_scores(X[start:stop], C, G, c_sqnorm, labels[start:stop],
+                              sqdist[start:stop])
+    return labels, sqdist
+
+
+def encode_fine(P, codebooks):
+    """Subquantizer codes; see `reference.encode_fine`."""
+    m, S, _ = codebooks.shape
+    codes = np.empty((P.shape[0], m), dtype=code_dtype(S))
+    CBT = np.ascontiguousarray(codebooks.transpose(0, 2, 1))
+    cb_sqnorm = np.einsum("msd,msd->ms", codebooks, codebooks)
+    _cython.encode_fine(P, CBT, cb_sqnorm, codes)
+    return codes
+
+
+def _grouped(labels, k):
+    order = np.argsort(labels, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
+    return order, offsets
+
+
+def project_residuals(X, labels, C, R, mu):
+    """Rotated residuals; see `reference.project_residuals`."""
+    order, offsets = _grouped(labels, C.shape[0])
+    centred = X[order] - C[labels[order]] - mu[labels[order]]
+    P = np.empty_like(X)
+    for cluster in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[cluster], offsets[cluster + 1]
+        P[order[lo:hi]] = centred[lo:hi] @ R[cluster].T
+    return P
+
+
+def accumulate_covariance(residuals, labels, V):
+    """Per-cluster covariance statistics; see `reference.accumulate_covariance`."""
+    order, offsets = _grouped(labels, V)
+    grouped = residuals[order].astype(np.float64)
+    d = residuals.shape[1]
+    A = np.zeros((V, d, d))
+    sums = np.zeros((V, d))
+    for cluster in np.flatnonzero(np.diff(offsets)):
+        g = grouped[offsets[cluster]:offsets[cluster + 1]]
+        A[cluster] = g.T @ g
+        sums[cluster] = g.sum(axis=0)
+    return A, sums, np.diff(offsets).astype(np.int64)
+
+
+def cluster_sums(X, labels, k):
+    """Per-cluster sums and counts; see `reference.cluster_sums`."""
+    sums = np.zeros((k, X.shape[1]))
+    counts = np.zeros(k, dtype=np.int64)
+    _cython.cluster_sums(X, labels, sums, counts)
+    return sums, counts
+
+
+def adc_tables(P, codebooks):
+    """Distance tables; see `reference.adc_tables`."""
+    m, S, _ = codebooks.shape
+    tables = np.empty((P.shape[0], m, S), dtype=np.float32)
+    _cython.adc_tables(P, codebooks, tables)
+    return tables
+
+
+def adc_scan(table, codes):
+    """Code distances to one query; see `reference.adc_scan`."""
+    out = np.empty(codes.shape[0], dtype=np.float32)
+    if codes.dtype == np.uint8:
+        _cython.adc_scan_u8(table, codes, out)
+    elif codes.dtype == np.uint16:
+        _cython.adc_scan_u16(table, codes, out)
+    else:
+        out[:] = table[np.arange(table.shape[0])[None, :], codes].sum(axis=1)
+    return out

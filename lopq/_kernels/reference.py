@@ -1,0 +1,167 @@
+"""Plain numpy reference kernels: the specification of every hot path.
+
+Read this file first. Each function works on a *batch* of rows and is written to be
+obviously correct rather than fast; the compiled kernels in this package compute the
+same thing and are tested against these functions.
+
+Conventions: ``X : (n, d) float32`` C-contiguous; labels are ``int32``; squared
+distances are ``float32``; accumulators are ``float64``.
+"""
+
+import numpy as np
+
+#: Rows per block in distance computations: bounds the (block, k) temporary.
+BLOCK_ROWS = 4096
+
+
+def assign(X, C):
+    """Nearest centroid of every row.
+
+    Args:
+        X: (n, d) float32 rows.
+        C: (k, d) float32 centroids, k >= 1.
+
+    Returns:
+        labels: (n,) int32 index of the nearest centroid (lowest index on exact ties).
+        sqdist: (n,) float32 squared Euclidean distance to that centroid.
+    """
+    n = X.shape[0]
+    labels = np.empty(n, dtype=np.int32)
+    sqdist = np.empty(n, dtype=np.float32)
+    c_sqnorm = np.einsum("ij,ij->i", C, C)
+    for start in range(0, n, BLOCK_ROWS):
+        block = X[start:start + BLOCK_ROWS]
+        # |x|^2 is the same for every centroid, so it does not change the argmin.
+        scores = c_sqnorm[None, :] - 2.0 * (block @ C.T)
+        best = np.argmin(scores, axis=1)
+        labels[start:start + BLOCK_ROWS] = best
+        diff = block - C[best]
+        sqdist[start:start + BLOCK_ROWS] = np.einsum("ij,ij->i", diff, diff)
+    return labels, sqdist
+
+
+def project_residuals(X, labels, C, R, mu):
+    """Rotated residuals in the local frame of each row's coarse cluster.
+
+    ``P[i] = R[labels[i]] @ (X[i] - C[labels[i]] - mu[labels[i]])``
+
+    Args:
+        X: (n, d) float32 rows (one coarse split).
+        labels: (n,) int32 coarse cluster of each row.
+        C: (V, d) float32 coarse centroids.
+        R: (V, d, d) float32 local rotations (rows are the rotated axes).
+        mu: (V, d) float32 mean residual of each cluster.
+
+    Returns:
+        P: (n, d) float32 projected residuals.
+    """
+    P = np.empty(X.shape, dtype=np.float32)
+    for cluster in np.unique(labels):
+        rows = labels == cluster
+        centred = X[rows] - C[cluster] - mu[cluster]
+        P[rows] = centred @ R[cluster].T
+    return P
+
+
+def encode_fine(P, codebooks):
+    """Subquantizer codes of projected residuals.
+
+    Args:
+        P: (n, m * ds) float32 projected residuals, split into m subvectors of ds dims.
+        codebooks: (m, S, ds) float32 subquantizer centroids.
+
+    Returns:
+        codes: (n, m) uint8 when S <= 256, else uint16.
+    """
+    m, S, ds = codebooks.shape
+    codes = np.empty((P.shape[0], m), dtype=code_dtype(S))
+    for j in range(m):
+        labels, _ = assign(np.ascontiguousarray(P[:, j * ds:(j + 1) * ds]), codebooks[j])
+        codes[:, j] = labels
+    return codes
+
+
+def decode_fine(codes, codebooks):
+    """Inverse of `encode_fine`: (n, m) codes -> (n, m * ds) float32 subquantizer centroids."""
+    m, S, ds = codebooks.shape
+    parts = [codebooks[j][codes[:, j]] for j in range(m)]
+    return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
+
+def accumulate_covariance(residuals, labels, V):
+    """Per-cluster sufficient statistics of residuals, for covariance estimation.
+
+    Args:
+        residuals: (n, d) float32 residuals ``x - C[label]``.
+        labels: (n,) int32 cluster of each row, in [0, V).
+        V: number of clusters.
+
+    Returns:
+        A: (V, d, d) float64 summed outer products ``sum r r^T``.
+        sums: (V, d) float64 summed residuals.
+        counts: (V,) int64 rows per cluster.
+    """
+    d = residuals.shape[1]
+    A = np.zeros((V, d, d))
+    sums = np.zeros((V, d))
+    counts = np.bincount(labels, minlength=V).astype(np.int64)
+    for cluster in np.unique(labels):
+        r = residuals[labels == cluster].astype(np.float64)
+        A[cluster] = r.T @ r
+        sums[cluster] = r.sum(axis=0)
+    return A, sums, counts
+
+
+def cluster_sums(X, labels, k):
+    """Per-cluster sums and counts (the Lloyd update statistics).
+
+    Args:
+        X: (n, d) float32 rows.
+        labels: (n,) int32 in [0, k).
+        k: number of clusters.
+
+    Returns:
+        sums: (k, d) float64, counts: (k,) int64.
+    """
+    sums = np.zeros((k, X.shape[1]))
+    np.add.at(sums, labels, X.astype(np.float64))
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    return sums, counts
+
+
+def adc_tables(P, codebooks):
+    """Asymmetric distance tables of projected queries.
+
+    Args:
+        P: (q, m * ds) float32 projected query residuals.
+        codebooks: (m, S, ds) float32.
+
+    Returns:
+        tables: (q, m, S) float32, ``tables[i, j, s] = |P[i, j-th sub] - codebooks[j, s]|^2``.
+    """
+    m, S, ds = codebooks.shape
+    sub = P.reshape(P.shape[0], m, 1, ds)
+    return ((sub - codebooks[None]) ** 2).sum(axis=3).astype(np.float32)
+
+
+def adc_scan(table, codes):
+    """Asymmetric distances of codes to one query.
+
+    Args:
+        table: (m, S) float32 distance table of the query.
+        codes: (n, m) uint8/uint16 fine codes.
+
+    Returns:
+        (n,) float32 ``sum_j table[j, codes[:, j]]``.
+    """
+    m = table.shape[0]
+    return table[np.arange(m)[None, :], codes].sum(axis=1, dtype=np.float32)
+
+
+def code_dtype(num_clusters):
+    """Smallest unsigned dtype that holds codes in [0, num_clusters)."""
+    if num_clusters <= 256:
+        return np.dtype(np.uint8)
+    if num_clusters <= 65536:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)

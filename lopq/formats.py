@@ -1,0 +1,238 @@
+"""File formats: the `.lopq` protobuf, `.mat`, fvecs/ivecs/bvecs, and the Spark text formats.
+
+`.lopq` is wire-compatible with the reference schema (proto2, package
+``com.flickr.vision.lopq``)::
+
+    message Vector { repeated float values = 1 [packed = true]; }
+    message Matrix { repeated float values = 1 [packed = true]; repeated uint32 shape = 2; }
+    message LOPQModelParams {
+      optional uint32 D = 1; optional uint32 V = 2; optional uint32 M = 3;
+      optional uint32 num_subquantizers = 4;
+      repeated Matrix Cs = 5;     // 2 matrices (V, D/2)
+      repeated Matrix Rs = 6;     // 2V matrices (D/2, D/2): split 0 clusters, then split 1
+      repeated Vector mus = 7;    // 2V vectors (D/2)
+      repeated Matrix subs = 8;   // M matrices (S, D/M): split 0 subquantizers, then split 1
+    }
+
+The descriptor is built at import time, so no generated ``_pb2`` module can go stale
+against the installed protobuf runtime.
+"""
+
+import base64
+import json
+import pickle
+
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+# ---------------------------------------------------------------------------- protobuf
+
+
+def _build_messages():
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="lopq_model.proto", package="com.flickr.vision.lopq", syntax="proto2")
+    F = descriptor_pb2.FieldDescriptorProto
+    opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
+
+    def message(name, fields):
+        msg = fdp.message_type.add(name=name)
+        for number, (fname, label, ftype, type_name, packed) in enumerate(fields, start=1):
+            field = msg.field.add(name=fname, number=number, label=label, type=ftype)
+            if type_name:
+                field.type_name = ".com.flickr.vision.lopq." + type_name
+            if packed:
+                field.options.packed = True
+
+    message("Vector", [("values", rep, F.TYPE_FLOAT, None, True)])
+    message("Matrix", [("values", rep, F.TYPE_FLOAT, None, True),
+                       ("shape", rep, F.TYPE_UINT32, None, False)])
+    message("LOPQModelParams", [
+        ("D", opt, F.TYPE_UINT32, None, False), ("V", opt, F.TYPE_UINT32, None, False),
+        ("M", opt, F.TYPE_UINT32, None, False),
+        ("num_subquantizers", opt, F.TYPE_UINT32, None, False),
+        ("Cs", rep, F.TYPE_MESSAGE, "Matrix", False),
+        ("Rs", rep, F.TYPE_MESSAGE, "Matrix", False),
+        ("mus", rep, F.TYPE_MESSAGE, "Vector", False),
+        ("subs", rep, F.TYPE_MESSAGE, "Matrix", False)])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("com.flickr.vision.lopq.LOPQModelParams"))
+
+
+LOPQModelParams = _build_messages()
+
+
+def _matrix(msg, array):
+    msg.values.extend(np.asarray(array, dtype=np.float32).ravel().tolist())
+    msg.shape.extend(array.shape)
+
+
+def params_to_proto_bytes(D, V, M, S, Cs, Rs, mus, subs):
+    """Serialise stacked parameters (any may be None) to `.lopq` bytes.
+
+    Args: Cs (2, V, D/2), Rs (2, V, D/2, D/2), mus (2, V, D/2), subs (M, S, D/M).
+    """
+    params = LOPQModelParams(D=D, V=V, M=M, num_subquantizers=S)
+    if Cs is not None:
+        for C in Cs:
+            _matrix(params.Cs.add(), C)
+    if Rs is not None:
+        for R in Rs.reshape(-1, *Rs.shape[2:]):
+            _matrix(params.Rs.add(), R)
+    if mus is not None:
+        for mu in mus.reshape(-1, mus.shape[-1]):
+            params.mus.add().values.extend(np.asarray(mu, dtype=np.float32).tolist())
+    if subs is not None:
+        for sub in subs:
+            _matrix(params.subs.add(), sub)
+    return params.SerializeToString()
+
+
+def _from_matrix(msg, what, source):
+    values = np.asarray(msg.values, dtype=np.float32)
+    shape = tuple(msg.shape)
+    if not shape or int(np.prod(shape)) != values.size:
+        raise ValueError(f"{source}: a {what} matrix has {values.size} values but shape "
+                         f"{shape}; the file is corrupt")
+    return values.reshape(shape)
+
+
+def params_from_proto_bytes(data, source="<bytes>"):
+    """Parse `.lopq` bytes into ``(D, V, M, S, Cs, Rs, mus, subs)`` stacked float32 arrays
+    (a missing parameter kind is None). Raises ValueError naming what is wrong."""
+    from google.protobuf.message import DecodeError
+    params = LOPQModelParams()
+    try:
+        params.ParseFromString(bytes(data))
+    except DecodeError as err:
+        raise ValueError(f"{source} is not a .lopq model file (protobuf decode failed: {err})") from None
+    D, V, M, S = params.D, params.V, params.M, params.num_subquantizers
+    if not (D and V and M) or D % 2 or (len(params.Cs) not in (0, 2)):
+        raise ValueError(f"{source} is not a valid .lopq model file (D={D}, V={V}, M={M}, "
+                         f"{len(params.Cs)} coarse quantizers): expected D even, V and M "
+                         "positive and 2 coarse quantizers")
+    h = D // 2
+    Cs = Rs = mus = subs = None
+    if params.Cs:
+        Cs = np.stack([_from_matrix(m, "coarse", source) for m in params.Cs])
+        if Cs.shape != (2, V, h):
+            raise ValueError(f"{source}: coarse quantizers have shape {Cs.shape[1:]}, "
+                             f"expected {(V, h)} for D={D}, V={V}")
+    if params.Rs:
+        if len(params.Rs) != 2 * V:
+            raise ValueError(f"{source}: {len(params.Rs)} rotations, expected 2V = {2 * V}")
+        Rs = np.stack([_from_matrix(m, "rotation", source) for m in params.Rs])
+        if Rs.shape[1:] != (h, h):
+            raise ValueError(f"{source}: rotations have shape {Rs.shape[1:]}, expected "
+                             f"{(h, h)}")
+        Rs = Rs.reshape(2, V, h, h)
+    if params.mus:
+        if len(params.mus) != 2 * V or any(len(m.values) != h for m in params.mus):
+            raise ValueError(f"{source}: expected 2V = {2 * V} mean residuals of {h} values")
+        mus = np.asarray([list(m.values) for m in params.mus], dtype=np.float32)
+        mus = mus.reshape(2, V, h)
+    if params.subs:
+        if M % 2 or D % M or len(params.subs) != M:
+            raise ValueError(f"{source}: {len(params.subs)} subquantizers for M={M}, D={D}")
+        subs = np.stack([_from_matrix(m, "subquantizer", source) for m in params.subs])
+        if subs.shape[2] != D // M:
+            raise ValueError(f"{source}: subquantizers of {subs.shape[2]} dims, expected "
+                             f"D/M = {D // M}")
+        S = subs.shape[1]
+    return D, V, M, S, Cs, Rs, mus, subs
+
+
+# ---------------------------------------------------------------------------- xvecs
+
+_XVECS = {"fvecs": np.float32, "ivecs": np.int32, "bvecs": np.uint8}
+
+
+def _xvecs_kind(path, kind):
+    kind = kind or str(path).rsplit(".", 1)[-1]
+    if kind not in _XVECS:
+        raise ValueError(f"cannot tell the vecs type of {path!r}: name it .fvecs, .ivecs or "
+                         ".bvecs, or pass kind=")
+    return kind
+
+
+def load_xvecs(path, kind=None):
+    """Read an fvecs/ivecs/bvecs file (each record: int32 d, then d values).
+
+    Returns:
+        (n, d) float32 / int32 / uint8 array.
+    """
+    kind = _xvecs_kind(path, kind)
+    dtype = np.dtype(_XVECS[kind])
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0:
+        return np.empty((0, 0), dtype=dtype)
+    d = int(raw[:4].view("<i4")[0])
+    record = 4 + d * dtype.itemsize
+    if d <= 0 or raw.size % record:
+        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of {kind} records "
+                         f"of dimension {d}; the file is truncated or not {kind}")
+    records = raw.reshape(-1, record)
+    dims = records[:, :4].copy().view("<i4").ravel()
+    if np.any(dims != d):
+        bad = int(np.flatnonzero(dims != d)[0])
+        raise ValueError(f"{path}: record {bad} has dimension {dims[bad]}, expected {d}")
+    return records[:, 4:].copy().view(dtype.newbyteorder("<")).astype(dtype, copy=False)
+
+
+def save_xvecs(path, X, kind=None):
+    """Write (n, d) rows as fvecs/ivecs/bvecs (type from ``kind`` or the file name)."""
+    kind = _xvecs_kind(path, kind)
+    dtype = np.dtype(_XVECS[kind]).newbyteorder("<")
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"save_xvecs needs a 2-D array, got shape {X.shape}")
+    n, d = X.shape
+    out = np.empty((n, 4 + d * dtype.itemsize), dtype=np.uint8)
+    out[:, :4] = np.full((n, 1), d, dtype="<i4").view(np.uint8)
+    out[:, 4:] = np.ascontiguousarray(X, dtype=dtype).view(np.uint8).reshape(n, -1)
+    out.tofile(path)
+
+
+# ---------------------------------------------------------------------------- text formats
+
+
+def encode_vector_line(key, vector):
+    """One line of the default data format: ``id<TAB>base64(pickle(ndarray))``."""
+    payload = base64.b64encode(pickle.dumps(np.asarray(vector), protocol=2)).decode("ascii")
+    return f"{key}\t{payload}"
+
+
+def decode_vector_line(line):
+    """Parse one default-format line into ``(id, ndarray)``.
+
+    Arrays pickled by Python 2 are read with ``encoding="latin1"``. Raises ValueError
+    saying what is wrong with the line.
+    """
+    key, sep, payload = line.rstrip("\r\n").partition("\t")
+    if not sep:
+        raise ValueError("no TAB between id and data")
+    try:
+        raw = base64.b64decode(payload, validate=False)
+        vector = pickle.loads(raw, encoding="latin1")
+    except Exception as err:  # noqa: BLE001 - any decode failure is a bad record
+        raise ValueError(f"data is not base64 of a pickled array ({type(err).__name__})") from None
+    vector = np.asarray(vector)
+    if vector.ndim != 1 or vector.dtype.kind not in "fiu":
+        raise ValueError(f"data is a {vector.dtype} array of shape {vector.shape}, "
+                         "expected a 1-D numeric vector")
+    return key, vector
+
+
+def format_code_line(key, coarse, fine):
+    """One line of `compute_codes` output: ``id<TAB>[[c0, c1], [f0, ..., fM-1]]``."""
+    return f"{key}\t{json.dumps([[int(c) for c in coarse], [int(f) for f in fine]])}"
+
+
+def parse_code_line(line):
+    """Inverse of `format_code_line`: ``(id, (c0, c1), (f0, ...))``."""
+    key, sep, payload = line.rstrip("\r\n").partition("\t")
+    if not sep:
+        raise ValueError("no TAB between id and code")
+    coarse, fine = json.loads(payload)
+    return key, tuple(coarse), tuple(fine)

@@ -1,0 +1,394 @@
+"""`LOPQModel`: the reference API on stacked parameters and batched kernels."""
+
+import logging
+from collections import namedtuple
+
+import numpy as np
+
+from . import _kernels as kernels
+from . import formats
+from .training import (  # noqa: F401 (reference API)
+    accumulate_covariance_estimators,
+    compute_residuals,
+    compute_rotations_from_accumulators,
+    eigenvalue_allocation,
+    project_residuals_to_local,
+    train,
+)
+
+logger = logging.getLogger(__name__)
+
+LOPQCode = namedtuple("LOPQCode", ["coarse", "fine"])
+
+
+def check_rows(X, D=None, name="data", min_rows=1):
+    """Validate and convert input rows at the public boundary.
+
+    Args:
+        X: (n, d) array-like (a single (d,) vector is read as one row).
+        D: expected dimension, if known.
+
+    Returns:
+        (n, d) float32 C-contiguous array.
+
+    Raises:
+        ValueError naming the problem: not numeric, wrong shape or dimension, too few
+        rows, NaN or infinite values.
+    """
+    try:
+        X = np.asarray(X)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{name} cannot be read as an array: {err}") from None
+    if X.dtype.kind not in "fiub":
+        raise ValueError(f"{name} must be numeric, got dtype {X.dtype}")
+    if X.ndim == 1:
+        X = X.reshape(1, -1)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n, D), got shape {X.shape}")
+    if X.shape[0] < min_rows:
+        raise ValueError(f"{name} has {X.shape[0]} rows, need at least {min_rows}")
+    if D is not None and X.shape[1] != D:
+        raise ValueError(f"{name} has dimension {X.shape[1]} but the model expects D={D}")
+    X = kernels.rows32(X)
+    if not np.isfinite(X).all():
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        raise ValueError(f"{name} has {bad.size} rows with NaN or infinite values "
+                         f"(first: row {bad[0]}); drop or repair them")
+    return X
+
+
+def _stack_parameters(V, M, parameters):
+    """Accept the reference's nested tuples/lists or stacked arrays; return stacked float32."""
+    if parameters is None:
+        return None, None, None, None
+    if len(parameters) != 4:
+        raise ValueError("parameters must be (Cs, Rs, mus, subquantizers)")
+    Cs, Rs, mus, subs = parameters
+
+    def stack(p):
+        if p is None:
+            return None
+        if isinstance(p, (tuple, list)):
+            p = [np.stack([np.asarray(a) for a in s]) if isinstance(s, (tuple, list))
+                 else np.asarray(s) for s in p]
+            p = np.stack(p)
+        return np.ascontiguousarray(p, dtype=np.float32)
+
+    Cs, Rs, mus, subs = stack(Cs), stack(Rs), stack(mus), stack(subs)
+    if subs is not None and subs.ndim == 4:  # (2, M/2, S, ds) -> (M, S, ds)
+        subs = subs.reshape(-1, *subs.shape[2:])
+    return Cs, Rs, mus, subs
+
+
+class LOPQModel:
+    """Locally Optimized Product Quantization model over D-dimensional vectors.
+
+    Args:
+        V: coarse clusters per split (codes have V^2 cells).
+        M: total subquantizers (bytes per code for S <= 256); even, divides D.
+        subquantizer_clusters: S, clusters per subquantizer.
+        parameters: optional ``(Cs, Rs, mus, subquantizers)``, any None, in the
+            reference layout (tuples per split) or stacked.
+
+    Attributes (stacked float32 arrays; ``h = D / 2``, indexing ``[split]`` gives the
+    reference's per-split values):
+        Cs: (2, V, h) coarse centroids.
+        Rs: (2, V, h, h) local rotations (rows are the rotated axes).
+        mus: (2, V, h) mean residuals.
+        subquantizers: (2, M/2, S, D/M) codebooks (`codebooks` is the (M, S, D/M) view).
+    """
+
+    num_coarse_splits = 2
+
+    def __init__(self, V=8, M=4, subquantizer_clusters=256, parameters=None):
+        if int(V) < 1 or int(M) < 2 or int(M) % 2:
+            raise ValueError(f"V must be >= 1 and M even and >= 2, got V={V}, M={M}")
+        self.V = int(V)
+        self.M = int(M)
+        self.subquantizer_clusters = int(subquantizer_clusters)
+        self.Cs, self.Rs, self.mus, self.codebooks = _stack_parameters(V, M, parameters)
+        if self.codebooks is not None:
+            self.subquantizer_clusters = self.codebooks.shape[1]
+        self._check_parameter_shapes()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_fine_splits(self):
+        return self.M // 2
+
+    @property
+    def D(self):
+        """Vector dimension, or None before the coarse quantizers exist."""
+        for p, axis in ((self.Cs, 2), (self.mus, 2), (self.Rs, 2)):
+            if p is not None:
+                return 2 * p.shape[axis]
+        if self.codebooks is not None:
+            return self.M * self.codebooks.shape[2]
+        return None
+
+    @property
+    def subquantizers(self):
+        if self.codebooks is None:
+            return None
+        return self.codebooks.reshape(2, self.M // 2, *self.codebooks.shape[1:])
+
+    @property
+    def parameters(self):
+        return self.Cs, self.Rs, self.mus, self.subquantizers
+
+    def _check_parameter_shapes(self):
+        D = self.D
+        if D is None:
+            return
+        h = D // 2
+        V, M = self.V, self.M
+        expected = {"Cs": (2, V, h), "Rs": (2, V, h, h), "mus": (2, V, h),
+                    "subquantizers": (M, self.subquantizer_clusters, D // M if D % M == 0 else -1)}
+        for name, value in (("Cs", self.Cs), ("Rs", self.Rs), ("mus", self.mus),
+                            ("subquantizers", self.codebooks)):
+            if value is not None and value.shape != expected[name]:
+                raise ValueError(f"parameter {name} has shape {value.shape}, expected "
+                                 f"{expected[name]} for V={V}, M={M}, D={D}")
+
+    def _require(self, *names):
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"the model has no {', '.join(missing)} yet: fit it or load "
+                             "a complete model first")
+
+    def get_split_parameters(self, split):
+        """``(C, R, mu, subquantizers)`` of coarse split 0 or 1 (None where missing)."""
+        def pick(p):
+            return None if p is None else p[split]
+        return pick(self.Cs), pick(self.Rs), pick(self.mus), pick(self.subquantizers)
+
+    # ------------------------------------------------------------------ training
+    def fit(self, data, kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
+            subquantizer_sample_ratio=1.0, random_state=None, verbose=False, n_jobs=None,
+            backend=None):
+        """Fit the missing parameters on ``data`` (n, D); existing ones are reused.
+
+        Keyword arguments are the reference's; ``n_jobs`` is accepted for compatibility
+        (kernels use numba's thread count, ``NUMBA_NUM_THREADS``). Returns self.
+        """
+        D = self.D
+        data = check_rows(data, D, "training data")
+        n, d = data.shape
+        if d % 2:
+            raise ValueError(f"data dimension D={d} must be even (two coarse splits)")
+        if d % self.M:
+            raise ValueError(f"M={self.M} subquantizers must divide the dimension D={d}")
+        if self.Cs is None and n < self.V:
+            raise ValueError(f"V={self.V} coarse clusters need at least {self.V} training "
+                             f"rows, got {n}")
+        if self.codebooks is None and n * subquantizer_sample_ratio < self.subquantizer_clusters:
+            raise ValueError(f"{self.subquantizer_clusters} subquantizer clusters need at "
+                             f"least that many training rows, got {n} (sample ratio "
+                             f"{subquantizer_sample_ratio})")
+        if verbose:
+            logging.getLogger("lopq").setLevel(logging.INFO)
+        Cs, Rs, mus, subs = train(
+            data, self.V, self.M, self.subquantizer_clusters,
+            (self.Cs, self.Rs, self.mus, self.codebooks), kmeans_coarse_iters,
+            kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state, backend)
+        self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, subs
+        return self
+
+    # ------------------------------------------------------------------ batched coding
+    def encode(self, X, backend=None):
+        """LOPQ codes of many vectors.
+
+        Args:
+            X: (n, D) vectors (any float dtype).
+
+        Returns:
+            coarse: (n, 2) int32 coarse codes; fine: (n, M) uint8 (S <= 256) or uint16.
+        """
+        self._require("Cs", "Rs", "mus", "codebooks")
+        X = check_rows(X, self.D, "vectors", min_rows=0)
+        coarse, projected = self._coarse_and_projection(X, backend)
+        return coarse, kernels.encode_fine(projected, self.codebooks, backend)
+
+    def _coarse_and_projection(self, X, backend=None, coarse=None):
+        h = X.shape[1] // 2
+        if coarse is None:
+            coarse = np.empty((X.shape[0], 2), dtype=np.int32)
+            for split in range(2):
+                coarse[:, split], _ = kernels.assign(X[:, split * h:(split + 1) * h],
+                                                     self.Cs[split], backend)
+        projected = np.empty(X.shape, dtype=np.float32)
+        for split in range(2):
+            projected[:, split * h:(split + 1) * h] = kernels.project_residuals(
+                X[:, split * h:(split + 1) * h], coarse[:, split], self.Cs[split],
+                self.Rs[split], self.mus[split], backend)
+        return coarse, projected
+
+    def decode(self, codes):
+        """Reconstruct vectors from ``(coarse (n, 2), fine (n, M))``: (n, D) float32."""
+        self._require("Cs", "Rs", "mus", "codebooks")
+        coarse, fine = (np.atleast_2d(np.asarray(c)) for c in codes)
+        self._check_codes(coarse, fine)
+        h = self.D // 2
+        local = kernels.decode_fine(fine, self.codebooks)
+        out = np.empty((coarse.shape[0], self.D), dtype=np.float32)
+        for split in range(2):
+            c = coarse[:, split]
+            part = local[:, split * h:(split + 1) * h]
+            half = out[:, split * h:(split + 1) * h]
+            for cluster in np.unique(c):
+                rows = c == cluster
+                # R is orthogonal: rotating back is multiplying by R^T (row form: p @ R).
+                half[rows] = (part[rows] @ self.Rs[split][cluster] + self.mus[split][cluster]
+                              + self.Cs[split][cluster])
+        return out
+
+    def _check_codes(self, coarse, fine):
+        if coarse.shape[1:] != (2,) or fine.shape[1:] != (self.M,) or len(coarse) != len(fine):
+            raise ValueError(f"codes must be coarse (n, 2) and fine (n, {self.M}), got "
+                             f"{coarse.shape} and {fine.shape}")
+        if coarse.size and (coarse.min() < 0 or coarse.max() >= self.V):
+            raise ValueError(f"coarse codes must be in [0, {self.V})")
+        if fine.size and (fine.min() < 0 or fine.max() >= self.subquantizer_clusters):
+            raise ValueError(f"fine codes must be in [0, {self.subquantizer_clusters})")
+
+    # ------------------------------------------------------------------ reference API
+    def predict(self, x):
+        """LOPQ code of one vector x (D,): ``LOPQCode((c0, c1), (f0, ..., fM-1))`` of ints."""
+        coarse, fine = self.encode(self._one(x))
+        return LOPQCode(tuple(int(c) for c in coarse[0]), tuple(int(f) for f in fine[0]))
+
+    def predict_coarse(self, x):
+        """Coarse codes ``(c0, c1)`` of one vector."""
+        self._require("Cs")
+        x = self._one(x)
+        h = self.D // 2
+        return tuple(int(kernels.assign(x[:, s * h:(s + 1) * h], self.Cs[s])[0][0])
+                     for s in range(2))
+
+    def predict_fine(self, x, coarse_codes=None):
+        """Fine codes ``(f0, ..., fM-1)`` of one vector (coarse codes computed if None)."""
+        self._require("Cs", "Rs", "mus", "codebooks")
+        projected = self.project(x, coarse_codes)
+        codes = kernels.encode_fine(projected, self.codebooks)
+        return tuple(int(f) for f in codes[0])
+
+    def project(self, x, coarse_codes=None, coarse_split=None):
+        """Projected residual of one vector: (D,) float32, or (D/2,) for ``coarse_split``."""
+        self._require("Cs", "Rs", "mus")
+        x = self._one(x)
+        if coarse_codes is None:
+            coarse_codes = self.predict_coarse(x)
+        coarse = np.asarray(coarse_codes, dtype=np.int32).reshape(1, 2)
+        _, projected = self._coarse_and_projection(x, coarse=coarse)
+        if coarse_split is None:
+            return projected[0]
+        h = self.D // 2
+        return projected[0, coarse_split * h:(coarse_split + 1) * h]
+
+    def reconstruct(self, codes):
+        """Approximate vector (D,) of one code ``((c0, c1), (f0, ...))``."""
+        coarse, fine = codes
+        return self.decode((np.asarray([coarse]), np.asarray([fine])))[0]
+
+    def get_subquantizer_distances(self, x, coarse_codes, coarse_split=None):
+        """Squared distances of x's projected subvectors to every subquantizer centroid.
+
+        Returns:
+            list of M (or M/2 for one ``coarse_split``) arrays (S,) float32.
+        """
+        self._require("Cs", "Rs", "mus", "codebooks")
+        px = self.project(x, coarse_codes, coarse_split)
+        books = self.codebooks if coarse_split is None else self.subquantizers[coarse_split]
+        tables = kernels.adc_tables(px.reshape(1, -1), books)[0]
+        return list(tables)
+
+    def get_cell_id_for_coarse_codes(self, coarse_codes):
+        """Cell id ``c0 * V + c1``."""
+        return coarse_codes[1] + coarse_codes[0] * self.V
+
+    def get_coarse_codes_for_cell_id(self, cell_id):
+        """Inverse of `get_cell_id_for_coarse_codes`."""
+        return (int(cell_id) // self.V, int(cell_id) % self.V)
+
+    def _one(self, x):
+        x = np.asarray(x)
+        if x.ndim == 2 and x.shape[0] == 1:  # already a one-row batch
+            x = x[0]
+        if x.ndim != 1:
+            raise ValueError(f"expected one vector of shape (D,), got shape {x.shape}; "
+                             "use encode() for many")
+        return check_rows(x, self.D, "vector")
+
+    # ------------------------------------------------------------------ formats
+    def export_proto(self, f):
+        """Write the model as `.lopq` protobuf to a path or binary file object."""
+        data = formats.params_to_proto_bytes(
+            self.D or 0, self.V, self.M, self.subquantizer_clusters,
+            self.Cs, self.Rs, self.mus, self.codebooks)
+        if hasattr(f, "write"):
+            f.write(data)
+        else:
+            with open(f, "wb") as out:
+                out.write(data)
+
+    @staticmethod
+    def load_proto(filename):
+        """Read a `.lopq` protobuf (path or binary file object) into an LOPQModel."""
+        if hasattr(filename, "read"):
+            data, source = filename.read(), getattr(filename, "name", "<file>")
+        else:
+            with open(filename, "rb") as f:
+                data, source = f.read(), str(filename)
+        return LOPQModel.from_proto_bytes(data, source)
+
+    @staticmethod
+    def from_proto_bytes(data, source="<bytes>"):
+        D, V, M, S, Cs, Rs, mus, subs = formats.params_from_proto_bytes(data, source)
+        return LOPQModel(V, M, S, (Cs, Rs, mus, subs))
+
+    def to_proto_bytes(self):
+        return formats.params_to_proto_bytes(
+            self.D or 0, self.V, self.M, self.subquantizer_clusters,
+            self.Cs, self.Rs, self.mus, self.codebooks)
+
+    def export_mat(self, filename):
+        """Write the parameters as a MATLAB `.mat` file (needs scipy)."""
+        from scipy.io import savemat
+        self._require("Cs", "Rs", "mus", "codebooks")
+        savemat(filename, {"Cs": self.Cs, "Rs": self.Rs, "mus": self.mus,
+                           "subs": self.codebooks, "V": self.V, "M": self.M})
+
+    @staticmethod
+    def load_mat(filename):
+        """Read a model written by `export_mat` (needs scipy)."""
+        from scipy.io import loadmat
+        d = loadmat(filename)
+        if not {"Cs", "Rs", "mus", "subs", "V", "M"} <= set(d):
+            raise ValueError(f"{filename} is not an LOPQ .mat file (needs Cs, Rs, mus, "
+                             "subs, V, M)")
+        V, M = int(d["V"].ravel()[0]), int(d["M"].ravel()[0])
+        return LOPQModel(V, M, d["subs"].shape[1], (d["Cs"], d["Rs"], d["mus"], d["subs"]))
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        return {"V": self.V, "M": self.M, "subquantizer_clusters": self.subquantizer_clusters,
+                "Cs": self.Cs, "Rs": self.Rs, "mus": self.mus, "codebooks": self.codebooks}
+
+    def __setstate__(self, state):
+        # Also reads pickles of the reference model (per-split tuples, `subquantizers`).
+        subs = state.get("codebooks", state.get("subquantizers"))
+        self.V, self.M = int(state["V"]), int(state["M"])
+        self.subquantizer_clusters = int(state.get("subquantizer_clusters", 256))
+        self.Cs, self.Rs, self.mus, self.codebooks = _stack_parameters(
+            self.V, self.M, (state.get("Cs"), state.get("Rs"), state.get("mus"), subs))
+        if self.codebooks is not None:
+            self.subquantizer_clusters = self.codebooks.shape[1]
+
+    def __repr__(self):
+        return (f"LOPQModel(V={self.V}, M={self.M}, subquantizer_clusters="
+                f"{self.subquantizer_clusters}, D={self.D})")
+
+
+__all__ = ["LOPQModel", "LOPQCode", "eigenvalue_allocation",
+           "accumulate_covariance_estimators", "compute_rotations_from_accumulators",
+           "compute_residuals", "project_residuals_to_local", "check_rows"]

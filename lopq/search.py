@@ -1,0 +1,248 @@
+"""Search over LOPQ codes with the inverted multi-index.
+
+`multisequence` walks the V x V cells of the two coarse splits in non-decreasing
+distance to a query; `LOPQSearcher` retrieves whole cells in that order until a quota of
+items is reached, then ranks them by LOPQ asymmetric distance (the reference semantics).
+
+Codes are stored grouped by cell in flat arrays: ``cell_offsets (V*V + 1,) int64``,
+``fine (n, M) uint8/uint16`` and ``coarse (n, 2) int32`` in cell order, with the ids in a
+side array (any hashable ids).
+"""
+
+import heapq
+from collections import namedtuple
+
+import numpy as np
+
+from . import _kernels as kernels
+from .model import check_rows
+
+Result = namedtuple("Result", ["id", "code"])
+ResultWithDist = namedtuple("Result", ["id", "code", "dist"])
+
+
+def multisequence(x, coarse_centroids):
+    """Cells of the inverted multi-index in non-decreasing distance to x.
+
+    Args:
+        x: (D,) query.
+        coarse_centroids: the two coarse quantizers, (2, V, D/2) (or a pair of (V, D/2)).
+
+    Yields:
+        ``(distance, (c0, c1))``: every one of the V^2 cells exactly once, where distance
+        is ``|x_0 - C0[c0]|^2 + |x_1 - C1[c1]|^2``.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    h = x.shape[0] // 2
+    dists, orders = [], []
+    for split in range(2):
+        C = np.asarray(coarse_centroids[split], dtype=np.float64)
+        d = ((x[split * h:(split + 1) * h] - C) ** 2).sum(axis=1)
+        order = np.argsort(d, kind="stable")
+        orders.append(order)
+        dists.append(d[order])
+    V0, V1 = len(orders[0]), len(orders[1])
+    # Heap over positions (i, j) in the two sorted lists. A position is pushed once both
+    # its predecessors (i-1, j) and (i, j-1) have been popped, so each is pushed once.
+    heap = [(dists[0][0] + dists[1][0], 0, 0)]
+    popped = set()
+    while heap:
+        dist, i, j = heapq.heappop(heap)
+        yield float(dist), (int(orders[0][i]), int(orders[1][j]))
+        popped.add((i, j))
+        if i + 1 < V0 and (j == 0 or (i + 1, j - 1) in popped):
+            heapq.heappush(heap, (dists[0][i + 1] + dists[1][j], i + 1, j))
+        if j + 1 < V1 and (i == 0 or (i - 1, j + 1) in popped):
+            heapq.heappush(heap, (dists[0][i] + dists[1][j + 1], i, j + 1))
+
+
+class LOPQSearcher:
+    """In-memory inverted multi-index over LOPQ codes (reference API).
+
+    Args:
+        model: a complete `lopq.LOPQModel`.
+    """
+
+    def __init__(self, model):
+        model._require("Cs", "Rs", "mus", "codebooks")
+        self.model = model
+        V, M = model.V, model.M
+        self._pending = []  # (ids list, coarse (n,2), fine (n,M)) not yet merged
+        self.cell_offsets = np.zeros(V * V + 1, dtype=np.int64)
+        self.coarse = np.empty((0, 2), dtype=np.int32)
+        self.fine = np.empty((0, M), dtype=kernels.code_dtype(model.subquantizer_clusters))
+        self.ids = np.empty(0, dtype=object)
+
+    # ------------------------------------------------------------------ building
+    def add_data(self, data, ids=None, num_procs=1):
+        """Encode rows of ``data`` (n, D) and index them under ``ids`` (default 0..n-1)."""
+        data = check_rows(data, self.model.D, "data", min_rows=0)
+        coarse, fine = self.model.encode(data)
+        self._add_arrays(coarse, fine, ids)
+
+    def add_codes(self, codes, ids=None):
+        """Index codes: a list of ``((c0, c1), (f0, ...))`` or a pair of arrays
+        ``(coarse (n, 2), fine (n, M))``."""
+        if isinstance(codes, tuple) and len(codes) == 2 and isinstance(codes[0], np.ndarray):
+            coarse, fine = codes
+        else:
+            codes = list(codes)
+            coarse = np.asarray([c[0] for c in codes], dtype=np.int32).reshape(-1, 2)
+            fine = np.asarray([c[1] for c in codes]).reshape(len(codes), -1)
+        coarse = np.asarray(coarse, dtype=np.int32).reshape(-1, 2)
+        fine = np.asarray(fine).reshape(len(coarse), -1)
+        self.model._check_codes(coarse, fine)
+        self._add_arrays(coarse, fine.astype(self.fine.dtype), ids)
+
+    def _add_arrays(self, coarse, fine, ids):
+        n = coarse.shape[0]
+        start = self.size
+        ids = list(range(start, start + n)) if ids is None else list(ids)
+        if len(ids) != n:
+            raise ValueError(f"got {len(ids)} ids for {n} vectors/codes: pass one id each")
+        self._pending.append((ids, coarse, fine))
+
+    @property
+    def size(self):
+        return len(self.ids) + sum(len(p[0]) for p in self._pending)
+
+    def _merge_pending(self):
+        if not self._pending:
+            return
+        ids = np.empty(self.size, dtype=object)
+        ids[:len(self.ids)] = self.ids
+        pos = len(self.ids)
+        for batch_ids, _, _ in self._pending:
+            ids[pos:pos + len(batch_ids)] = batch_ids
+            pos += len(batch_ids)
+        coarse = np.concatenate([self.coarse] + [p[1] for p in self._pending])
+        fine = np.concatenate([self.fine] + [p[2] for p in self._pending])
+        self._pending = []
+        self._set_arrays(coarse, fine, ids)
+
+    def _set_arrays(self, coarse, fine, ids):
+        V = self.model.V
+        cells = coarse[:, 0].astype(np.int64) * V + coarse[:, 1]
+        order = np.argsort(cells, kind="stable")
+        self.coarse = np.ascontiguousarray(coarse[order])
+        self.fine = np.ascontiguousarray(fine[order])
+        self.ids = ids[order]
+        counts = np.bincount(cells, minlength=V * V)
+        self.cell_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    # ------------------------------------------------------------------ querying
+    def get_cell(self, cell):
+        """Items ``(id, LOPQCode)`` of the cell with coarse codes ``(c0, c1)``."""
+        from .model import LOPQCode
+        self._merge_pending()
+        lo, hi = self._cell_range(cell)
+        return [(self.ids[i], LOPQCode(tuple(int(c) for c in self.coarse[i]),
+                                       tuple(int(f) for f in self.fine[i])))
+                for i in range(lo, hi)]
+
+    def _cell_range(self, cell):
+        cell_id = int(cell[0]) * self.model.V + int(cell[1])
+        return int(self.cell_offsets[cell_id]), int(self.cell_offsets[cell_id + 1])
+
+    def _retrieve_ranges(self, x, quota):
+        """Row ranges of whole cells in multi-sequence order until >= quota rows."""
+        if quota is None or quota <= 0:
+            raise ValueError(f"quota must be a positive number of items, got {quota!r}")
+        self._merge_pending()
+        ranges, total, visited = [], 0, 0
+        for _, cell in multisequence(x, self.model.Cs):
+            visited += 1
+            lo, hi = self._cell_range(cell)
+            if hi > lo:
+                ranges.append((cell, lo, hi))
+                total += hi - lo
+            if total >= quota:
+                break
+        return ranges, visited
+
+    def get_result_quota(self, x, quota=10):
+        """Items of whole cells in multi-sequence order until at least ``quota``.
+
+        Returns:
+            (items, visited): list of ``(id, LOPQCode)`` and the number of cells visited.
+        """
+        x = self._query(x)
+        ranges, visited = self._retrieve_ranges(x, quota)
+        items = []
+        for cell, _, _ in ranges:
+            items += self.get_cell(cell)
+        return items, visited
+
+    def _distances_of_ranges(self, x, ranges):
+        """LOPQ asymmetric distances of the rows in ``ranges``; tables memoised per split."""
+        model = self.model
+        memo = [{}, {}]
+
+        def table(split, code):
+            if code not in memo[split]:
+                px = self._project_split(x, split, code)
+                memo[split][code] = kernels.adc_tables(px.reshape(1, -1),
+                                                       model.subquantizers[split])[0]
+            return memo[split][code]
+
+        out = []
+        for (c0, c1), lo, hi in ranges:
+            full = np.concatenate([table(0, c0), table(1, c1)])
+            out.append(kernels.adc_scan(full, self.fine[lo:hi]))
+        return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+
+    def _project_split(self, x, split, code):
+        m = self.model
+        h = m.D // 2
+        r = x[split * h:(split + 1) * h] - m.Cs[split][code] - m.mus[split][code]
+        return (m.Rs[split][code] @ r).astype(np.float32)
+
+    def compute_distances(self, x, items):
+        """``[(dist, item), ...]`` for items ``(id, code)`` (reference API)."""
+        x = self._query(x)
+        model = self.model
+        coarse = np.asarray([it[1][0] for it in items], dtype=np.int32).reshape(-1, 2)
+        fine = np.asarray([it[1][1] for it in items]).reshape(len(items), -1)
+        dists = np.empty(len(items), dtype=np.float32)
+        tables = {}
+        for i in range(len(items)):
+            key = (int(coarse[i, 0]), int(coarse[i, 1]))
+            if key not in tables:
+                parts = [kernels.adc_tables(self._project_split(x, s, key[s]).reshape(1, -1),
+                                            model.subquantizers[s])[0] for s in range(2)]
+                tables[key] = np.concatenate(parts)
+            dists[i] = kernels.adc_scan(tables[key], fine[i:i + 1])[0]
+        return [(float(d), item) for d, item in zip(dists, items)]
+
+    def search(self, x, quota=10, limit=None, with_dists=False):
+        """Nearest items of query x by LOPQ distance among the cells needed for ``quota``.
+
+        Returns:
+            (results, visited): results ranked by distance as ``Result(id, code)`` or,
+            with ``with_dists``, ``Result(id, code, dist)``; visited cells.
+        """
+        from .model import LOPQCode
+        x = self._query(x)
+        ranges, visited = self._retrieve_ranges(x, quota)
+        rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
+                if ranges else np.empty(0, dtype=np.int64))
+        dists = self._distances_of_ranges(x, ranges)
+        order = np.argsort(dists, kind="stable")
+        if limit is not None:
+            order = order[:limit]
+        results = []
+        for k in order:
+            i = rows[k]
+            code = LOPQCode(tuple(int(c) for c in self.coarse[i]),
+                            tuple(int(f) for f in self.fine[i]))
+            if with_dists:
+                results.append(ResultWithDist(self.ids[i], code, float(dists[k])))
+            else:
+                results.append(Result(self.ids[i], code))
+        return results, visited
+
+    def _query(self, x):
+        x = np.asarray(x)
+        if x.ndim != 1:
+            raise ValueError(f"a query must be one vector of shape (D,), got {x.shape}")
+        return check_rows(x, self.model.D, "query")[0]

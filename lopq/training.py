@@ -1,0 +1,223 @@
+"""Single-machine LOPQ training: coarse quantizers (step 0), local rotations (step 1),
+subquantizers (step 2), with the reference implementation's semantics.
+
+Parameters are stacked arrays (see `lopq.model.LOPQModel`):
+``Cs (2, V, h)``, ``Rs (2, V, h, h)``, ``mus (2, V, h)``, ``subs (M, S, D/M)`` float32,
+with ``h = D / 2``.
+"""
+
+import logging
+
+import numpy as np
+
+from . import _kernels as kernels
+from .kmeans import check_random_state, kmeans
+
+logger = logging.getLogger(__name__)
+
+
+def eigenvalue_allocation(num_buckets, eigenvalues):
+    """Balance eigenvalues into buckets of equal size by their log-product.
+
+    Eigenvalues are divided by the smallest non-zero |eigenvalue|, walked in descending
+    order, and each goes to the non-full bucket with the smallest running sum of
+    log2|eigenvalue|.
+
+    Args:
+        num_buckets: number of buckets; must divide ``len(eigenvalues)``.
+        eigenvalues: (D,) eigenvalues.
+
+    Returns:
+        (D,) int permutation: bucket 0's indices, then bucket 1's, ...
+    """
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+    D = eigenvalues.shape[0]
+    if num_buckets < 1 or D % num_buckets:
+        raise ValueError(f"cannot split {D} eigenvalues into {num_buckets} equal buckets")
+    per_bucket = D // num_buckets
+    log_sum = np.zeros(num_buckets)
+    size = np.zeros(num_buckets, dtype=int)
+    permutation = np.zeros((num_buckets, per_bucket), dtype=int)
+    nonzero = np.abs(eigenvalues[eigenvalues != 0])
+    scaled = eigenvalues / nonzero.min() if nonzero.size else eigenvalues
+    with np.errstate(divide="ignore"):
+        log_eigs = np.log2(np.abs(scaled))
+    for ind in np.argsort(scaled)[::-1]:
+        eligible = np.flatnonzero(size < per_bucket)
+        bucket = eligible[np.argmin(log_sum[eligible])]
+        log_sum[bucket] += log_eigs[ind]
+        permutation[bucket, size[bucket]] = ind
+        size[bucket] += 1
+    return permutation.reshape(D)
+
+
+def accumulate_covariance_estimators(data, C, backend=None):
+    """Assign rows to centroids and accumulate per-cluster residual statistics.
+
+    Args:
+        data: (n, d) rows.
+        C: (V, d) centroids.
+
+    Returns:
+        A (V, d, d) float64 summed residual outer products, mu (V, d) float64 summed
+        residuals, count (V,) int64, assignments (n,) int32, residuals (n, d) float32.
+    """
+    data = kernels.rows32(data)
+    C = kernels.rows32(C)
+    assignments, _ = kernels.assign(data, C, backend)
+    residuals = data - C[assignments]
+    A, sums, counts = kernels.accumulate_covariance(residuals, assignments, C.shape[0], backend)
+    return A, sums, counts, assignments, residuals
+
+
+def compute_rotations_from_accumulators(A, mu, count, num_buckets):
+    """Local rotations and mean residuals from accumulated statistics.
+
+    The covariance of cluster i is ``(A + A.T) / (2 (n - 1)) - outer(m, m)`` with
+    ``m = mu[i] / n``. Its eigenvectors, permuted by `eigenvalue_allocation`, are the
+    rows of ``R[i]``. A cluster with fewer points than dimensions gets the identity (and
+    an empty cluster a zero mean).
+
+    Args:
+        A: (V, d, d) summed outer products; mu: (V, d) summed residuals; count: (V,).
+        num_buckets: subquantizers in this split (M / 2).
+
+    Returns:
+        R (V, d, d) float64, mu (V, d) float64 mean residuals.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    count = np.asarray(count)
+    V, d = np.shape(mu)
+    means = np.zeros((V, d))
+    R = np.zeros((V, d, d))
+    small = []
+    for i in range(V):
+        n = int(count[i])
+        if n > 0:
+            means[i] = np.asarray(mu[i], dtype=np.float64) / n
+        if n < d:
+            small.append(i)
+            R[i] = np.eye(d)
+            continue
+        cov = (A[i] + A[i].T) / (2 * (n - 1)) - np.outer(means[i], means[i])
+        eigenvalues, eigenvectors = np.linalg.eigh(cov)
+        R[i] = eigenvectors[:, eigenvalue_allocation(num_buckets, eigenvalues)].T
+    if small:
+        logger.warning("%d of %d clusters have fewer points than dimensions (%d): they get "
+                       "the identity rotation", len(small), V, d)
+    return R, means
+
+
+def compute_residuals(data, C, backend=None):
+    """Residuals ``data - C[assignment]`` (n, d) float32 and assignments (n,) int32."""
+    data = kernels.rows32(data)
+    C = kernels.rows32(C)
+    assignments, _ = kernels.assign(data, C, backend)
+    return data - C[assignments], assignments
+
+
+def project_residuals_to_local(residuals, assignments, Rs, mu, backend=None):
+    """``R[a] @ (residual - mu[a])`` for every row: (n, d) float32."""
+    d = np.shape(residuals)[1]
+    zeros = np.zeros((len(mu), d), dtype=np.float32)
+    return kernels.project_residuals(residuals, assignments, zeros, Rs, mu, backend)
+
+
+def train_coarse(data, V, kmeans_coarse_iters=10, n_init=10, random_state=None,
+                 backend=None):
+    """Step 0: k-means of each half of the data. Returns Cs (2, V, D/2) float32."""
+    rng = check_random_state(random_state)
+    h = data.shape[1] // 2
+    Cs = []
+    for split in range(2):
+        centers, _, _ = kmeans(data[:, split * h:(split + 1) * h], V, kmeans_coarse_iters,
+                               n_init, random_state=rng, backend=backend,
+                               label=f" coarse split {split}")
+        Cs.append(centers)
+    return np.stack(Cs)
+
+
+def train_rotations(data, Cs, M, backend=None):
+    """Step 1: local rotations and mean residuals of each half.
+
+    Returns:
+        Rs (2, V, h, h) float32, mus (2, V, h) float32.
+    """
+    h = data.shape[1] // 2
+    Rs, mus = [], []
+    for split in range(2):
+        A, sums, counts, _, _ = accumulate_covariance_estimators(
+            data[:, split * h:(split + 1) * h], Cs[split], backend)
+        R, mu = compute_rotations_from_accumulators(A, sums, counts, M // 2)
+        Rs.append(R)
+        mus.append(mu)
+    return np.stack(Rs).astype(np.float32), np.stack(mus).astype(np.float32)
+
+
+def project_data(data, Cs, Rs, mus, backend=None):
+    """Coarse-assign both halves and project their residuals: (n, D) float32."""
+    h = data.shape[1] // 2
+    halves = []
+    for split in range(2):
+        half = kernels.rows32(data[:, split * h:(split + 1) * h])
+        labels, _ = kernels.assign(half, Cs[split], backend)
+        halves.append(kernels.project_residuals(half, labels, Cs[split], Rs[split],
+                                                mus[split], backend))
+    return np.hstack(halves)
+
+
+def train_subquantizers(projected, M, subquantizer_clusters=256, kmeans_local_iters=20,
+                        n_init=10, random_state=None, backend=None):
+    """Step 2: one k-means per subvector of the projected residuals.
+
+    Args:
+        projected: (n, D) projected residuals (both halves side by side).
+
+    Returns:
+        subs (M, S, D/M) float32 codebooks.
+    """
+    rng = check_random_state(random_state)
+    ds = projected.shape[1] // M
+    subs = []
+    for j in range(M):
+        centers, _, _ = kmeans(projected[:, j * ds:(j + 1) * ds], subquantizer_clusters,
+                               kmeans_local_iters, n_init, random_state=rng,
+                               backend=backend, label=f" subquantizer {j}")
+        subs.append(centers)
+    return np.stack(subs)
+
+
+def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
+          kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
+          subquantizer_sample_ratio=1.0, random_state=None, backend=None):
+    """Fit whatever of ``parameters = (Cs, Rs, mus, subs)`` is None, reusing the rest.
+
+    Args:
+        data: (n, D) float32 training rows (already validated).
+
+    Returns:
+        (Cs, Rs, mus, subs) stacked float32 arrays.
+    """
+    rng = check_random_state(random_state)
+    Cs, Rs, mus, subs = parameters if parameters is not None else (None,) * 4
+    if Cs is None:
+        logger.info("step 0: coarse quantizers (V=%d) on %d x %d", V, *data.shape)
+        Cs = train_coarse(data, V, kmeans_coarse_iters, n_init, rng, backend)
+    if Rs is None or mus is None:
+        logger.info("step 1: local rotations")
+        Rs, mus = train_rotations(data, Cs, M, backend)
+    if subs is None:
+        logger.info("step 2: %d subquantizers of %d clusters", M, subquantizer_clusters)
+        sample = data
+        if subquantizer_sample_ratio != 1.0:
+            n = data.shape[0]
+            size = int(subquantizer_sample_ratio * n)
+            if size < subquantizer_clusters:
+                raise ValueError(f"subquantizer_sample_ratio={subquantizer_sample_ratio} "
+                                 f"leaves {size} rows, fewer than the "
+                                 f"{subquantizer_clusters} subquantizer clusters")
+            sample = data[np.sort(rng.choice(n, size, replace=False))]
+        projected = project_data(sample, Cs, Rs, mus, backend)
+        subs = train_subquantizers(projected, M, subquantizer_clusters, kmeans_local_iters,
+                                   n_init, rng, backend)
+    return Cs, Rs, mus, subs

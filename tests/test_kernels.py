@@ -1,0 +1,166 @@
+"""Every compiled kernel against the numpy reference, on random and adversarial inputs."""
+
+import numpy as np
+import pytest
+
+from lopq import _kernels as K
+from lopq._kernels import reference
+
+COMPILED = ["numba", "cython"]
+
+
+def make_inputs(rng, n, d, k, kind):
+    X = rng.randn(n, d).astype(np.float32)
+    C = rng.randn(k, d).astype(np.float32)
+    if kind == "ties":  # duplicated centroids and rows sitting on centroids
+        C[k // 2:] = C[:k - k // 2]
+        X[: min(n, k)] = C[np.arange(min(n, k)) % k]
+    elif kind == "near_ties":  # rows equidistant (up to float32) from two centroids
+        X[:] = (C[0] + C[-1]) / 2 + 1e-7 * rng.randn(n, d).astype(np.float32)
+    elif kind == "zeros":
+        X[:] = 0
+    elif kind == "huge":
+        X *= 1e4
+        C *= 1e4
+    return X, C
+
+
+def assert_same_assignment(X, C, got, want, rtol=1e-4):
+    """Labels equal, or the chosen centroid is as close (near-ties pick either)."""
+    labels, sqdist = got
+    ref_labels, ref_sqdist = want
+    exact = ((X.astype(np.float64) - C[labels]) ** 2).sum(axis=1)
+    exact_ref = ((X.astype(np.float64) - C[ref_labels]) ** 2).sum(axis=1)
+    scale = np.maximum(exact_ref, (X.astype(np.float64) ** 2).sum(axis=1) * 1e-6) + 1e-12
+    differ = labels != ref_labels
+    assert np.all(np.abs(exact - exact_ref)[differ] <= rtol * scale[differ] + 1e-6)
+    np.testing.assert_allclose(sqdist, exact, rtol=1e-3, atol=1e-3 * scale.max() ** 0.5)
+    assert labels.dtype == np.int32 and sqdist.dtype == np.float32
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("kind", ["random", "ties", "near_ties", "zeros", "huge"])
+@pytest.mark.parametrize("n,d,k", [(1, 8, 256), (3000, 8, 256), (2500, 64, 16),
+                                   (7, 64, 300), (5000, 16, 5), (10, 4, 1)])
+def test_assign_matches_reference(backend, kind, n, d, k, rng):
+    X, C = make_inputs(rng, n, d, k, kind)
+    got = K.assign(X, C, backend=backend)
+    want = K.assign(X, C, backend="numpy")
+    assert_same_assignment(X, C, got, want)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_assign_accepts_float64_noncontiguous_readonly(backend, rng):
+    X = rng.randn(500, 40)[:, ::2]  # float64, non-contiguous
+    C = rng.randn(30, 20)
+    C.setflags(write=False)
+    got = K.assign(X, C, backend=backend)
+    want = K.assign(np.ascontiguousarray(X), np.array(C), backend="numpy")
+    assert_same_assignment(X.astype(np.float32), C.astype(np.float32), got, want)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("n,V", [(1, 4), (3000, 16), (50, 200)])  # one row, V > n
+def test_project_residuals_matches_reference(backend, n, V, rng):
+    d = 32
+    X = rng.randn(n, d).astype(np.float32)
+    C = rng.randn(V, d).astype(np.float32)
+    R = np.stack([np.linalg.qr(rng.randn(d, d))[0] for _ in range(V)]).astype(np.float32)
+    mu = 0.1 * rng.randn(V, d).astype(np.float32)
+    labels = rng.randint(0, V, n).astype(np.int32)
+    labels[labels == 1] = 0  # an empty cluster
+    R.setflags(write=False)
+    got = K.project_residuals(X, labels, C, R, mu, backend=backend)
+    want = K.project_residuals(X, labels, C, R, mu, backend="numpy")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def assert_same_fine_codes(P, books, got, want):
+    """Codes equal, or equal in distance at near-ties."""
+    m, S, ds = books.shape
+    assert got.dtype == want.dtype == reference.code_dtype(S)
+    for j in range(m):
+        sub = P[:, j * ds:(j + 1) * ds].astype(np.float64)
+        dg = ((sub - books[j][got[:, j]]) ** 2).sum(axis=1)
+        dw = ((sub - books[j][want[:, j]]) ** 2).sum(axis=1)
+        np.testing.assert_allclose(dg, dw, rtol=1e-4, atol=1e-5)
+    assert (got == want).mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("n,m,S,ds", [(1, 8, 256, 16), (4000, 16, 256, 8), (300, 4, 300, 2),
+                                      (100, 2, 1, 4)])
+def test_encode_fine_matches_reference(backend, n, m, S, ds, rng):
+    P = rng.randn(n, m * ds).astype(np.float32)
+    books = rng.randn(m, S, ds).astype(np.float32)
+    if S > 1:
+        books[:, 1] = books[:, 0]  # duplicated centroid: an exact tie
+    got = K.encode_fine(P, books, backend=backend)
+    want = K.encode_fine(P, books, backend="numpy")
+    assert_same_fine_codes(P, books, got, want)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_encode_fine_near_ties(backend, rng):
+    books = rng.randn(4, 256, 8).astype(np.float32)
+    P = np.repeat(((books[:, 3] + books[:, 7]) / 2).reshape(1, -1), 50, axis=0)
+    P += 1e-7 * rng.randn(*P.shape).astype(np.float32)
+    got = K.encode_fine(P, books, backend=backend)
+    want = K.encode_fine(P, books, backend="numpy")
+    for j in range(4):
+        sub = P[:, j * 8:(j + 1) * 8].astype(np.float64)
+        dg = ((sub - books[j][got[:, j]]) ** 2).sum(axis=1)
+        dw = ((sub - books[j][want[:, j]]) ** 2).sum(axis=1)
+        np.testing.assert_allclose(dg, dw, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("n,V", [(1, 3), (5000, 16), (20, 50)])
+def test_accumulate_covariance_matches_reference(backend, n, V, rng):
+    r = rng.randn(n, 12).astype(np.float32)
+    labels = rng.randint(0, V, n).astype(np.int32)
+    got = K.accumulate_covariance(r, labels, V, backend=backend)
+    want = K.accumulate_covariance(r, labels, V, backend="numpy")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9)
+    assert got[0].dtype == np.float64 and got[2].sum() == n
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_cluster_sums_matches_reference(backend, rng):
+    X = rng.randn(1000, 8)
+    labels = rng.randint(0, 40, 1000)
+    got = K.cluster_sums(X, labels, 45, backend=backend)  # clusters 40..44 empty
+    want = K.cluster_sums(X, labels, 45, backend="numpy")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("S,dtype", [(256, np.uint8), (1000, np.uint16)])
+def test_adc_tables_and_scan_match_reference(backend, S, dtype, rng):
+    books = rng.randn(8, S, 4).astype(np.float32)
+    P = rng.randn(3, 32).astype(np.float32)
+    tables = K.adc_tables(P, books, backend=backend)
+    np.testing.assert_allclose(tables, K.adc_tables(P, books, backend="numpy"), rtol=1e-5)
+    codes = rng.randint(0, S, (777, 8)).astype(dtype)
+    got = K.adc_scan(tables[0], codes, backend=backend)
+    np.testing.assert_allclose(got, K.adc_scan(tables[0], codes, backend="numpy"), rtol=1e-5)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        K.get_backend("fortran")
+
+
+def test_numba_parallel_variant_equals_serial(rng):
+    from lopq._kernels import numba_kernels as nk
+    X = rng.randn(5000, 8).astype(np.float32)
+    C = rng.randn(256, 8).astype(np.float32)
+    outs = []
+    for kernel in (nk._assign_small_serial, nk._assign_small_parallel):
+        labels = np.empty(5000, np.int32)
+        sq = np.empty(5000, np.float32)
+        kernel(X, np.ascontiguousarray(C.T), np.einsum("ij,ij->i", C, C), labels, sq)
+        outs.append((labels, sq))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])

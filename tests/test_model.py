@@ -1,0 +1,258 @@
+"""LOPQModel: reference fixtures, the reference API, batched coding, formats, bad input."""
+
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+from conftest import shared_file
+
+from lopq import LOPQCode, LOPQModel
+from lopq.formats import load_xvecs, save_xvecs
+from lopq.model import (
+    accumulate_covariance_estimators,
+    compute_rotations_from_accumulators,
+    eigenvalue_allocation,
+)
+
+EXPECTED_ALLOCATION = np.array([
+    [63, 56, 52, 48, 44, 40, 36, 30, 26, 22, 18, 14, 10, 6, 3, 0],
+    [62, 57, 53, 51, 45, 41, 39, 33, 32, 31, 29, 25, 21, 17, 13, 9],
+    [61, 58, 54, 49, 47, 42, 38, 34, 28, 24, 20, 16, 12, 8, 5, 2],
+    [60, 59, 55, 50, 46, 43, 37, 35, 27, 23, 19, 15, 11, 7, 4, 1]])
+EXPECTED_RECONSTRUCTION = [-2.27444688, 6.47126941, 4.5042611, 4.76683476, 0.83671082,
+                           9.36027283, 8.11780532, 6.34846377]
+
+
+def load_pickle(name):
+    with open(shared_file("compat", name), "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def test_eigenvalue_allocation_matches_fixture():
+    matrix = load_pickle("test_eigenvalue_allocation_input.pkl")
+    vals = np.linalg.eigh(matrix)[0]
+    np.testing.assert_array_equal(eigenvalue_allocation(4, vals), EXPECTED_ALLOCATION.ravel())
+
+
+def test_accumulate_covariance_estimators_matches_fixture():
+    data, C = load_pickle("test_accumulate_covariance_estimators_input.pkl")
+    want = load_pickle("test_accumulate_covariance_estimators_output.pkl")
+    got = accumulate_covariance_estimators(data, C)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_compute_rotations_from_accumulators_matches_fixture_up_to_row_sign():
+    A, mu, count, num_buckets = load_pickle("test_compute_rotations_from_accumulators_input.pkl")
+    R_want, mu_want = load_pickle("test_compute_rotations_from_accumulators_output.pkl")
+    R, mu_got = compute_rotations_from_accumulators(A, mu.copy(), count, num_buckets)
+    signs = np.sign((R * R_want).sum(axis=2, keepdims=True))
+    np.testing.assert_allclose(R * signs, R_want, atol=1e-8)
+    np.testing.assert_allclose(mu_got, mu_want, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def compat_model():
+    return LOPQModel.load_proto(str(shared_file("compat", "random_test_model.lopq")))
+
+
+def test_load_proto_reproduces_documented_reconstruction(compat_model):
+    assert (compat_model.V, compat_model.M, compat_model.D) == (5, 4, 8)
+    np.testing.assert_allclose(compat_model.reconstruct(((0, 1), (0, 1, 2, 3))),
+                               EXPECTED_RECONSTRUCTION, rtol=1e-5)
+
+
+def test_proto_round_trip_is_bit_exact(compat_model, tmp_path):
+    raw = shared_file("compat", "random_test_model.lopq").read_bytes()
+    buf = io.BytesIO()
+    compat_model.export_proto(buf)
+    again = LOPQModel.from_proto_bytes(buf.getvalue())
+    for a, b in zip(compat_model.parameters, again.parameters):
+        np.testing.assert_array_equal(a, b)
+    # Byte for byte what the reference wrote, after the header: the fixture declares
+    # num_subquantizers=256 for codebooks of 10 clusters, and we write the real size.
+    ours = buf.getvalue()
+    assert ours[:8] == b"\x08\x08\x10\x05\x18\x04\x20\x0a"
+    assert raw[9:] == ours[8:]
+    buf2 = io.BytesIO()
+    again.export_proto(buf2)
+    assert buf2.getvalue() == ours
+
+
+def test_searcher_fixture_encodes_and_decodes(compat_model):
+    data = load_pickle("test_searcher_data.pkl")
+    coarse, fine = compat_model.encode(data)
+    rec = compat_model.decode((coarse, fine))
+    assert rec.shape == data.shape
+    assert ((data - rec) ** 2).sum() < ((data - data.mean(0)) ** 2).sum()
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    rng = np.random.RandomState(0)
+    X = (rng.randn(3000, 16) * np.linspace(3, 0.5, 16)).astype(np.float32)
+    return LOPQModel(V=6, M=4, subquantizer_clusters=32).fit(X, n_init=1, random_state=1), X
+
+
+def test_batched_encode_equals_per_vector_predict(small_model):
+    model, X = small_model
+    coarse, fine = model.encode(X)
+    for i in range(0, len(X), 7):
+        code = model.predict(X[i])
+        assert code == LOPQCode(tuple(coarse[i]), tuple(fine[i]))
+        assert model.predict_coarse(X[i]) == code.coarse
+        assert model.predict_fine(X[i]) == code.fine
+
+
+def test_numba_encode_equals_numpy_reference_by_distance(small_model):
+    model, X = small_model
+    c_numba, f_numba = model.encode(X, backend="numba")
+    c_ref, f_ref = model.encode(X, backend="numpy")
+    np.testing.assert_array_equal(c_numba, c_ref)
+    err_numba = ((X - model.decode((c_numba, f_numba))) ** 2).sum(1)
+    err_ref = ((X - model.decode((c_ref, f_ref))) ** 2).sum(1)
+    np.testing.assert_allclose(err_numba, err_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_returns_plain_ints_that_serialise_to_json(small_model):
+    model, X = small_model
+    code = model.predict(X[0])
+    decoded = json.loads(json.dumps(model.predict(X[0])))
+    assert decoded == [list(code.coarse), list(code.fine)]
+    assert all(type(v) is int for v in code.coarse + code.fine)
+
+
+def test_reference_api_round_trips(small_model):
+    model, X = small_model
+    code = model.predict(X[5])
+    np.testing.assert_allclose(model.reconstruct(code), model.decode(model.encode(X[5:6]))[0])
+    dists = model.get_subquantizer_distances(X[5], code.coarse)
+    assert len(dists) == model.M and dists[0].shape == (32,)
+    assert [int(np.argmin(d)) for d in dists] == list(code.fine)
+    assert len(model.get_subquantizer_distances(X[5], code.coarse, coarse_split=1)) == 2
+    cell = model.get_cell_id_for_coarse_codes(code.coarse)
+    assert cell == code.coarse[0] * model.V + code.coarse[1]
+    assert model.get_coarse_codes_for_cell_id(cell) == code.coarse
+    assert model.project(X[5], code.coarse).shape == (16,)
+
+
+def test_pickle_round_trip(small_model):
+    model, X = small_model
+    again = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(again.encode(X[:50])[1], model.encode(X[:50])[1])
+
+
+def test_reads_pickles_in_the_reference_layout(small_model):
+    model, X = small_model
+    ref = LOPQModel.__new__(LOPQModel)
+    ref.__setstate__({"V": model.V, "M": model.M, "subquantizer_clusters": 32,
+                      "Cs": (model.Cs[0].astype(float), model.Cs[1].astype(float)),
+                      "Rs": (model.Rs[0], model.Rs[1]), "mus": (model.mus[0], model.mus[1]),
+                      "subquantizers": ([s for s in model.subquantizers[0]],
+                                        [s for s in model.subquantizers[1]])})
+    np.testing.assert_array_equal(ref.encode(X[:50])[1], model.encode(X[:50])[1])
+
+
+def test_mat_round_trip(small_model, tmp_path):
+    pytest.importorskip("scipy")
+    model, X = small_model
+    model.export_mat(tmp_path / "m.mat")
+    again = LOPQModel.load_mat(tmp_path / "m.mat")
+    np.testing.assert_array_equal(again.encode(X[:50])[1], model.encode(X[:50])[1])
+
+
+def test_fit_reuses_existing_parameters(small_model):
+    model, X = small_model
+    partial = LOPQModel(V=6, M=4, subquantizer_clusters=32,
+                        parameters=(model.Cs, model.Rs, model.mus, None))
+    partial.fit(X, n_init=1, random_state=3)
+    np.testing.assert_array_equal(partial.Cs, model.Cs)
+    np.testing.assert_array_equal(partial.Rs, model.Rs)
+    assert partial.codebooks.shape == model.codebooks.shape
+
+
+def test_fit_is_reproducible_with_a_seed():
+    rng = np.random.RandomState(5)
+    X = rng.randn(1500, 8).astype(np.float32)
+    a = LOPQModel(V=4, M=2, subquantizer_clusters=16).fit(X, n_init=2, random_state=9)
+    b = LOPQModel(V=4, M=2, subquantizer_clusters=16).fit(X, n_init=2, random_state=9)
+    for p, q in zip(a.parameters, b.parameters):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_subquantizer_sample_ratio_is_applied():
+    rng = np.random.RandomState(5)
+    X = rng.randn(2000, 8).astype(np.float32)
+    model = LOPQModel(V=4, M=2, subquantizer_clusters=16)
+    model.fit(X, n_init=1, random_state=1, subquantizer_sample_ratio=0.25)
+    assert model.codebooks.shape == (2, 16, 4)
+    with pytest.raises(ValueError, match="subquantizer"):
+        LOPQModel(V=4, M=2, subquantizer_clusters=16).fit(
+            X[:100], subquantizer_sample_ratio=0.1)
+
+
+@pytest.mark.parametrize("kind", ["fvecs", "ivecs", "bvecs"])
+def test_xvecs_round_trip(kind, tmp_path, rng):
+    X = (rng.rand(37, 5) * 200).astype({"fvecs": np.float32, "ivecs": np.int32,
+                                        "bvecs": np.uint8}[kind])
+    path = tmp_path / f"x.{kind}"
+    save_xvecs(path, X)
+    np.testing.assert_array_equal(load_xvecs(path), X)
+
+
+def test_load_xvecs_reads_oxford5k():
+    X = load_xvecs(shared_file("oxford5k", "oxford_features.fvecs"))
+    assert X.shape == (5063, 128) and X.dtype == np.float32
+
+
+def test_truncated_xvecs_is_a_clear_error(tmp_path, rng):
+    path = tmp_path / "x.fvecs"
+    save_xvecs(path, rng.rand(4, 3).astype(np.float32))
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_xvecs(path)
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("data,V,M,match", [
+    (np.zeros((100, 7)), 4, 2, "even"),
+    (np.zeros((100, 12)), 4, 8, "divide"),
+    (np.zeros((0, 8)), 4, 2, "rows"),
+    (np.zeros((3, 8)), 4, 2, "at least 4"),
+    (np.array([[1.0, np.nan, 0, 0]] * 50), 2, 2, "NaN"),
+    (np.array([[1.0, np.inf, 0, 0]] * 50), 2, 2, "NaN or infinite"),
+    (np.array([["a", "b"]]), 2, 2, "numeric"),
+])
+def test_bad_training_data_is_a_clear_error(data, V, M, match):
+    with pytest.raises(ValueError, match=match):
+        LOPQModel(V=V, M=M, subquantizer_clusters=4).fit(data)
+
+
+def test_wrong_dimension_is_a_clear_error(small_model):
+    model, X = small_model
+    with pytest.raises(ValueError, match="D=16"):
+        model.predict(X[0, :10])
+    with pytest.raises(ValueError, match="D=16"):
+        model.encode(X[:, :10])
+
+
+def test_odd_M_is_a_clear_error():
+    with pytest.raises(ValueError, match="M even"):
+        LOPQModel(V=4, M=3)
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"\x00\x01garbage\xff\xff", "not a .lopq model"),
+    (b"", "not a valid .lopq"),
+    (b"\x08\x08\x10\x05\x18\x04*\x04\x0a\x02\x00\x00", "corrupt|not a"),
+])
+def test_corrupt_proto_is_a_clear_error(payload, match):
+    with pytest.raises(ValueError, match=match):
+        LOPQModel.from_proto_bytes(payload)
+
+
+def test_incomplete_model_cannot_encode():
+    with pytest.raises(ValueError, match="no Cs"):
+        LOPQModel(V=4, M=2).encode(np.zeros((2, 8)))
