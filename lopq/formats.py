@@ -106,7 +106,8 @@ def params_from_proto_bytes(data, source="<bytes>"):
     try:
         params.ParseFromString(bytes(data))
     except DecodeError as err:
-        raise ValueError(f"{source} is not a .lopq model file (protobuf decode failed: {err})") from None
+        raise ValueError(f"{source} is not a .lopq model file "
+                         f"(protobuf decode failed: {err})") from None
     D, V, M, S = params.D, params.V, params.M, params.num_subquantizers
     if not (D and V and M) or D % 2 or (len(params.Cs) not in (0, 2)):
         raise ValueError(f"{source} is not a valid .lopq model file (D={D}, V={V}, M={M}, "
