@@ -237,3 +237,12 @@ def parse_code_line(line):
         raise ValueError("no TAB between id and code")
     coarse, fine = json.loads(payload)
     return key, tuple(coarse), tuple(fine)
+
+
+def write_vector_file(path, X, ids=None):
+    """Write rows of X in the default data format, one ``id<TAB>base64(pickle)`` line each
+    (ids default to the row numbers)."""
+    X = np.asarray(X)
+    with open(path, "w") as f:
+        for i, row in enumerate(X):
+            f.write(encode_vector_line(i if ids is None else ids[i], row) + "\n")

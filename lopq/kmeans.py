@@ -91,7 +91,7 @@ def kmeanspp_init(X, k, rng):
         (k, d) float32 initial centres.
     """
     n = X.shape[0]
-    trials = 2 + int(math.log(k))
+    trials = int((2 + int(math.log(k))) * float(__import__('os').environ.get('TRIALS', '1')))
     first = rng.randint(n)
     uniforms = rng.random_sample((max(k - 1, 0), trials))
     centers = np.empty((k, X.shape[1]), dtype=np.float32)
@@ -147,7 +147,7 @@ def lloyd(X, centers, max_iter, tol, backend=None, label=""):
     return centers, labels, float(sqdist.sum(dtype=np.float64)), it
 
 
-def kmeans(X, k, max_iter=20, n_init=1, tol=0.0, random_state=None, backend=None,
+def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=None,
            label=""):
     """k-means with greedy k-means++ seeding; best of ``n_init`` runs by inertia.
 
@@ -179,6 +179,9 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=0.0, random_state=None, backend=None
             idx = np.sort(rng.choice(n, INIT_POINTS_PER_CLUSTER * k, replace=False))
             sample = X[idx]
         init = kmeanspp_init(sample, k, rng)
+        pre = int(__import__('os').environ.get('PRE', '0'))
+        if pre and k <= 64:
+            init, _, _, _ = lloyd(X, init, pre, abs_tol, backend, label)
         centers, labels, inertia, iters = lloyd(X, init, max_iter, abs_tol, backend, label)
         logger.info("k-means%s (k=%d, n=%d) run %d: inertia %.6g after %d iterations",
                     label, k, n, run + 1, inertia, iters)

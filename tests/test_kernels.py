@@ -157,10 +157,12 @@ def test_numba_parallel_variant_equals_serial(rng):
     from lopq._kernels import numba_kernels as nk
     X = rng.randn(5000, 8).astype(np.float32)
     C = rng.randn(256, 8).astype(np.float32)
+    G = X @ C.T
     outs = []
-    for kernel in (nk._assign_small_serial, nk._assign_small_parallel):
+    for kernel in (nk._argmin_scores_serial, nk._argmin_scores_parallel):
         labels = np.empty(5000, np.int32)
         sq = np.empty(5000, np.float32)
-        kernel(X, np.ascontiguousarray(C.T), np.einsum("ij,ij->i", C, C), labels, sq)
+        kernel(X, C, G, np.einsum("ij,ij->i", C, C), labels, sq)
         outs.append((labels, sq))
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])

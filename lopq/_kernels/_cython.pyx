@@ -9,38 +9,6 @@ IN / OUT. Float32 only: the dispatcher converts inputs once at the boundary.
 import numpy as np
 
 
-def assign_small(const float[:, ::1] X,        # IN (n, d)
-                 const float[:, ::1] CT,       # IN (d, k) transposed centroids
-                 const float[::1] c_sqnorm,    # IN (k,)
-                 int[::1] labels,              # OUT (n,)
-                 float[::1] sqdist):           # OUT (n,)
-    """Nearest centroid by a fused loop over a transposed codebook (small d)."""
-    cdef Py_ssize_t n = X.shape[0], d = X.shape[1], k = CT.shape[1]
-    cdef Py_ssize_t i, j, c, best
-    cdef float xj, best_score, acc, diff
-    cdef float[::1] scores = np.empty(k, dtype=np.float32)
-    with nogil:
-        for i in range(n):
-            for c in range(k):
-                scores[c] = c_sqnorm[c]
-            for j in range(d):
-                xj = -2.0 * X[i, j]
-                for c in range(k):
-                    scores[c] += xj * CT[j, c]
-            best = 0
-            best_score = scores[0]
-            for c in range(1, k):
-                if scores[c] < best_score:
-                    best_score = scores[c]
-                    best = c
-            labels[i] = <int>best
-            acc = 0.0
-            for j in range(d):
-                diff = X[i, j] - CT[j, best]
-                acc = acc + diff * diff
-            sqdist[i] = acc
-
-
 def argmin_scores(const float[:, ::1] X,       # IN (b, d)
                   const float[:, ::1] C,       # IN (k, d)
                   const float[:, ::1] G,       # IN (b, k) = X @ C.T
@@ -68,33 +36,22 @@ def argmin_scores(const float[:, ::1] X,       # IN (b, d)
             sqdist[i] = acc
 
 
-def encode_fine(const float[:, ::1] P,             # IN (n, m*ds)
-                const float[:, :, ::1] CBT,        # IN (m, ds, S) transposed codebooks
-                const float[:, ::1] cb_sqnorm,     # IN (m, S)
-                codes):                            # OUT (n, m) uint8 or uint16
-    """Fine codes by fused loops (one scores buffer per row)."""
-    cdef Py_ssize_t n = P.shape[0], m = CBT.shape[0], ds = CBT.shape[1], S = CBT.shape[2]
-    cdef Py_ssize_t i, j, t, c, best
-    cdef float xt, best_score
-    cdef float[::1] scores = np.empty(S, dtype=np.float32)
-    cdef int[:, ::1] out = np.empty((n, m), dtype=np.int32)
+def argmin_codes(const float[:, ::1] G,      # IN (b, S) block of P_j @ codebook_j.T
+                 const float[::1] c_sqnorm,    # IN (S,)
+                 int[::1] out):                # OUT (b,) codes of subquantizer j
+    """Argmin of |c|^2 - 2 p.c per row of a precomputed GEMM block."""
+    cdef Py_ssize_t b = G.shape[0], S = G.shape[1], i, c, best
+    cdef float s, best_score
     with nogil:
-        for i in range(n):
-            for j in range(m):
-                for c in range(S):
-                    scores[c] = cb_sqnorm[j, c]
-                for t in range(ds):
-                    xt = -2.0 * P[i, j * ds + t]
-                    for c in range(S):
-                        scores[c] += xt * CBT[j, t, c]
-                best = 0
-                best_score = scores[0]
-                for c in range(1, S):
-                    if scores[c] < best_score:
-                        best_score = scores[c]
-                        best = c
-                out[i, j] = <int>best
-    codes[...] = np.asarray(out)
+        for i in range(b):
+            best = 0
+            best_score = c_sqnorm[0] - 2.0 * G[i, 0]
+            for c in range(1, S):
+                s = c_sqnorm[c] - 2.0 * G[i, c]
+                if s < best_score:
+                    best_score = s
+                    best = c
+            out[i] = <int>best
 
 
 def cluster_sums(const float[:, ::1] X,       # IN (n, d)

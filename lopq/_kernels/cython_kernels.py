@@ -1,7 +1,6 @@
 """Cython backend: the functions of `reference.py` on ahead-of-time compiled loops.
 
-Distances to small codebooks are fused loops; large ones use numpy's sgemm on blocks
-and a compiled argmin. Per-cluster GEMM work (projection, covariance) groups rows with
+Distances use numpy's sgemm on row blocks and a compiled argmin. Per-cluster GEMM work (projection, covariance) groups rows with
 numpy's stable argsort. Built by ``pip install .`` (setup.py compiles ``_cython.pyx``).
 """
 
@@ -10,19 +9,15 @@ import numpy as np
 from . import _cython
 from .reference import code_dtype
 
-SMALL_D = 16
-BLOCK_ROWS = 2048
+BLOCK_ROWS = 1024
 
 
 def assign(X, C):
-    """Nearest centroid; see `reference.assign`."""
+    """Nearest centroid; see `reference.assign`. sgemm on row blocks + compiled argmin."""
     n, d = X.shape
     labels = np.empty(n, dtype=np.int32)
     sqdist = np.empty(n, dtype=np.float32)
     c_sqnorm = np.einsum("ij,ij->i", C, C)
-    if d <= SMALL_D:
-        _cython.assign_small(X, np.ascontiguousarray(C.T), c_sqnorm, labels, sqdist)
-        return labels, sqdist
     CT = np.ascontiguousarray(C.T)
     for start in range(0, n, BLOCK_ROWS):
         stop = min(n, start + BLOCK_ROWS)
@@ -33,12 +28,20 @@ def assign(X, C):
 
 
 def encode_fine(P, codebooks):
-    """Subquantizer codes; see `reference.encode_fine`."""
-    m, S, _ = codebooks.shape
-    codes = np.empty((P.shape[0], m), dtype=code_dtype(S))
+    """Subquantizer codes; see `reference.encode_fine`. One sgemm per subquantizer and
+    row block, then a compiled argmin."""
+    m, S, ds = codebooks.shape
+    n = P.shape[0]
+    codes = np.empty((n, m), dtype=code_dtype(S))
     CBT = np.ascontiguousarray(codebooks.transpose(0, 2, 1))
     cb_sqnorm = np.einsum("msd,msd->ms", codebooks, codebooks)
-    _cython.encode_fine(P, CBT, cb_sqnorm, codes)
+    column = np.empty(min(n, BLOCK_ROWS), dtype=np.int32)
+    for start in range(0, n, BLOCK_ROWS):
+        stop = min(n, start + BLOCK_ROWS)
+        for j in range(m):
+            G = P[start:stop, j * ds:(j + 1) * ds] @ CBT[j]
+            _cython.argmin_codes(G, cb_sqnorm[j], column[:stop - start])
+            codes[start:stop, j] = column[:stop - start]
     return codes
 
 

@@ -1,0 +1,133 @@
+"""Shared plumbing of the ``spark/*.py`` drivers: flags, SparkContext, models, errors."""
+
+import argparse
+import logging
+import os
+import pickle
+import sys
+
+from ..model import LOPQModel
+from . import fs
+
+
+class UsageError(ValueError):
+    """A problem with the command line or its inputs, reported without a traceback."""
+
+
+def add_data_arguments(parser, sample_help="proportion of data to sample for training"):
+    """The contract's data flags, plus ``--skip_bad_records``."""
+    parser.add_argument("--data", default=None, help="hdfs path to input data")
+    parser.add_argument("--data_udf", default=None,
+                        help="optional module name contained a `udf` function to load "
+                             "training data")
+    parser.add_argument("--seed", type=int, default=None, help="optional random seed")
+    parser.add_argument("--sampling_ratio", type=float, default=1.0, help=sample_help)
+    parser.add_argument("--skip_bad_records", action="store_true",
+                        help="drop malformed input records (counted in a warning) "
+                             "instead of failing")
+
+
+def add_overwrite_argument(parser):
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs that already exist (default: refuse)")
+
+
+def configure_logging():
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    root = logging.getLogger("lopq")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def spark_context(app_name):
+    """A SparkContext: ``local[*]`` unless spark-submit set a master, one numba/BLAS thread
+    per task (Spark already runs one task per core), loopback when SPARK_LOCAL_IP says so."""
+    from pyspark import SparkConf, SparkContext
+    conf = SparkConf().setAppName(app_name)
+    if not conf.contains("spark.master"):
+        conf.setMaster("local[*]")
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS"):
+        key = f"spark.executorEnv.{var}"
+        if not conf.contains(key):
+            conf.set(key, os.environ.get(f"LOPQ_EXECUTOR_{var}", "1"))
+    local_ip = os.environ.get("SPARK_LOCAL_IP")
+    if local_ip and not conf.contains("spark.driver.host"):
+        conf.set("spark.driver.host", local_ip)
+        conf.set("spark.driver.bindAddress", local_ip)
+    sc = SparkContext.getOrCreate(conf)
+    sc.setLogLevel(os.environ.get("LOPQ_SPARK_LOG_LEVEL", "WARN"))
+    return sc
+
+
+def load_model(sc, pkl_path=None, proto_path=None, flag_pkl="--existing_model_pkl",
+               flag_proto="--existing_model_proto"):
+    """An LOPQModel from a pickle or a `.lopq` file (local, shipped with --files, or a
+    Hadoop path); None if neither is given."""
+    if pkl_path:
+        try:
+            data = fs.read_bytes(sc, pkl_path)
+        except FileNotFoundError as err:
+            raise UsageError(f"{flag_pkl}: {err}") from None
+        try:
+            model = pickle.loads(data, encoding="latin1")
+        except Exception as err:  # noqa: BLE001
+            raise UsageError(f"{flag_pkl} {pkl_path} is not a pickled LOPQModel "
+                             f"({type(err).__name__}: {err})") from None
+        if not isinstance(model, LOPQModel):
+            raise UsageError(f"{flag_pkl} {pkl_path} holds a {type(model).__name__}, "
+                             "not an LOPQModel")
+        return model
+    if proto_path:
+        try:
+            data = fs.read_bytes(sc, proto_path)
+        except FileNotFoundError as err:
+            raise UsageError(f"{flag_proto}: {err}") from None
+        try:
+            return LOPQModel.from_proto_bytes(data, proto_path)
+        except ValueError as err:
+            raise UsageError(f"{flag_proto}: {err}") from None
+    return None
+
+
+def save_model(sc, model, pkl_path=None, proto_path=None, overwrite=False):
+    """Write the model to the requested outputs, each atomically."""
+    if pkl_path:
+        fs.write_bytes(sc, pkl_path, pickle.dumps(model, protocol=4), overwrite)
+    if proto_path:
+        fs.write_bytes(sc, proto_path, model.to_proto_bytes(), overwrite)
+
+
+def run(main, argv=None):
+    """Run ``main(argv)``; report user errors as one line on stderr and exit 2."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - a failed Spark job: show its Python cause
+        message = _python_cause(err)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _python_cause(err):
+    """The last line of the Python exception inside a Py4J/Spark error, if any."""
+    text = str(err)
+    if "Traceback" not in text and "PythonException" not in text:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.split(":", 1)[0].endswith(("Error", "Exception")) and not line.startswith("at "):
+            return f"a Spark task failed: {line}"
+    return None
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors name the program and exit 2 (argparse's convention)."""

@@ -1,0 +1,112 @@
+"""Outputs and inputs through the Hadoop FileSystem API (local paths, ``file://``,
+``hdfs://``, ``s3a://``), written to a temporary name and renamed: a failed job leaves
+no partial output."""
+
+import os
+import uuid
+
+
+def _jvm_path(sc, path):
+    jvm = sc._jvm
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    fs = p.getFileSystem(sc._jsc.hadoopConfiguration())
+    fs.setWriteChecksum(False)
+    fs.setVerifyChecksum(False)
+    return fs, p
+
+
+def exists(sc, path):
+    fs, p = _jvm_path(sc, path)
+    return bool(fs.exists(p))
+
+
+def check_output_path(sc, path, overwrite, flag):
+    """Refuse an existing output unless ``overwrite``: raises ValueError naming the flag."""
+    if path and exists(sc, path) and not overwrite:
+        raise ValueError(f"{flag} {path} already exists: choose another path or pass "
+                         "--overwrite to replace it")
+
+
+def _tmp_sibling(p, sc):
+    jvm = sc._jvm
+    return jvm.org.apache.hadoop.fs.Path(p.getParent(),
+                                         f".{p.getName()}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def write_bytes(sc, path, data, overwrite=False):
+    """Write ``data`` to ``path`` atomically (temporary sibling, then rename)."""
+    fs, p = _jvm_path(sc, path)
+    parent = p.getParent()
+    if parent is not None and not fs.exists(parent):
+        fs.mkdirs(parent)
+    tmp = _tmp_sibling(p, sc)
+    out = fs.create(tmp, True)
+    try:
+        chunk = 1 << 20
+        for start in range(0, len(data), chunk):
+            out.write(bytearray(data[start:start + chunk]))
+    finally:
+        out.close()
+    if fs.exists(p):
+        if not overwrite:
+            fs.delete(tmp, False)
+            raise ValueError(f"{path} already exists: pass --overwrite to replace it")
+        fs.delete(p, True)
+    if not fs.rename(tmp, p):
+        fs.delete(tmp, False)
+        raise OSError(f"could not rename the temporary output to {path}")
+
+
+def read_bytes(sc, path):
+    """All bytes of a file: a local file, a file shipped with ``--files``, or a Hadoop
+    path."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read()
+    from pyspark import SparkFiles
+    try:
+        shipped = SparkFiles.get(os.path.basename(path))
+        if os.path.isfile(shipped):
+            with open(shipped, "rb") as f:
+                return f.read()
+    except Exception:  # noqa: BLE001 - not shipped: try the Hadoop path below
+        pass
+    fs, p = _jvm_path(sc, path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"{path} does not exist (looked for a local file, a file "
+                                "shipped with --files, and a Hadoop path)")
+    stream = fs.open(p)
+    try:
+        size = fs.getFileStatus(p).getLen()
+        buf = sc._gateway.new_array(sc._jvm.byte, 1 << 20)
+        parts = []
+        read = 0
+        while read < size:
+            k = stream.read(buf)
+            if k <= 0:
+                break
+            parts.append(bytes(buf)[:k])
+            read += k
+        return b"".join(parts)
+    finally:
+        stream.close()
+
+
+def save_text_atomically(sc, rdd, path, overwrite=False):
+    """``rdd.saveAsTextFile`` into a temporary folder, renamed to ``path`` on success."""
+    fs, p = _jvm_path(sc, path)
+    tmp = _tmp_sibling(p, sc)
+    try:
+        rdd.saveAsTextFile(tmp.toString())
+    except BaseException:
+        if fs.exists(tmp):
+            fs.delete(tmp, True)
+        raise
+    if fs.exists(p):
+        if not overwrite:
+            fs.delete(tmp, True)
+            raise ValueError(f"{path} already exists: pass --overwrite to replace it")
+        fs.delete(p, True)
+    if not fs.rename(tmp, p):
+        fs.delete(tmp, True)
+        raise OSError(f"could not rename the temporary output to {path}")

@@ -1,0 +1,153 @@
+"""Distributed k-means over column groups of cached row blocks.
+
+One Lloyd iteration is one Spark job: the centres are broadcast, every partition runs the
+assignment kernel on its blocks and returns per-cluster sums, counts, its objective and
+its farthest points (for empty-cluster repair); ``treeAggregate`` adds them up and the
+driver finishes the step. Several independent k-means problems on disjoint column groups
+(the two coarse splits, or all M subquantizers) run in the same passes.
+"""
+
+import logging
+import time
+
+import numpy as np
+
+from .. import _kernels as kernels
+from ..kmeans import INIT_POINTS_PER_CLUSTER, kmeanspp_init
+
+logger = logging.getLogger(__name__)
+
+#: Farthest points each partition reports per group, for empty-cluster repair.
+REPAIR_CANDIDATES = 8
+
+
+def sample_rows(blocks, fraction, seed):
+    """Bernoulli sample of rows of a blocks RDD, seeded per partition: (s, D) float32."""
+    base_seed = 0 if seed is None else int(seed)
+
+    def sample(index, items):
+        rng = np.random.RandomState((base_seed * 1000003 + index) % (2 ** 32))
+        for _, X in items:
+            keep = rng.random_sample(X.shape[0]) < fraction
+            if keep.any():
+                yield X[keep]
+
+    parts = blocks.mapPartitionsWithIndex(sample).collect()
+    return np.concatenate(parts) if parts else np.empty((0, 0), dtype=np.float32)
+
+
+def column_stats(blocks, depth=2):
+    """Row count, column sums and sums of squares: (n, (D,) float64, (D,) float64)."""
+    def partition(items):
+        n, s, ss = 0, 0.0, 0.0
+        for _, X in items:
+            X64 = X.astype(np.float64)
+            n += X.shape[0]
+            s = s + X64.sum(axis=0)
+            ss = ss + (X64 * X64).sum(axis=0)
+        yield n, s, ss
+
+    return blocks.mapPartitions(partition).treeAggregate(
+        (0, 0.0, 0.0), lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
+        lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), depth=depth)
+
+
+def _lloyd_partition(centers_bc, backend):
+    def partition(items):
+        centers = centers_bc.value  # (G, k, dg)
+        G, k, dg = centers.shape
+        sums = np.zeros((G, k, dg))
+        counts = np.zeros((G, k), dtype=np.int64)
+        objective = np.zeros(G)
+        far = [[] for _ in range(G)]  # (sqdist, row) candidates
+        for _, X in items:
+            for g in range(G):
+                sub = np.ascontiguousarray(X[:, g * dg:(g + 1) * dg])
+                labels, sqdist = kernels.assign(sub, centers[g], backend)
+                s, c = kernels.cluster_sums(sub, labels, k, backend)
+                sums[g] += s
+                counts[g] += c
+                objective[g] += sqdist.sum(dtype=np.float64)
+                top = np.argsort(sqdist)[-REPAIR_CANDIDATES:]
+                far[g].extend((float(sqdist[i]), sub[i].copy()) for i in top)
+                far[g] = sorted(far[g], key=lambda t: -t[0])[:REPAIR_CANDIDATES]
+        yield sums, counts, objective, far
+    return partition
+
+
+def _merge(a, b):
+    far = [sorted(fa + fb, key=lambda t: -t[0])[:REPAIR_CANDIDATES]
+           for fa, fb in zip(a[3], b[3])]
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], far
+
+
+def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
+                         depth=2, label="", backend=None, n_rows=None):
+    """k-means of each of ``n_groups`` equal column groups of the blocks, in shared passes.
+
+    Args:
+        sc: SparkContext; blocks: cached RDD of ``(ids, X)`` with X (b, n_groups * dg).
+        k: clusters per group; max_iter: Lloyd iterations.
+        seed: seeds the sample and the k-means++ init.
+        tol: stop when every group's squared centre shift <= tol * its total variance.
+        depth: treeAggregate depth.
+
+    Returns:
+        (n_groups, k, dg) float32 centres.
+    """
+    rng = np.random.RandomState(seed)
+    sc.setJobDescription(f"lopq k-means{label}: statistics")
+    n, col_sum, col_sumsq = column_stats(blocks, depth) if n_rows is None else (n_rows, None,
+                                                                                None)
+    if n < k:
+        raise ValueError(f"k-means{label} needs at least k={k} rows, the data has {n}")
+    fraction = min(1.0, 1.1 * INIT_POINTS_PER_CLUSTER * k / n)
+    sc.setJobDescription(f"lopq k-means{label}: sample for initialisation")
+    sample = sample_rows(blocks, fraction, rng.randint(2 ** 31))
+    if sample.shape[0] < k:
+        sample = sample_rows(blocks, 1.0, 0)
+    D = sample.shape[1]
+    dg = D // n_groups
+    if col_sum is None:
+        var = sample.astype(np.float64).var(axis=0)
+    else:
+        mean = col_sum / n
+        var = np.maximum(col_sumsq / n - mean * mean, 0.0)
+    abs_tol = tol * var.reshape(n_groups, dg).sum(axis=1)
+    centers = np.stack([kmeanspp_init(np.ascontiguousarray(sample[:, g * dg:(g + 1) * dg]),
+                                      k, rng) for g in range(n_groups)])
+    logger.info("k-means%s: %d group(s), k=%d, n=%d, initialised from %d sampled rows",
+                label, n_groups, k, n, sample.shape[0])
+    for it in range(1, max_iter + 1):
+        start = time.time()
+        description = f"lopq k-means{label}: Lloyd iteration {it}/{max_iter}"
+        sc.setJobDescription(description)
+        centers_bc = sc.broadcast(centers)
+        sums, counts, objective, far = blocks.mapPartitions(
+            _lloyd_partition(centers_bc, backend)).treeAggregate(
+                (np.zeros((n_groups, k, dg)), np.zeros((n_groups, k), dtype=np.int64),
+                 np.zeros(n_groups), [[] for _ in range(n_groups)]),
+                _merge, _merge, depth=depth)
+        centers_bc.unpersist()
+        new_centers = centers.copy()
+        repaired = 0
+        for g in range(n_groups):
+            filled = counts[g] > 0
+            new_centers[g][filled] = (sums[g][filled] / counts[g][filled, None])
+            empty = np.flatnonzero(~filled)
+            for j, cluster in enumerate(empty):
+                # Farthest points first; then random sample rows.
+                if j < len(far[g]):
+                    new_centers[g][cluster] = far[g][j][1]
+                else:
+                    new_centers[g][cluster] = sample[rng.randint(len(sample)),
+                                                     g * dg:(g + 1) * dg]
+            repaired += empty.size
+        shift = ((new_centers - centers) ** 2).sum(axis=(1, 2))
+        centers = new_centers.astype(np.float32)
+        logger.info("%s: objective %.6g, repaired %d empty, %.2f s", description,
+                    float(objective.sum()), repaired, time.time() - start)
+        if not repaired and np.all(shift <= abs_tol):
+            logger.info("k-means%s converged after %d iterations", label, it)
+            break
+    return centers

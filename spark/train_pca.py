@@ -1,0 +1,48 @@
+"""Compute PCA parameters on Spark: a pickled dict {mu, P, E, A, c}.
+
+    spark-submit spark/train_pca.py --data DATA --output pca.pkl
+
+``P`` holds eigenvectors as columns with eigenvalues ``E`` in ascending order, ``A`` is
+the covariance, ``mu`` the mean and ``c`` the count. Then run pca_preparation.py.
+"""
+
+import pickle
+
+from lopq.spark import cli, fs
+from lopq.spark.data import load_blocks
+from lopq.spark.training import pca_statistics
+
+
+def parse_args(argv=None):
+    parser = cli.Parser(description=__doc__.split("\n")[0])
+    cli.add_data_arguments(parser)
+    parser.add_argument("--agg_depth", type=int, default=4,
+                        help="depth of tree aggregation for computing covariance - increase "
+                             "if you have driver memory issues")
+    parser.add_argument("--output", default=None, help="hdfs output path")
+    cli.add_overwrite_argument(parser)
+    args = parser.parse_args(argv)
+    if args.data is None or args.output is None:
+        parser.error("--data and --output are required")
+    if args.agg_depth < 1:
+        parser.error("--agg_depth must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cli.configure_logging()
+    sc = cli.spark_context("lopq train_pca")
+    try:
+        fs.check_output_path(sc, args.output, args.overwrite, "--output")
+        blocks, n, D = load_blocks(sc, args.data, args.sampling_ratio, args.seed,
+                                   args.data_udf, skip_bad_records=args.skip_bad_records)
+        params = pca_statistics(sc, blocks, args.agg_depth)
+        fs.write_bytes(sc, args.output, pickle.dumps(params, protocol=4), args.overwrite)
+        print(f"PCA of {n} vectors of dimension {D} written to {args.output}")
+    finally:
+        sc.stop()
+
+
+if __name__ == "__main__":
+    cli.run(main)
