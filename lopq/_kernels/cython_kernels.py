@@ -1,7 +1,8 @@
 """Cython backend: the functions of `reference.py` on ahead-of-time compiled loops.
 
-Distances use numpy's sgemm on row blocks and a compiled argmin. Per-cluster GEMM work (projection, covariance) groups rows with
-numpy's stable argsort. Built by ``pip install .`` (setup.py compiles ``_cython.pyx``).
+Distances use numpy's sgemm on row blocks and a compiled argmin. Per-cluster GEMM work
+(projection, covariance) groups rows with numpy's stable argsort. Built by
+``pip install .`` (setup.py compiles ``_cython.pyx``).
 """
 
 import numpy as np

@@ -7,8 +7,15 @@ Importable by executors: install lopq on the nodes (recommended) or ship it with
 from .codes import code_lines, encode_blocks
 from .data import DataError, blocks_from_arrays, load_blocks
 from .kmeans import kmeans_column_groups
-from .training import (apply_pca, pca_statistics, prepare_pca, train_coarse, train_model,
-                       train_rotations, train_subquantizers)
+from .training import (
+                       apply_pca,
+                       pca_statistics,
+                       prepare_pca,
+                       train_coarse,
+                       train_model,
+                       train_rotations,
+                       train_subquantizers,
+)
 
 __all__ = ["DataError", "load_blocks", "blocks_from_arrays", "kmeans_column_groups",
            "train_model", "train_coarse", "train_rotations", "train_subquantizers",
