@@ -1,13 +1,35 @@
 """Build lopq and its Cython extension: ``pip install .`` (``.[bench]`` for peers)."""
 
+import os
+import platform
+
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
+
+def _vector_flags():
+    """Target AVX2/FMA when the build machine has them (LOPQ_PORTABLE=1 to build for any
+    x86-64): the fused kernels are 2-3x faster with 8-wide FMA."""
+    if os.environ.get("LOPQ_PORTABLE") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return []
+    if " avx2" not in flags or " fma" not in flags:
+        return []
+    # AVX-512 measured slower here for these kernels: stay at 8-wide.
+    return ["-mavx2", "-mfma"]
+
+
 extensions = [
     Extension("lopq._kernels._cython", ["lopq/_kernels/_cython.pyx"],
-              include_dirs=[np.get_include()],
-              extra_compile_args=["-O3", "-ffast-math", "-march=x86-64-v2"],
+              include_dirs=[np.get_include(), "lopq/_kernels"],
+              depends=["lopq/_kernels/_fused.h"],
+              extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"]
+              + _vector_flags(),
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]),
 ]
 

@@ -1,7 +1,7 @@
 """Hot-path kernels with a selectable backend.
 
-`reference` (numpy) is the specification; `numba` (default) and `cython` compute the same
-functions faster. Choose with the ``LOPQ_KERNELS`` environment variable
+`reference` (numpy) is the specification; `cython` (default when built) and `numba`
+compute the same functions faster. Choose with the ``LOPQ_KERNELS`` environment variable
 (``numpy|numba|cython``) or the ``backend=`` argument of each function here.
 
 The functions in this module are the boundary: they accept any array-like (float64,
@@ -21,8 +21,22 @@ _MODULES = {"numpy": "lopq._kernels.reference", "numba": "lopq._kernels.numba_ke
 
 
 def default_backend():
-    """The backend named by ``LOPQ_KERNELS``, else ``numba``."""
-    return os.environ.get("LOPQ_KERNELS", "numba").strip().lower() or "numba"
+    """The backend named by ``LOPQ_KERNELS``, else ``cython`` if it is built, else
+    ``numba``."""
+    name = os.environ.get("LOPQ_KERNELS", "").strip().lower()
+    if name:
+        return name
+    global _DEFAULT
+    if _DEFAULT is None:
+        try:
+            importlib.import_module(_MODULES["cython"])
+            _DEFAULT = "cython"
+        except ImportError:
+            _DEFAULT = "numba"
+    return _DEFAULT
+
+
+_DEFAULT = None
 
 
 def get_backend(name=None):

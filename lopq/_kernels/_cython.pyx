@@ -8,6 +8,45 @@ IN / OUT. Float32 only: the dispatcher converts inputs once at the boundary.
 
 import numpy as np
 
+cdef extern from "_fused.h" nogil:
+    int LOPQ_FUSED_FAST
+    void lopq_assign_fused(const float *X, Py_ssize_t n, Py_ssize_t d, Py_ssize_t row_stride,
+                           const float *CT, Py_ssize_t k, const float *c_sqnorm,
+                           int *labels, Py_ssize_t label_stride, float *sqdist)
+
+
+#: True when the fused loop was built for 8-wide vectors (AVX2); else prefer sgemm.
+FUSED_FAST = bool(LOPQ_FUSED_FAST)
+
+
+def assign_fused(const float[:, ::1] X,        # IN (n, d)
+                 const float[:, ::1] CT,       # IN (d, k) transposed centroids
+                 const float[::1] c_sqnorm,    # IN (k,)
+                 int[::1] labels,              # OUT (n,)
+                 float[::1] sqdist):           # OUT (n,)
+    """Nearest centroid for small d by the fused C loop of _fused.h."""
+    cdef Py_ssize_t n = X.shape[0]
+    if n == 0:
+        return
+    with nogil:
+        lopq_assign_fused(&X[0, 0], n, X.shape[1], X.shape[1], &CT[0, 0], CT.shape[1],
+                          &c_sqnorm[0], &labels[0], 1, &sqdist[0])
+
+
+def encode_fused(const float[:, ::1] P,            # IN (n, m * ds)
+                 const float[:, :, ::1] CBT,       # IN (m, ds, S) transposed codebooks
+                 const float[:, ::1] cb_sqnorm,    # IN (m, S)
+                 int[:, ::1] codes):               # OUT (n, m)
+    """Fine codes: the fused C loop per subquantizer, reading P in place (strided)."""
+    cdef Py_ssize_t n = P.shape[0], m = CBT.shape[0], ds = CBT.shape[1], S = CBT.shape[2]
+    cdef Py_ssize_t j
+    if n == 0:
+        return
+    with nogil:
+        for j in range(m):
+            lopq_assign_fused(&P[0, j * ds], n, ds, P.shape[1], &CBT[j, 0, 0], S,
+                              &cb_sqnorm[j, 0], &codes[0, j], m, NULL)
+
 
 def argmin_scores(const float[:, ::1] X,       # IN (b, d)
                   const float[:, ::1] C,       # IN (k, d)
