@@ -206,8 +206,15 @@ class LOPQModel:
         """
         self._require("Cs", "Rs", "mus", "codebooks")
         X = check_rows(X, self.D, "vectors", min_rows=0)
-        coarse, projected = self._coarse_and_projection(X, backend)
-        return coarse, kernels.encode_fine(projected, self.codebooks, backend)
+        n, h, half_m = X.shape[0], X.shape[1] // 2, self.M // 2
+        coarse = np.empty((n, 2), dtype=np.int32)
+        fine = np.empty((n, self.M), dtype=kernels.code_dtype(self.subquantizer_clusters))
+        for split in range(2):
+            coarse[:, split], fine[:, split * half_m:(split + 1) * half_m] = \
+                kernels.encode_split(X[:, split * h:(split + 1) * h], self.Cs[split],
+                                     self.Rs[split], self.mus[split],
+                                     self.subquantizers[split], backend)
+        return coarse, fine
 
     def _coarse_and_projection(self, X, backend=None, coarse=None):
         h = X.shape[1] // 2

@@ -78,6 +78,48 @@ def project_residuals(X, labels, C, R, mu, backend=None):
         np.ascontiguousarray(R, dtype=np.float32), rows32(mu))
 
 
+def project_grouped(X, labels, C, R, mu):
+    """Projected residuals with rows grouped by cluster (no scatter back).
+
+    Returns:
+        P_grouped: (n, d) float32, ``P_grouped[r]`` is the projection of row ``order[r]``.
+        order: (n,) int64 row order (stable sort of labels).
+    """
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    offsets = np.searchsorted(sorted_labels, np.arange(C.shape[0] + 1))
+    centred = X[order]
+    centred -= (C + mu)[sorted_labels]
+    P = np.empty_like(centred)
+    for cluster in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[cluster], offsets[cluster + 1]
+        np.dot(centred[lo:hi], R[cluster].T, out=P[lo:hi])
+    return P, order
+
+
+def encode_split(X, C, R, mu, codebooks, backend=None):
+    """Coarse labels and fine codes of one coarse split, without materialising the
+    projected residuals in row order.
+
+    Args:
+        X: (n, h) rows of this split; C (V, h); R (V, h, h); mu (V, h);
+        codebooks: (M/2, S, h/(M/2)) this split's subquantizers.
+
+    Returns:
+        labels (n,) int32, codes (n, M/2) uint8/uint16.
+    """
+    be = get_backend(backend)
+    X = rows32(X)
+    C, mu = rows32(C), rows32(mu)
+    R = np.ascontiguousarray(R, dtype=np.float32)
+    labels, _ = be.assign(X, C)
+    P, order = project_grouped(X, labels, C, R, mu)
+    codes_grouped = be.encode_fine(P, np.ascontiguousarray(codebooks, dtype=np.float32))
+    codes = np.empty_like(codes_grouped)
+    codes[order] = codes_grouped
+    return labels, codes
+
+
 def encode_fine(P, codebooks, backend=None):
     """Subquantizer codes of projected residuals P (n, m*ds) with codebooks (m, S, ds):
     (n, m) uint8 (S <= 256) or uint16."""
