@@ -15,7 +15,7 @@ from . import _kernels as kernels
 logger = logging.getLogger(__name__)
 
 #: k-means++ seeds from at most this many points per cluster (the rest only run Lloyd).
-INIT_POINTS_PER_CLUSTER = 64
+INIT_POINTS_PER_CLUSTER = 32
 
 
 def check_random_state(seed):
@@ -120,12 +120,14 @@ def repair_empty_clusters(centers, counts, X, sqdist):
     return int(empty.size)
 
 
-def lloyd(X, centers, max_iter, tol, backend=None, label=""):
+def lloyd(X, centers, max_iter, tol, backend=None, label="", final_assignment=True):
     """Lloyd iterations from ``centers`` until ``max_iter`` or the centre shift <= tol.
 
     Returns:
         centers (k, d) float32, labels (n,) int32, inertia float (sum of squared
-        distances of the final assignment), iterations run.
+        distances), iterations run. With ``final_assignment`` the labels and inertia are
+        those of the returned centres (one more pass); otherwise of the last iteration's
+        assignment, before its update.
     """
     k = centers.shape[0]
     centers = centers.astype(np.float32, copy=True)
@@ -143,12 +145,13 @@ def lloyd(X, centers, max_iter, tol, backend=None, label=""):
                      label, it, float(sqdist.sum(dtype=np.float64)), shift, repaired)
         if shift <= tol and not repaired:
             break
-    labels, sqdist = kernels.assign(X, centers, backend)
+    if final_assignment:
+        labels, sqdist = kernels.assign(X, centers, backend)
     return centers, labels, float(sqdist.sum(dtype=np.float64)), it
 
 
 def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=None,
-           label=""):
+           label="", return_labels=True):
     """k-means with greedy k-means++ seeding; best of ``n_init`` runs by inertia.
 
     Args:
@@ -160,6 +163,8 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
             of X) * d, as scikit-learn does.
         random_state: None, int or RandomState.
         backend: kernel backend (see `lopq._kernels`).
+        return_labels: False skips the pass that assigns rows to the final centres
+            (labels and inertia are then those of the last iteration) unless n_init > 1.
 
     Returns:
         centers (k, d) float32, labels (n,) int32, inertia float.
@@ -182,7 +187,8 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
         pre = int(__import__('os').environ.get('PRE', '0'))
         if pre and k <= 64:
             init, _, _, _ = lloyd(X, init, pre, abs_tol, backend, label)
-        centers, labels, inertia, iters = lloyd(X, init, max_iter, abs_tol, backend, label)
+        centers, labels, inertia, iters = lloyd(X, init, max_iter, abs_tol, backend, label,
+                                                final_assignment=return_labels or n_init > 1)
         logger.info("k-means%s (k=%d, n=%d) run %d: inertia %.6g after %d iterations",
                     label, k, n, run + 1, inertia, iters)
         if best is None or inertia < best[2]:

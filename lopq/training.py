@@ -132,7 +132,7 @@ def train_coarse(data, V, kmeans_coarse_iters=10, n_init=10, random_state=None,
     for split in range(2):
         centers, _, _ = kmeans(data[:, split * h:(split + 1) * h], V, kmeans_coarse_iters,
                                n_init, random_state=rng, backend=backend,
-                               label=f" coarse split {split}")
+                               label=f" coarse split {split}", return_labels=False)
         Cs.append(centers)
     return np.stack(Cs)
 
@@ -182,7 +182,8 @@ def train_subquantizers(projected, M, subquantizer_clusters=256, kmeans_local_it
     for j in range(M):
         centers, _, _ = kmeans(projected[:, j * ds:(j + 1) * ds], subquantizer_clusters,
                                kmeans_local_iters, n_init, random_state=rng,
-                               backend=backend, label=f" subquantizer {j}")
+                               backend=backend, label=f" subquantizer {j}",
+                               return_labels=False)
         subs.append(centers)
     return np.stack(subs)
 
