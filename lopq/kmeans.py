@@ -91,7 +91,7 @@ def kmeanspp_init(X, k, rng):
         (k, d) float32 initial centres.
     """
     n = X.shape[0]
-    trials = int((2 + int(math.log(k))) * float(__import__('os').environ.get('TRIALS', '1')))
+    trials = 2 + int(math.log(k))
     first = rng.randint(n)
     uniforms = rng.random_sample((max(k - 1, 0), trials))
     centers = np.empty((k, X.shape[1]), dtype=np.float32)
@@ -184,9 +184,6 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
             idx = np.sort(rng.choice(n, INIT_POINTS_PER_CLUSTER * k, replace=False))
             sample = X[idx]
         init = kmeanspp_init(sample, k, rng)
-        pre = int(__import__('os').environ.get('PRE', '0'))
-        if pre and k <= 64:
-            init, _, _, _ = lloyd(X, init, pre, abs_tol, backend, label)
         centers, labels, inertia, iters = lloyd(X, init, max_iter, abs_tol, backend, label,
                                                 final_assignment=return_labels or n_init > 1)
         logger.info("k-means%s (k=%d, n=%d) run %d: inertia %.6g after %d iterations",
