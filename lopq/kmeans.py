@@ -7,10 +7,10 @@ The same loop drives the distributed k-means in `lopq.spark.kmeans`: only the
 import logging
 import math
 
-import numba
 import numpy as np
 
 from . import _kernels as kernels
+from ._kernels._jit import njit
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def check_random_state(seed):
     raise ValueError(f"random_state must be None, an int or a numpy RandomState, got {seed!r}")
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _sqdist_to_point(X, p, out):
     for i in range(X.shape[0]):
         acc = 0.0
@@ -37,7 +37,7 @@ def _sqdist_to_point(X, p, out):
         out[i] = acc
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _kmeanspp_kernel(X, k, first, uniforms, centers):
     # X (n, d) IN float32; first IN index of the first centre; uniforms (k-1, trials) IN
     # in [0, 1); centers (k, d) OUT. Greedy k-means++: of `trials` candidates drawn with

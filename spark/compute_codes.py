@@ -32,8 +32,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cli.configure_logging()
-    sc = cli.spark_context("lopq compute_codes")
-    try:
+    with cli.spark_context("lopq compute_codes") as sc:
         started = time.time()
         fs.check_output_path(sc, args.output, args.overwrite, "--output")
         model = cli.load_model(sc, args.model_pkl, args.model_proto, "--model_pkl",
@@ -51,8 +50,6 @@ def main(argv=None):
         fs.save_text_atomically(sc, code_lines(sc, blocks, model), args.output,
                                 args.overwrite)
         print(f"wrote codes of {n} vectors to {args.output} in {time.time() - started:.1f} s")
-    finally:
-        sc.stop()
 
 
 if __name__ == "__main__":

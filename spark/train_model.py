@@ -67,6 +67,9 @@ def validate_arguments(args, model):
     """Fill V / M from the existing model and reject inconsistent requests (the
     reference's rules). Returns the model's parameters that remain valid."""
     steps = set(args.steps)
+    if STEP_COARSE not in steps and (model is None or model.Cs is None):
+        raise cli.UsageError("steps without 0 need the coarse quantizers of an existing "
+                             "model (--existing_model_pkl / --existing_model_proto)")
     if args.V is None:
         if model is None:
             raise cli.UsageError("the coarse step (0) needs --V, or an existing model "
@@ -91,9 +94,6 @@ def validate_arguments(args, model):
     if model is not None and model.M != args.M and STEP_ROTATION not in steps:
         raise cli.UsageError(f"--M {args.M} differs from the existing model's M={model.M}: "
                              "the rotations depend on M, so include step 1 (--steps 1,2)")
-    if STEP_COARSE not in steps and (model is None or model.Cs is None):
-        raise cli.UsageError("steps without 0 need the coarse quantizers of an existing "
-                             "model (--existing_model_pkl / --existing_model_proto)")
     if STEP_ROTATION not in steps and STEP_SUBQUANT in steps and (
             model is None or model.Rs is None or model.mus is None):
         raise cli.UsageError("step 2 without step 1 needs the rotations of an existing model")
@@ -105,8 +105,7 @@ def validate_arguments(args, model):
 def main(argv=None):
     args = parse_args(argv)
     cli.configure_logging()
-    sc = cli.spark_context("lopq train_model")
-    try:
+    with cli.spark_context("lopq train_model") as sc:
         started = time.time()
         from lopq.spark import fs
         for flag, path in (("--model_pkl", args.model_pkl), ("--model_proto", args.model_proto)):
@@ -136,8 +135,6 @@ def main(argv=None):
         cli.save_model(sc, trained, args.model_pkl, args.model_proto, args.overwrite)
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in trained.timings.items())
         print(f"trained {trained} on {n} vectors: {steps}; total {time.time() - started:.1f} s")
-    finally:
-        sc.stop()
 
 
 if __name__ == "__main__":

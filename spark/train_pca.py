@@ -32,16 +32,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cli.configure_logging()
-    sc = cli.spark_context("lopq train_pca")
-    try:
+    with cli.spark_context("lopq train_pca") as sc:
         fs.check_output_path(sc, args.output, args.overwrite, "--output")
         blocks, n, D = load_blocks(sc, args.data, args.sampling_ratio, args.seed,
                                    args.data_udf, skip_bad_records=args.skip_bad_records)
         params = pca_statistics(sc, blocks, args.agg_depth)
         fs.write_bytes(sc, args.output, pickle.dumps(params, protocol=4), args.overwrite)
         print(f"PCA of {n} vectors of dimension {D} written to {args.output}")
-    finally:
-        sc.stop()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ them so) and may receive read-only arrays (broadcasts, memory maps).
 import numba
 import numpy as np
 
+from ._jit import njit
 from .reference import code_dtype
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True)
@@ -25,7 +26,7 @@ BLOCK_ROWS = 1024
 
 def _dual(func):
     """Compile ``func`` twice, serial and parallel; return both."""
-    return numba.njit(**_OPTS)(func), numba.njit(parallel=True, **_OPTS)(func)
+    return njit(**_OPTS)(func), njit(parallel=True, **_OPTS)(func)
 
 
 def _use_parallel(n):
@@ -115,7 +116,7 @@ def encode_fine(P, codebooks):
     return codes
 
 
-@numba.njit(**_OPTS)
+@njit(**_OPTS)
 def _counting_sort(labels, k):
     """Stable order of rows grouped by label, and group offsets (k + 1,)."""
     offsets = np.zeros(k + 1, dtype=np.int64)
@@ -132,7 +133,7 @@ def _counting_sort(labels, k):
     return order, offsets
 
 
-@numba.njit(**_OPTS)
+@njit(**_OPTS)
 def _gather_centred(X, order, labels, C, mu, out):
     # out[r] = X[order[r]] - C[label] - mu[label], rows grouped by cluster
     d = X.shape[1]
@@ -143,7 +144,7 @@ def _gather_centred(X, order, labels, C, mu, out):
             out[r, j] = X[i, j] - C[c, j] - mu[c, j]
 
 
-@numba.njit(**_OPTS)
+@njit(**_OPTS)
 def _scatter_rows(src, order, dst):
     for r in range(order.shape[0]):
         dst[order[r]] = src[r]
@@ -165,7 +166,7 @@ def project_residuals(X, labels, C, R, mu):
     return P
 
 
-@numba.njit(**_OPTS)
+@njit(**_OPTS)
 def _gather_float64(X, order, out):
     for r in range(order.shape[0]):
         i = order[r]
@@ -188,7 +189,7 @@ def accumulate_covariance(residuals, labels, V):
     return A, sums, np.diff(offsets)
 
 
-@numba.njit(**_OPTS)
+@njit(**_OPTS)
 def _cluster_sums_kernel(X, labels, sums, counts):
     for i in range(X.shape[0]):
         c = labels[i]
@@ -205,7 +206,7 @@ def cluster_sums(X, labels, k):
     return sums, counts
 
 
-@numba.njit(**_OPTS)
+@njit(**_OPTS)
 def _adc_tables_kernel(P, codebooks, tables):
     q = P.shape[0]
     m, S, ds = codebooks.shape
@@ -227,7 +228,7 @@ def adc_tables(P, codebooks):
     return tables
 
 
-@numba.njit(**_OPTS)
+@njit(**_OPTS)
 def _adc_scan_kernel(table, codes, out):
     m = table.shape[0]
     for i in range(codes.shape[0]):

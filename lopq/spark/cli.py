@@ -42,7 +42,30 @@ def configure_logging():
     root.propagate = False
 
 
-def spark_context(app_name):
+class spark_context:
+    """``with spark_context(name) as sc``: the running SparkContext if there is one (left
+    running), else a new one, stopped on exit."""
+
+    def __init__(self, app_name):
+        self.app_name = app_name
+        self.owned = False
+        self.sc = None
+
+    def __enter__(self):
+        from pyspark import SparkContext
+        self.sc = SparkContext._active_spark_context
+        if self.sc is None:
+            self.sc = new_spark_context(self.app_name)
+            self.owned = True
+        return self.sc
+
+    def __exit__(self, *exc):
+        if self.owned:
+            self.sc.stop()
+        return False
+
+
+def new_spark_context(app_name):
     """A SparkContext: ``local[*]`` unless spark-submit set a master, one numba/BLAS thread
     per task (Spark already runs one task per core), loopback when SPARK_LOCAL_IP says so."""
     from pyspark import SparkConf, SparkContext

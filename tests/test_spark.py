@@ -1,0 +1,370 @@
+"""The Spark jobs: real spark-submit runs in local mode on small data, plus bad input
+checked in-process on one shared SparkContext."""
+
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from lopq import LOPQModel
+from lopq.datasets import make_clustered
+from lopq.formats import encode_vector_line, parse_code_line, write_vector_file
+
+pytestmark = pytest.mark.spark
+pyspark = pytest.importorskip("pyspark")
+
+SPARK_BIN = Path(pyspark.__file__).parent / "bin"
+SMALL = dict(V=4, M=4, S=16)
+
+
+def spark_env(**extra):
+    env = dict(os.environ)
+    env.update(SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+               PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "spark")]))
+    env.update(extra)
+    return env
+
+
+def spark_submit(script, *args, spark_args=(), env=None, check=True, timeout=600):
+    cmd = [str(SPARK_BIN / "spark-submit"), "--master", "local[2]", *spark_args,
+           str(ROOT / "spark" / script), *map(str, args)]
+    proc = subprocess.run(cmd, env=env or spark_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_codes(folder):
+    codes = {}
+    for part in sorted(Path(folder).glob("part-*")):
+        for line in part.read_text().splitlines():
+            key, coarse, fine = parse_code_line(line)
+            codes[key] = (coarse, fine)
+    return codes
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("spark")
+
+
+@pytest.fixture(scope="session")
+def small_data(workdir):
+    X = make_clustered(3000, 16, n_clusters=12, seed=3)
+    path = workdir / "small.txt"
+    write_vector_file(path, X, ids=[f"item{i}" for i in range(len(X))])
+    return path, X
+
+
+@pytest.fixture(scope="session")
+def trained(workdir, small_data):
+    """A full spark-submit training run: (pickle path, proto path, model)."""
+    path, _ = small_data
+    pkl, proto = workdir / "full.pkl", workdir / "full.lopq"
+    spark_submit("train_model.py", "--data", path, "--V", SMALL["V"], "--M", SMALL["M"],
+                 "--subquantizer_clusters", SMALL["S"], "--seed", 7,
+                 "--model_pkl", pkl, "--model_proto", proto)
+    model = LOPQModel.load_proto(proto)
+    return pkl, proto, model
+
+
+def test_train_model_writes_pickle_and_proto(trained):
+    pkl, proto, model = trained
+    with open(pkl, "rb") as f:
+        from_pickle = pickle.load(f)
+    assert (model.V, model.M, model.D, model.subquantizer_clusters) == (4, 4, 16, 16)
+    for a, b in zip(model.parameters, from_pickle.parameters):
+        np.testing.assert_array_equal(a, b)
+    assert not list(pkl.parent.glob(".*tmp*")), "temporary outputs left behind"
+
+
+def test_trained_model_quantizes_well(trained, small_data):
+    _, _, model = trained
+    _, X = small_data
+    from lopq.eval import relative_reconstruction_error
+    local = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=1)
+    assert relative_reconstruction_error(X, model) < 1.15 * relative_reconstruction_error(
+        X, local)
+
+
+def test_compute_codes_writes_reference_format(trained, small_data, workdir):
+    _, proto, model = trained
+    path, X = small_data
+    out = workdir / "codes"
+    spark_submit("compute_codes.py", "--data", path, "--output", out,
+                 "--model_proto", proto.name, spark_args=["--files", str(proto)])
+    lines = [line for part in sorted(out.glob("part-*")) for line in
+             part.read_text().splitlines()]
+    assert len(lines) == len(X)
+    key, payload = lines[0].split("\t")
+    parsed = json.loads(payload)
+    assert len(parsed) == 2 and len(parsed[0]) == 2 and len(parsed[1]) == model.M
+    assert payload == json.dumps(parsed)  # `[[c0, c1], [f0, ...]]` exactly as json.dumps
+    codes = read_codes(out)
+    for i, x in enumerate(X):
+        code = model.predict(x)
+        assert codes[f"item{i}"] == (code.coarse, code.fine)
+
+
+def test_train_model_resumes_from_existing_proto(trained, small_data, workdir):
+    _, proto, model = trained
+    path, _ = small_data
+    out = workdir / "resumed.lopq"
+    spark_submit("train_model.py", "--data", path, "--existing_model_proto", proto.name,
+                 "--steps", "1,2", "--subquantizer_clusters", 16, "--seed", 3,
+                 "--model_proto", out, spark_args=["--files", str(proto)])
+    resumed = LOPQModel.load_proto(out)
+    np.testing.assert_array_equal(resumed.Cs, model.Cs)
+    assert resumed.Rs.shape == model.Rs.shape and resumed.codebooks.shape == (4, 16, 4)
+
+
+def test_train_model_step_2_from_pickle(trained, small_data, workdir):
+    pkl, _, model = trained
+    path, _ = small_data
+    out = workdir / "step2.pkl"
+    spark_submit("train_model.py", "--data", path, "--existing_model_pkl", pkl,
+                 "--steps", "2", "--subquantizer_clusters", 16, "--seed", 11,
+                 "--model_pkl", out)
+    with open(out, "rb") as f:
+        again = pickle.load(f)
+    np.testing.assert_array_equal(again.Cs, model.Cs)
+    np.testing.assert_array_equal(again.Rs, model.Rs)
+    assert again.codebooks.shape == model.codebooks.shape
+
+
+def test_pca_then_preparation_then_training_through_a_udf(small_data, workdir):
+    path, X = small_data
+    pca = workdir / "pca.pkl"
+    spark_submit("train_pca.py", "--data", path, "--output", pca)
+    with open(pca, "rb") as f:
+        params = pickle.load(f)
+    np.testing.assert_allclose(params["A"], np.cov(X.T.astype(np.float64)), rtol=1e-3,
+                               atol=1e-3)
+    assert params["c"] == len(X)
+    prepared = workdir / "pca_prepared.pkl"
+    subprocess.run([sys.executable, str(ROOT / "spark" / "pca_preparation.py"),
+                    "--pca_params", str(pca), "--D", "8", "--output", str(prepared)],
+                   check=True, env=spark_env())
+    out = workdir / "pca_model.lopq"
+    spark_submit("train_model.py", "--data", path, "--data_udf", "example_udf",
+                 "--V", 4, "--M", 2, "--subquantizer_clusters", 16,
+                 "--model_proto", out,
+                 spark_args=["--py-files", str(ROOT / "spark" / "example_udf.py")],
+                 env=spark_env(LOPQ_PCA_PARAMS=str(prepared)))
+    assert LOPQModel.load_proto(out).D == 8
+
+
+def test_spark_submit_reports_bad_input_without_partial_output(workdir):
+    bad = workdir / "bad.txt"
+    bad.write_text(encode_vector_line("a", np.ones(4)) + "\nnot a record\n")
+    out = workdir / "never.lopq"
+    proc = spark_submit("train_model.py", "--data", bad, "--V", 2, "--M", 2,
+                        "--model_proto", out, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr  # spark-submit merges the driver's stderr into stdout
+    assert "train_model.py: error: 1 malformed record(s)" in output
+    assert "--skip_bad_records" in output and "Traceback" not in output
+    assert not out.exists()
+
+
+def test_oxford5k_model_trained_on_spark_reaches_the_recall_bar(oxford, workdir):
+    from lopq.eval import rank_by_lopq_distance, recall_at
+    train, test, nns = oxford
+    data = workdir / "oxford_train.txt"
+    write_vector_file(data, train)
+    recalls = []
+    for seed in (40, 41, 42):
+        out = workdir / f"oxford_{seed}.lopq"
+        spark_submit("train_model.py", "--data", data, "--V", 16, "--M", 8, "--seed", seed,
+                     "--model_proto", out)
+        model = LOPQModel.load_proto(out)
+        coarse, fine = model.encode(train)
+        recalls.append(recall_at(rank_by_lopq_distance(model, test, coarse, fine, 100),
+                                 nns, (1, 10, 100)))
+    mean = np.mean(recalls, axis=0)
+    # The reference pipeline measured [0.499, 0.925, 0.978].
+    assert mean[1] >= 0.93 and mean[2] >= 0.98, mean
+    assert mean[0] >= 0.48, mean
+
+
+# ----------------------------------------------------------------- standalone cluster
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory):
+    """A Spark standalone master and 2 workers on 127.0.0.1, stopped afterwards."""
+    base = tmp_path_factory.mktemp("standalone")
+    daemon = Path(pyspark.__file__).parent / "sbin" / "spark-daemon.sh"
+    if not daemon.exists():
+        pytest.skip(f"{daemon} is absent in this pyspark")
+    env = spark_env(SPARK_PID_DIR=str(base / "pid"), SPARK_LOG_DIR=str(base / "log"),
+                    SPARK_WORKER_DIR=str(base / "work"),
+                    SPARK_HOME=str(Path(pyspark.__file__).parent))
+    port = 17077
+    master = f"spark://127.0.0.1:{port}"
+    subprocess.run(["bash", str(daemon), "start", "org.apache.spark.deploy.master.Master",
+                    "1", "--host", "127.0.0.1", "--port", str(port), "--webui-port", "18480"],
+                   env=env, check=True, capture_output=True)
+    for n in (1, 2):
+        subprocess.run(["bash", str(daemon), "start", "org.apache.spark.deploy.worker.Worker",
+                        str(n), "--host", "127.0.0.1", "--webui-port", str(18480 + n),
+                        "--cores", "1", "--memory", "2g", master],
+                       env=env, check=True, capture_output=True)
+    try:
+        yield master, env
+    finally:
+        for cls, n in (("org.apache.spark.deploy.worker.Worker", 2),
+                       ("org.apache.spark.deploy.worker.Worker", 1),
+                       ("org.apache.spark.deploy.master.Master", 1)):
+            subprocess.run(["bash", str(daemon), "stop", cls, str(n)], env=env,
+                           capture_output=True)
+
+
+def test_train_model_on_a_standalone_cluster_with_py_files(standalone_cluster, small_data,
+                                                           workdir, tmp_path):
+    master, env = standalone_cluster
+    path, X = small_data
+    # Ship lopq as a zip, including the built extension, as users do with --py-files.
+    archive = tmp_path / "lopq.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in (ROOT / "lopq").rglob("*"):
+            if file.is_file() and "__pycache__" not in file.parts:
+                zf.write(file, file.relative_to(ROOT))
+    env = dict(env, PYTHONPATH=str(tmp_path / "nowhere"))  # executors must use the zip
+    driver_path = os.pathsep.join([str(ROOT)])
+    out = workdir / "standalone.lopq"
+    cmd = [str(SPARK_BIN / "spark-submit"), "--master", master,
+           "--py-files", str(archive),
+           "--conf", "spark.driver.host=127.0.0.1",
+           "--conf", f"spark.executorEnv.NUMBA_CACHE_DIR={tmp_path / 'numba'}",
+           "--conf", f"spark.driverEnv.PYTHONPATH={driver_path}",
+           str(ROOT / "spark" / "train_model.py"), "--data", str(path), "--V", "4", "--M",
+           "4", "--subquantizer_clusters", "16", "--seed", "5", "--model_proto", str(out)]
+    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=driver_path), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    model = LOPQModel.load_proto(out)
+    assert model.D == 16 and model.codebooks.shape == (4, 16, 4)
+    shutil.rmtree(tmp_path / "numba", ignore_errors=True)
+
+
+# ----------------------------------------------------------------- in-process bad input
+def load_driver(name):
+    spec = importlib.util.spec_from_file_location(f"driver_{name}",
+                                                  ROOT / "spark" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sc():
+    from pyspark import SparkContext
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    from lopq.spark.cli import new_spark_context
+    context = SparkContext._active_spark_context or new_spark_context("lopq tests")
+    yield context
+    context.stop()
+
+
+@pytest.fixture(scope="module")
+def train_model(sc):
+    return load_driver("train_model")
+
+
+def test_mixed_dimensions_are_reported(sc, train_model, tmp_path):
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(encode_vector_line(i, np.ones(4 if i % 2 else 6))
+                              for i in range(40)))
+    with pytest.raises(ValueError, match="dimension"):
+        train_model.main(["--data", str(data), "--V", "2", "--M", "2", "--model_proto",
+                          str(tmp_path / "m.lopq")])
+    assert not (tmp_path / "m.lopq").exists()
+
+
+def test_skip_bad_records_drops_them(sc, train_model, tmp_path):
+    X = make_clustered(600, 8, seed=1)
+    lines = [encode_vector_line(i, x) for i, x in enumerate(X)] + ["garbage", "1\tAAAA"]
+    data = tmp_path / "some_bad.txt"
+    data.write_text("\n".join(lines))
+    out = tmp_path / "m.lopq"
+    train_model.main(["--data", str(data), "--V", "2", "--M", "2", "--subquantizer_clusters",
+                      "8", "--model_proto", str(out), "--skip_bad_records"])
+    assert LOPQModel.load_proto(out).D == 8
+
+
+@pytest.mark.parametrize("module_text,match", [
+    (None, "cannot import"),
+    ("def udf(sc, path, ratio, seed):\n    return [1, 2, 3]\n", "expected an RDD"),
+    ("def udf(sc, path, ratio, seed):\n    return sc.parallelize(['a', 'b'])\n",
+     "malformed"),
+    ("x = 1\n", "no function named `udf"),
+])
+def test_bad_udf_modules_are_reported(sc, train_model, tmp_path, module_text, match,
+                                      monkeypatch):
+    name = f"udf_{abs(hash(module_text)) % 10 ** 8}"
+    if module_text is not None:
+        (tmp_path / f"{name}.py").write_text(module_text)
+        monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        train_model.main(["--data", "x", "--data_udf", name, "--V", "2", "--M", "2",
+                          "--model_proto", str(tmp_path / "m.lopq")])
+
+
+def test_existing_model_of_another_dimension_is_reported(sc, train_model, tmp_path, trained,
+                                                         ):
+    _, proto, _ = trained
+    data = tmp_path / "d8.txt"
+    write_vector_file(data, make_clustered(300, 8, seed=2))
+    with pytest.raises(ValueError, match="D=16"):
+        train_model.main(["--data", str(data), "--existing_model_proto", str(proto),
+                          "--steps", "2", "--model_proto", str(tmp_path / "m.lopq")])
+
+
+def test_existing_output_is_refused_unless_overwrite(sc, train_model, tmp_path, small_data):
+    path, _ = small_data
+    out = tmp_path / "exists.lopq"
+    out.write_bytes(b"keep me")
+    args = ["--data", str(path), "--V", "2", "--M", "2", "--subquantizer_clusters", "8",
+            "--model_proto", str(out)]
+    with pytest.raises(ValueError, match="already exists.*--overwrite"):
+        train_model.main(args)
+    assert out.read_bytes() == b"keep me"
+    train_model.main(args + ["--overwrite"])
+    assert LOPQModel.load_proto(out).V == 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--V", "4"], "--M"),
+    (["--M", "4", "--steps", "1,2"], "coarse quantizers of an existing model"),
+    (["--M", "4"], "needs --V"),
+])
+def test_argument_validation(sc, train_model, tmp_path, small_data, argv, match):
+    path, _ = small_data
+    with pytest.raises(ValueError, match=match):
+        train_model.main(["--data", str(path), "--model_proto", str(tmp_path / "m.lopq"),
+                          *argv])
+
+
+def test_steps_0_and_2_without_1_is_refused(train_model, capsys):
+    with pytest.raises(SystemExit):
+        train_model.parse_args(["--data", "x", "--V", "2", "--M", "2", "--steps", "0,2",
+                                "--model_proto", "m"])
+    assert "skips step 1" in capsys.readouterr().err
+
+
+def test_an_output_is_required(train_model, capsys):
+    with pytest.raises(SystemExit):
+        train_model.parse_args(["--data", "x", "--V", "2", "--M", "2"])
+    assert "--model_pkl and --model_proto" in capsys.readouterr().err
