@@ -209,7 +209,7 @@ def standalone_cluster(tmp_path_factory):
         pytest.skip(f"{daemon} is absent in this pyspark")
     env = spark_env(SPARK_PID_DIR=str(base / "pid"), SPARK_LOG_DIR=str(base / "log"),
                     SPARK_WORKER_DIR=str(base / "work"),
-                    SPARK_HOME=str(Path(pyspark.__file__).parent))
+                    SPARK_HOME=str(Path(pyspark.__file__).parent), PYTHONPATH="")
     port = 17077
     master = f"spark://127.0.0.1:{port}"
     subprocess.run(["bash", str(daemon), "start", "org.apache.spark.deploy.master.Master",
@@ -255,6 +255,23 @@ def test_train_model_on_a_standalone_cluster_with_py_files(standalone_cluster, s
     assert proc.returncode == 0, proc.stderr[-5000:]
     model = LOPQModel.load_proto(out)
     assert model.D == 16 and model.codebooks.shape == (4, 16, 4)
+    # The executors imported lopq from the shipped zip and ran its kernels there.
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from pyspark import SparkContext\n"
+        "sc = SparkContext.getOrCreate()\n"
+        "def where(_):\n"
+        "    import numpy as np, lopq\n"
+        "    from lopq import _kernels as K\n"
+        "    labels, _ = K.assign(np.eye(3), np.eye(3))\n"
+        "    return lopq.__file__, K.default_backend(), labels.tolist()\n"
+        "print('PROBE', sc.parallelize([0, 1], 2).map(where).collect())\n")
+    proc = subprocess.run([*cmd[:cmd.index(str(ROOT / "spark" / "train_model.py"))],
+                           str(probe)], env=dict(env, PYTHONPATH=driver_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    probe_line = [line for line in proc.stdout.splitlines() if line.startswith("PROBE")][0]
+    assert "lopq.zip" in probe_line and "[0, 1, 2]" in probe_line, probe_line
     shutil.rmtree(tmp_path / "numba", ignore_errors=True)
 
 
