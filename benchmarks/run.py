@@ -1,0 +1,423 @@
+"""Where lopq stands: kernels against their numpy reference, end to end on real and
+synthetic data, against the reference implementation's per-vector approach and faiss.
+
+    python benchmarks/run.py [--quick] [--only NAME] [--threads N] [--out DIR]
+
+Writes DIR/results.json (every figure with unit, data set, parameters, versions, BLAS,
+cores), DIR/results.md (tables) and PNG plots. Parts: kernels, encode, fit, oxford,
+search, spark. faiss rows appear when faiss-cpu is installed (`pip install .[bench]`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+SHARED = Path(os.environ.get("LOPQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+PARTS = ["kernels", "encode", "fit", "oxford", "search", "spark"]
+SCALE = 1.0
+
+
+def scaled(n):
+    return max(512, int(n * SCALE))
+
+
+# ------------------------------------------------------------------ infrastructure
+class Results:
+    def __init__(self, args):
+        self.rows = []
+        self.args = args
+
+    def add(self, part, name, value, unit, **params):
+        row = dict(part=part, name=name, value=float(value), unit=unit, **params)
+        self.rows.append(row)
+        shown = f"{value:,.4g}" if isinstance(value, (float, np.floating)) else value
+        extra = ", ".join(f"{k}={v}" for k, v in params.items())
+        print(f"  [{part}] {name}: {shown} {unit}" + (f" ({extra})" if extra else ""),
+              flush=True)
+
+
+def best_of(fn, repeat=3):
+    """Best wall time of ``repeat`` calls, seconds (and the last result)."""
+    best, out = np.inf, None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def environment():
+    import numba
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "cores": os.cpu_count(),
+            "machine": platform.machine(), "processor": platform.processor()}
+    try:
+        import lopq
+        info["lopq"] = lopq.__version__
+    except ImportError:
+        pass
+    for mod in ("faiss", "pyspark", "scipy"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "num_threads",
+                                               "architecture")} for d in threadpool_info()]
+    except ImportError:
+        info["blas"] = "threadpoolctl not installed"
+    return info
+
+
+def set_threads(n):
+    import numba
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:
+        pass
+    try:
+        import faiss
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def have_faiss():
+    try:
+        import faiss  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------ parts
+def gemm_gflops(res):
+    """Measured float32 GEMM throughput of a shape like the assignment's."""
+    rng = np.random.RandomState(0)
+    A = rng.randn(4096, 64).astype(np.float32)
+    B = rng.randn(64, 1024).astype(np.float32)
+    t, _ = best_of(lambda: A @ B, 5)
+    gflops = 2 * 4096 * 64 * 1024 / t / 1e9
+    res.add("kernels", "numpy sgemm (4096x64 @ 64x1024)", gflops, "GFLOP/s")
+    return gflops
+
+
+def part_kernels(res, quick):
+    from lopq import _kernels as K
+    rng = np.random.RandomState(0)
+    n = scaled(20000 if quick else 200000)
+    gemm = gemm_gflops(res)
+    X64 = rng.randn(n, 64).astype(np.float32)
+    C = rng.randn(256, 64).astype(np.float32)
+    X8 = rng.randn(n, 8).astype(np.float32)
+    C8 = rng.randn(256, 8).astype(np.float32)
+    V, d = 64, 64
+    labels = rng.randint(0, V, n).astype(np.int32)
+    Cv = rng.randn(V, d).astype(np.float32)
+    R = np.stack([np.linalg.qr(rng.randn(d, d))[0] for _ in range(V)]).astype(np.float32)
+    mu = rng.randn(V, d).astype(np.float32)
+    P = rng.randn(n, 128).astype(np.float32)
+    books = rng.randn(16, 256, 8).astype(np.float32)
+    codes = rng.randint(0, 256, (n, 16)).astype(np.uint8)
+    table = rng.rand(16, 256).astype(np.float32)
+    cases = {
+        "assign d=64 k=256": (lambda be: K.assign(X64, C, be), 2 * n * 256 * 64,
+                              lambda a, b: np.mean(a[0] == b[0])),
+        "assign d=8 k=256": (lambda be: K.assign(X8, C8, be), 2 * n * 256 * 8,
+                             lambda a, b: np.mean(a[0] == b[0])),
+        "project_residuals d=64 V=64": (
+            lambda be: K.project_residuals(X64, labels, Cv, R, mu, be), 2 * n * d * d,
+            lambda a, b: float(np.allclose(a, b, rtol=1e-4, atol=1e-4))),
+        "encode_fine M=16 S=256 ds=8": (lambda be: K.encode_fine(P, books, be),
+                                        2 * n * 16 * 256 * 8, lambda a, b: np.mean(a == b)),
+        "accumulate_covariance d=64 V=64": (
+            lambda be: K.accumulate_covariance(X64, labels, V, be), 2 * n * d * d,
+            lambda a, b: float(np.allclose(a[0], b[0], rtol=1e-6, atol=1e-6))),
+        "adc_scan M=16": (lambda be: K.adc_scan(table, codes, be), n * 16,
+                          lambda a, b: float(np.allclose(a, b, rtol=1e-5))),
+    }
+    for name, (run, flops, agree) in cases.items():
+        t_ref, ref = best_of(lambda: run("numpy"))
+        res.add("kernels", f"{name} numpy reference", n / t_ref, "rows/s", n=n,
+                gflops=round(flops / t_ref / 1e9, 2))
+        for be in ("numba", "cython"):
+            try:
+                run(be)
+            except ImportError as err:
+                print(f"  skipping {be}: {err}")
+                continue
+            t, out = best_of(lambda: run(be))
+            res.add("kernels", f"{name} {be}", n / t, "rows/s", n=n,
+                    gflops=round(flops / t / 1e9, 2),
+                    fraction_of_gemm=round(flops / t / 1e9 / gemm, 3),
+                    speedup_vs_reference=round(t_ref / t, 2),
+                    agreement=round(float(agree(out, ref)), 5))
+
+
+def synthetic(n, d=128, seed=0):
+    from lopq.datasets import make_clustered
+    return make_clustered(n, d, seed=seed)
+
+
+def reference_numpy_encode(model, X):
+    """The vectorised numpy reference: reference.py kernels composed plainly."""
+    from lopq._kernels import reference as ref
+    h = X.shape[1] // 2
+    coarse, parts = [], []
+    for s in range(2):
+        half = np.ascontiguousarray(X[:, s * h:(s + 1) * h])
+        labels, _ = ref.assign(half, model.Cs[s])
+        coarse.append(labels)
+        parts.append(ref.project_residuals(half, labels, model.Cs[s], model.Rs[s],
+                                           model.mus[s]))
+    return np.stack(coarse, 1), ref.encode_fine(np.hstack(parts), model.codebooks)
+
+
+def part_encode(res, quick):
+    from lopq import LOPQModel
+    from lopq.eval import relative_reconstruction_error
+    from reference_port import ReferenceModel
+    n = 20000 if quick else 100000
+    X = synthetic(n)
+    model = LOPQModel(V=64, M=16).fit(X[:20000] if quick else X, n_init=1, random_state=0)
+    params = dict(n=n, D=128, V=64, M=16, data="synthetic clustered")
+    err = relative_reconstruction_error(X, model)
+    res.add("encode", "lopq relative reconstruction error", err, "ratio", **params)
+    for be in ("cython", "numba"):
+        model.encode(X[:1000], backend=be)
+        t, _ = best_of(lambda: model.encode(X, backend=be))
+        res.add("encode", f"lopq encode ({be})", n / t, "vectors/s", **params)
+    t, _ = best_of(lambda: reference_numpy_encode(model, X), 2)
+    res.add("encode", "numpy reference encode", n / t, "vectors/s", **params)
+    ref = ReferenceModel(model)
+    sample = X[:1000 if quick else 3000].astype(np.float64)
+    t, _ = best_of(lambda: [ref.predict(x) for x in sample], 1)
+    res.add("encode", "reference per-vector predict", len(sample) / t, "vectors/s", **params)
+    if have_faiss():
+        import faiss
+        index = faiss.index_factory(128, "IMI2x6,PQ16np")
+        index.train(X)
+        t, codes = best_of(lambda: index.sa_encode(X))
+        res.add("encode", "faiss IMI2x6,PQ16 sa_encode", n / t, "vectors/s", **params)
+        rec = index.sa_decode(codes)
+        res.add("encode", "faiss relative reconstruction error",
+                ((X - rec) ** 2).sum() / ((X - X.mean(0)) ** 2).sum(), "ratio", **params)
+
+
+def part_fit(res, quick):
+    from lopq import LOPQModel
+    sizes = [20000, 50000] if quick else [25000, 50000, 100000, 200000]
+    for n in sizes:
+        X = synthetic(n)
+        params = dict(n=n, D=128, V=64, M=16, coarse_iters=10, local_iters=20)
+        t, _ = best_of(lambda: LOPQModel(V=64, M=16).fit(X, n_init=1, random_state=0), 1)
+        res.add("fit", "lopq fit", t, "s", **params)
+        if have_faiss():
+            import faiss
+            t, _ = best_of(lambda: faiss.index_factory(128, "IMI2x6,PQ16np").train(X), 1)
+            res.add("fit", "faiss IMI2x6,PQ16np train", t, "s", **params)
+
+
+def oxford_split():
+    from lopq.eval import exact_neighbors, train_test_split
+    from lopq.formats import load_xvecs
+    path = SHARED / "oxford5k" / "oxford_features.fvecs"
+    if not path.exists():
+        return None
+    train, test = train_test_split(load_xvecs(path), 0.2, 40)
+    return train, test, exact_neighbors(test, train)[:, 0]
+
+
+def part_oxford(res, quick):
+    from lopq import LOPQModel, LOPQSearcher
+    from lopq.eval import rank_by_lopq_distance, recall_at
+    split = oxford_split()
+    if split is None:
+        print(f"  skipping oxford: {SHARED / 'oxford5k'} is absent")
+        return
+    train, test, nns = split
+    seeds = (40,) if quick else (40, 41, 42)
+    exhaustive, searched = [], []
+    for seed in seeds:
+        t, model = best_of(lambda: LOPQModel(V=16, M=8).fit(train, n_init=1,
+                                                            random_state=seed), 1)
+        res.add("oxford", "fit time", t, "s", seed=seed)
+        coarse, fine = model.encode(train)
+        exhaustive.append(recall_at(rank_by_lopq_distance(model, test, coarse, fine, 1000),
+                                    nns, (1, 10, 100)))
+        searcher = LOPQSearcher(model)
+        searcher.add_codes((coarse, fine))
+        ranked = [[r.id for r in searcher.search(q, quota=1000)[0]] for q in test]
+        searched.append(recall_at(ranked, nns, (1, 10, 100)))
+    for name, values in (("exhaustive LOPQ ranking", exhaustive),
+                         ("multi-index search quota=1000", searched)):
+        mean = np.mean(values, axis=0)
+        for r, v in zip((1, 10, 100), mean):
+            res.add("oxford", f"recall@{r} {name}", v, "fraction", seeds=list(seeds),
+                    V=16, M=8, reference=[0.499, 0.925, 0.978][(1, 10, 100).index(r)])
+
+
+def part_search(res, quick):
+    from lopq import LOPQModel, LOPQSearcher
+    from lopq.eval import exact_neighbors, recall_at
+    from reference_port import ReferenceModel, ReferenceSearcher
+    n = 20000 if quick else 200000
+    X = synthetic(n + 200, seed=5)
+    base, queries = X[:n], X[n:]
+    nns = exact_neighbors(queries, base)[:, 0]
+    model = LOPQModel(V=32, M=16).fit(base[:20000], n_init=1, random_state=0)
+    coarse, fine = model.encode(base)
+    searcher = LOPQSearcher(model)
+    searcher.add_codes((coarse, fine))
+    quota = 1000
+    start = time.perf_counter()
+    ranked = [[r.id for r in searcher.search(q, quota=quota)[0]] for q in queries]
+    qps = len(queries) / (time.perf_counter() - start)
+    params = dict(n=n, V=32, M=16, quota=quota)
+    res.add("search", "lopq searcher", qps, "queries/s", **params,
+            recall_at_10=round(float(recall_at(ranked, nns, (10,))[0]), 4))
+    ref = ReferenceSearcher(ReferenceModel(model))
+    ref.add_codes([((int(c[0]), int(c[1])), tuple(int(v) for v in f))
+                   for c, f in zip(coarse, fine)])
+    sample = queries[:20]
+    start = time.perf_counter()
+    for q in sample:
+        ref.search(q.astype(np.float64), quota=quota)
+    res.add("search", "reference pure-Python searcher", len(sample) /
+            (time.perf_counter() - start), "queries/s", **params)
+
+
+def part_spark(res, quick):
+    """Wall time of spark-submit train_model.py on Oxford5k (local[2]), per step."""
+    split = oxford_split()
+    if split is None:
+        print("  skipping spark: Oxford5k is absent")
+        return
+    from lopq.formats import write_vector_file
+    train = split[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "oxford.txt"
+        write_vector_file(data, train)
+        env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+                   PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"))
+        import pyspark
+        submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+        start = time.perf_counter()
+        proc = subprocess.run([str(submit), "--master", "local[2]",
+                               str(ROOT / "spark" / "train_model.py"), "--data", str(data),
+                               "--V", "16", "--M", "8", "--seed", "40", "--model_proto",
+                               str(Path(tmp) / "m.lopq")], env=env, capture_output=True,
+                              text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            print(proc.stdout[-2000:], proc.stderr[-2000:])
+            return
+        res.add("spark", "train_model.py Oxford5k wall time (spark-submit, local[2])", wall,
+                "s", V=16, M=8, reference_seconds="71-74")
+        for line in proc.stdout.splitlines():
+            if line.startswith("trained"):
+                res.add("spark", "train_model.py step timings", 0, "see note", note=line)
+
+
+# ------------------------------------------------------------------ reports
+def write_reports(res, out, env):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"environment": env, "results": res.rows,
+                                                  "args": vars(res.args)}, indent=1,
+                                                 default=str))
+    lines = ["# lopq benchmark results", "",
+             f"cores {env['cores']}, numpy {env['numpy']}, numba {env['numba']}, "
+             f"faiss {env.get('faiss')}, threads {res.args.threads}", ""]
+    for part in PARTS:
+        rows = [r for r in res.rows if r["part"] == part]
+        if not rows:
+            continue
+        lines += [f"## {part}", "", "| what | value | unit | details |", "|---|---|---|---|"]
+        for r in rows:
+            details = ", ".join(f"{k}={v}" for k, v in r.items()
+                                if k not in ("part", "name", "value", "unit"))
+            lines.append(f"| {r['name']} | {r['value']:,.4g} | {r['unit']} | {details} |")
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    try:
+        plot(res, out)
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install .[bench])")
+    print("\n".join(lines))
+
+
+def plot(res, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    enc = [r for r in res.rows if r["part"] == "encode" and r["unit"] == "vectors/s"]
+    if enc:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.barh([r["name"] for r in enc], [r["value"] for r in enc])
+        ax.set_xscale("log")
+        ax.set_xlabel("vectors/s (1 thread)")
+        fig.tight_layout()
+        fig.savefig(out / "encode_throughput.png", dpi=100)
+    fit = [r for r in res.rows if r["part"] == "fit"]
+    if fit:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name in sorted({r["name"] for r in fit}):
+            pts = [(r["n"], r["value"]) for r in fit if r["name"] == name]
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xlabel("N")
+        ax.set_ylabel("training time (s)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "training_time.png", dpi=100)
+    search = [r for r in res.rows if r["part"] == "search" and "recall_at_10" in r]
+    if search:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for r in search:
+            ax.scatter(r["value"], r["recall_at_10"], label=r["name"])
+        ax.set_xscale("log")
+        ax.set_xlabel("queries/s")
+        ax.set_ylabel("recall@10")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "recall_vs_qps.png", dpi=100)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
+    parser.add_argument("--only", choices=PARTS, action="append",
+                        help="run only this part (repeatable)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for every library")
+    parser.add_argument("--out", default=str(ROOT / "bench-out"), help="output folder")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply data sizes (tests use a tiny scale)")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    global SCALE
+    SCALE = args.scale
+    res = Results(args)
+    env = environment()
+    for part in args.only or PARTS:
+        print(f"== {part}", flush=True)
+        start = time.perf_counter()
+        globals()[f"part_{part}"](res, args.quick)
+        print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
+    write_reports(res, Path(args.out), env)
+
+
+if __name__ == "__main__":
+    main()
