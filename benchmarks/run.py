@@ -188,9 +188,10 @@ def reference_numpy_encode(model, X):
 
 
 def part_encode(res, quick):
+    from reference_port import ReferenceModel
+
     from lopq import LOPQModel
     from lopq.eval import relative_reconstruction_error
-    from reference_port import ReferenceModel
     n = 20000 if quick else 100000
     X = synthetic(n)
     model = LOPQModel(V=64, M=16).fit(X[:20000] if quick else X, n_init=1, random_state=0)
@@ -272,9 +273,10 @@ def part_oxford(res, quick):
 
 
 def part_search(res, quick):
+    from reference_port import ReferenceModel, ReferenceSearcher
+
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import exact_neighbors, recall_at
-    from reference_port import ReferenceModel, ReferenceSearcher
     n = 20000 if quick else 200000
     X = synthetic(n + 200, seed=5)
     base, queries = X[:n], X[n:]
