@@ -160,7 +160,7 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
         max_iter: Lloyd iterations per run.
         n_init: independent runs.
         tol: stop when the squared centre shift <= tol * (mean per-dimension variance
-            of X) * d, as scikit-learn does.
+            of X), as scikit-learn does.
         random_state: None, int or RandomState.
         backend: kernel backend (see `lopq._kernels`).
         return_labels: False skips the pass that assigns rows to the final centres
@@ -176,7 +176,8 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
     if n < k:
         raise ValueError(f"k-means{label} needs at least k={k} points, got {n}")
     rng = check_random_state(random_state)
-    abs_tol = tol * float(X.var(axis=0, dtype=np.float64).sum()) if tol else 0.0
+    # scikit-learn's criterion: tol times the mean per-dimension variance.
+    abs_tol = tol * float(X.var(axis=0, dtype=np.float64).mean()) if tol else 0.0
     best = None
     for run in range(max(1, n_init)):
         sample = X
