@@ -31,6 +31,11 @@ extensions = [
               extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"]
               + _vector_flags(),
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]),
+    Extension("lopq._kernels._search", ["lopq/_kernels/_search.pyx"],
+              include_dirs=[np.get_include()],
+              extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"]
+              + _vector_flags(),
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]),
 ]
 
 setup(

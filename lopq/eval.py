@@ -168,3 +168,17 @@ def train_test_split(data, test_size=0.2, random_state=40):
     n_test = int(np.ceil(test_size * n))
     permutation = np.random.RandomState(random_state).permutation(n)
     return data[permutation[n_test:]], data[permutation[:n_test]]
+
+
+def get_recall_batch(searcher, queries, nns, thresholds=(1, 10, 100, 1000), threads=None):
+    """Batched `get_recall`: `LOPQSearcher.search_batch` with ``quota=thresholds[-1]``.
+
+    Returns:
+        (recall (len(thresholds),), mean seconds per query of wall time).
+    """
+    thresholds = list(thresholds)
+    start = time.perf_counter()
+    results = searcher.search_batch(queries, quota=thresholds[-1], threads=threads)
+    elapsed = time.perf_counter() - start
+    recall = recall_at([ids for ids, _ in results], nns, thresholds)
+    return recall, elapsed / max(len(queries), 1)

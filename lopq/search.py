@@ -10,12 +10,25 @@ side array (any hashable ids).
 """
 
 import heapq
+import json
+import os
+import pickle
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from . import _kernels as kernels
-from .model import check_rows
+from .model import LOPQModel, check_rows
+
+try:  # the compiled query path; the numpy path below computes the same
+    from ._kernels import _search as _compiled
+except ImportError:  # pragma: no cover - e.g. lopq shipped as a zip
+    _compiled = None
+
+INDEX_FORMAT = "lopq-index"
+INDEX_VERSION = 1
 
 Result = namedtuple("Result", ["id", "code"])
 ResultWithDist = namedtuple("Result", ["id", "code", "dist"])
@@ -214,6 +227,28 @@ class LOPQSearcher:
             dists[i] = kernels.adc_scan(tables[key], fine[i:i + 1])[0]
         return [(float(d), item) for d, item in zip(dists, items)]
 
+    def _retrieve_scored(self, x, quota):
+        """Rows retrieved for ``quota`` in retrieval order, their LOPQ distances, and the
+        number of visited cells."""
+        if quota is None or quota <= 0:
+            raise ValueError(f"quota must be a positive number of items, got {quota!r}")
+        self._merge_pending()
+        if _compiled is not None and self.fine.dtype in (np.uint8, np.uint16):
+            m = self.model
+            return _compiled.search_one(x, m.Cs, m.Rs, m.mus, m.subquantizers,
+                                        self.cell_offsets, self.fine, int(quota))
+        ranges, visited = self._retrieve_ranges(x, quota)
+        rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
+                if ranges else np.empty(0, dtype=np.int64))
+        return rows, self._distances_of_ranges(x, ranges), visited
+
+    def _ranked(self, x, quota, limit):
+        rows, dists, visited = self._retrieve_scored(x, quota)
+        order = np.argsort(dists, kind="stable")  # ties keep retrieval order
+        if limit is not None:
+            order = order[:limit]
+        return rows[order], dists[order], visited
+
     def search(self, x, quota=10, limit=None, with_dists=False):
         """Nearest items of query x by LOPQ distance among the cells needed for ``quota``.
 
@@ -223,23 +258,136 @@ class LOPQSearcher:
         """
         from .model import LOPQCode
         x = self._query(x)
-        ranges, visited = self._retrieve_ranges(x, quota)
-        rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
-                if ranges else np.empty(0, dtype=np.int64))
-        dists = self._distances_of_ranges(x, ranges)
-        order = np.argsort(dists, kind="stable")
-        if limit is not None:
-            order = order[:limit]
+        rows, dists, visited = self._ranked(x, quota, limit)
         results = []
-        for k in order:
-            i = rows[k]
-            code = LOPQCode(tuple(int(c) for c in self.coarse[i]),
-                            tuple(int(f) for f in self.fine[i]))
+        coarse, fine = self.coarse[rows].tolist(), self.fine[rows].tolist()
+        for k, i in enumerate(rows.tolist()):
+            code = LOPQCode(tuple(coarse[k]), tuple(fine[k]))
             if with_dists:
                 results.append(ResultWithDist(self.ids[i], code, float(dists[k])))
             else:
                 results.append(Result(self.ids[i], code))
         return results, visited
+
+    def search_batch(self, queries, quota=10, limit=None, threads=None):
+        """Search many queries, threaded across cores (the kernel releases the GIL).
+
+        Args:
+            queries: (q, D) array.
+            threads: worker threads (default: all cores).
+
+        Returns:
+            list of (ids, dists) per query: ids an array of the item ids ranked by
+            distance, dists (k,) float32.
+        """
+        self._merge_pending()
+        Q = check_rows(queries, self.model.D, "queries", min_rows=0)
+        if quota is None or quota <= 0:
+            raise ValueError(f"quota must be a positive number of items, got {quota!r}")
+
+        def one(x):
+            rows, dists, _ = self._ranked(x, quota, limit)
+            return self.ids[rows], dists
+
+        threads = threads or os.cpu_count() or 1
+        if threads == 1 or len(Q) < 2:
+            return [one(x) for x in Q]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(one, Q))
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path):
+        """Write the index to directory ``path`` (created; must not hold an index)."""
+        self._merge_pending()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / "index.json").exists():
+            raise ValueError(f"{path} already holds an index: choose another directory")
+        int_ids = self.ids.size == 0 or all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in self.ids)
+        self.model.export_proto(str(path / "model.lopq"))
+        np.save(path / "cell_offsets.npy", self.cell_offsets)
+        np.save(path / "coarse.npy", self.coarse)
+        np.save(path / "fine.npy", self.fine)
+        if int_ids:
+            np.save(path / "ids.npy", self.ids.astype(np.int64))
+        else:
+            with open(path / "ids.pkl", "wb") as f:
+                pickle.dump(list(self.ids), f, protocol=4)
+        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "V": self.model.V,
+                "M": self.model.M, "D": self.model.D, "size": int(len(self.ids)),
+                "fine_dtype": str(self.fine.dtype), "ids": "int64" if int_ids else "pickle"}
+        (path / "index.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, path, mmap=True):
+        """Open an index written by `save`; with ``mmap`` the arrays stay on disk."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "index.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} is not an lopq index directory (index.json: "
+                             f"{err})") from None
+        if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+            raise ValueError(f"{path}/index.json is not an lopq index of version "
+                             f"{INDEX_VERSION}: {meta}")
+        mode = "r" if mmap else None
+        try:
+            model = LOPQModel.load_proto(str(path / "model.lopq"))
+            offsets = np.load(path / "cell_offsets.npy", mmap_mode=mode)
+            coarse = np.load(path / "coarse.npy", mmap_mode=mode)
+            fine = np.load(path / "fine.npy", mmap_mode=mode)
+            if meta["ids"] == "int64":
+                ids = np.load(path / "ids.npy", mmap_mode=mode)
+            else:
+                with open(path / "ids.pkl", "rb") as f:
+                    ids = np.empty(meta["size"], dtype=object)
+                    ids[:] = pickle.load(f)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path}: the index is truncated or damaged ({err})") from None
+        n, V = meta["size"], model.V
+        if (offsets.shape != (V * V + 1,) or fine.shape != (n, model.M) or len(ids) != n
+                or coarse.shape != (n, 2) or int(offsets[-1]) != n):
+            raise ValueError(f"{path}: array shapes do not match index.json (size {n}, "
+                             f"V={V}, M={model.M}); the index is truncated or damaged")
+        searcher = cls(model)
+        searcher.cell_offsets, searcher.coarse, searcher.fine, searcher.ids = (
+            offsets, coarse, fine, ids)
+        return searcher
+
+    @classmethod
+    def from_codes(cls, model, path, sc=None):
+        """Build an index from `compute_codes` output (text part files of
+        ``id<TAB>[[c0, c1], [f0, ...]]``) without the original vectors.
+
+        Args:
+            path: a folder of part files or one file; a Hadoop/``s3a://`` path needs
+                ``sc`` (a SparkContext) to read it.
+        """
+        from .formats import parse_code_line
+        if sc is not None:
+            lines = sc.textFile(str(path)).collect()
+        else:
+            p = Path(path)
+            files = sorted(p.glob("part-*")) if p.is_dir() else [p]
+            if not files:
+                raise ValueError(f"no part files in {path}")
+            lines = [line for f in files for line in f.read_text().splitlines()]
+        ids, coarse, fine = [], [], []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                key, c, f = parse_code_line(line)
+            except ValueError as err:
+                raise ValueError(f"{path}: line {number} is not a code line ({err})") \
+                    from None
+            ids.append(int(key) if key.lstrip("-").isdigit() else key)
+            coarse.append(c)
+            fine.append(f)
+        searcher = cls(model)
+        searcher.add_codes((np.asarray(coarse), np.asarray(fine)), ids)
+        return searcher
 
     def _query(self, x):
         x = np.asarray(x)
