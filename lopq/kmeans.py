@@ -28,27 +28,36 @@ def check_random_state(seed):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _sqdist_to_point(X, p, out):
-    for i in range(X.shape[0]):
-        acc = 0.0
-        for j in range(X.shape[1]):
-            diff = X[i, j] - p[j]
-            acc += diff * diff
-        out[i] = acc
+def _sqdist_to_point(XT, p, out):
+    # XT (d, n) IN transposed rows, so the inner loop runs (vectorised) over rows
+    d, n = XT.shape
+    for i in range(n):
+        out[i] = 0.0
+    for j in range(d):
+        pj = p[j]
+        for i in range(n):
+            diff = XT[j, i] - pj
+            out[i] += diff * diff
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _potential(closest, candidate):
+    pot = 0.0
+    for i in range(closest.shape[0]):
+        pot += min(closest[i], candidate[i])
+    return pot
 
 
 @njit(cache=True, nogil=True)
-def _kmeanspp_kernel(X, k, first, uniforms, centers):
-    # X (n, d) IN float32; first IN index of the first centre; uniforms (k-1, trials) IN
-    # in [0, 1); centers (k, d) OUT. Greedy k-means++: of `trials` candidates drawn with
-    # probability proportional to D(x)^2, keep the one that lowers the potential most.
+def _kmeanspp_kernel(X, XT, k, first, uniforms, centers):
+    # X (n, d) IN float32 and XT its transpose; first IN index of the first centre;
+    # uniforms (k-1, trials) IN in [0, 1); centers (k, d) OUT. Greedy k-means++: of
+    # `trials` candidates drawn with probability proportional to D(x)^2, keep the one
+    # that lowers the potential most.
     n, d = X.shape
     trials = uniforms.shape[1]
-    closest = np.empty(n, dtype=np.float64)
-    tmp = np.empty(n, dtype=np.float32)
-    _sqdist_to_point(X, X[first], tmp)
-    for i in range(n):
-        closest[i] = tmp[i]
+    closest = np.empty(n, dtype=np.float32)
+    _sqdist_to_point(XT, X[first], closest)
     centers[0] = X[first]
     cand_dist = np.empty((trials, n), dtype=np.float32)
     cumulative = np.empty(n, dtype=np.float64)
@@ -57,7 +66,7 @@ def _kmeanspp_kernel(X, k, first, uniforms, centers):
         for i in range(n):
             total += closest[i]
             cumulative[i] = total
-        best_trial = -1
+        best_trial = 0
         best_pot = np.inf
         best_idx = 0
         for t in range(trials):
@@ -66,10 +75,8 @@ def _kmeanspp_kernel(X, k, first, uniforms, centers):
                 idx = min(idx, n - 1)
             else:  # every point already is a centre: any point will do
                 idx = int(uniforms[c - 1, t] * n)
-            _sqdist_to_point(X, X[idx], cand_dist[t])
-            pot = 0.0
-            for i in range(n):
-                pot += min(closest[i], cand_dist[t, i])
+            _sqdist_to_point(XT, X[idx], cand_dist[t])
+            pot = _potential(closest, cand_dist[t])
             if pot < best_pot:
                 best_pot = pot
                 best_trial = t
@@ -95,7 +102,7 @@ def kmeanspp_init(X, k, rng):
     first = rng.randint(n)
     uniforms = rng.random_sample((max(k - 1, 0), trials))
     centers = np.empty((k, X.shape[1]), dtype=np.float32)
-    _kmeanspp_kernel(X, k, first, uniforms, centers)
+    _kmeanspp_kernel(X, np.ascontiguousarray(X.T), k, first, uniforms, centers)
     return centers
 
 

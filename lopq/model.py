@@ -165,11 +165,14 @@ class LOPQModel:
     # ------------------------------------------------------------------ training
     def fit(self, data, kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
             subquantizer_sample_ratio=1.0, random_state=None, verbose=False, n_jobs=None,
-            backend=None):
+            backend=None, rotation_refinement_iters=3):
         """Fit the missing parameters on ``data`` (n, D); existing ones are reused.
 
         Keyword arguments are the reference's; ``n_jobs`` is accepted for compatibility
-        (kernels use numba's thread count, ``NUMBA_NUM_THREADS``). Returns self.
+        (kernels use numba's thread count, ``NUMBA_NUM_THREADS``). When rotations and
+        subquantizers are both trained here, ``rotation_refinement_iters`` rounds of local
+        rotation refinement follow (see `lopq.training.refine_local_rotations`; 0 gives
+        exactly the reference's training). Returns self.
         """
         D = self.D
         data = check_rows(data, D, "training data")
@@ -190,7 +193,8 @@ class LOPQModel:
         Cs, Rs, mus, subs = train(
             data, self.V, self.M, self.subquantizer_clusters,
             (self.Cs, self.Rs, self.mus, self.codebooks), kmeans_coarse_iters,
-            kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state, backend)
+            kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state, backend,
+            rotation_refinement_iters)
         self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, subs
         return self
 
