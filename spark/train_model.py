@@ -39,6 +39,9 @@ def parse_args(argv=None):
                         help="Lloyd iterations of the coarse k-means (step 0)")
     parser.add_argument("--local_iters", type=int, default=20,
                         help="Lloyd iterations of the subquantizer k-means (step 2)")
+    parser.add_argument("--rotation_refinement_iters", type=int, default=3,
+                        help="rounds of local rotation refinement after steps 1 and 2 "
+                             "(0: the reference's training exactly)")
     parser.add_argument("--agg_depth", type=int, default=2,
                         help="depth of tree aggregation of the per-iteration statistics")
     cli.add_overwrite_argument(parser)
@@ -131,7 +134,8 @@ def main(argv=None):
         trained = train_model(sc, blocks, args.V, args.M, args.subquantizer_clusters,
                               args.steps, existing, args.seed,
                               args.subquantizer_sampling_ratio, args.coarse_iters,
-                              args.local_iters, args.agg_depth)
+                              args.local_iters, args.agg_depth,
+                              args.rotation_refinement_iters, n)
         cli.save_model(sc, trained, args.model_pkl, args.model_proto, args.overwrite)
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in trained.timings.items())
         print(f"trained {trained} on {n} vectors: {steps}; total {time.time() - started:.1f} s")

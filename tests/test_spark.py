@@ -194,9 +194,8 @@ def test_oxford5k_model_trained_on_spark_reaches_the_recall_bar(oxford, workdir)
         recalls.append(recall_at(rank_by_lopq_distance(model, test, coarse, fine, 100),
                                  nns, (1, 10, 100)))
     mean = np.mean(recalls, axis=0)
-    # The reference pipeline measured [0.499, 0.925, 0.978].
-    assert mean[1] >= 0.93 and mean[2] >= 0.98, mean
-    assert mean[0] >= 0.48, mean
+    # The reference's Spark pipeline (Python 3 port) measured [0.499, 0.925, 0.978].
+    assert np.all(mean >= [0.51, 0.93, 0.98]), mean
 
 
 # ----------------------------------------------------------------- standalone cluster

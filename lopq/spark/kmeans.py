@@ -107,7 +107,7 @@ def _merge(a, b):
 
 
 def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
-                         depth=2, label="", backend=None, n_rows=None):
+                         depth=2, label="", backend=None, n_rows=None, init=None):
     """k-means of each of ``n_groups`` equal column groups of the blocks, in shared passes.
 
     Args:
@@ -117,11 +117,16 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
         tol: stop when every group's squared centre shift <= tol * its mean
             per-dimension variance (scikit-learn's criterion).
         depth: treeAggregate depth.
+        init: optional (n_groups, k, dg) starting centres (no sampling, no k-means++).
 
     Returns:
         (n_groups, k, dg) float32 centres.
     """
     rng = np.random.RandomState(seed)
+    if init is not None:
+        centers = np.ascontiguousarray(init, dtype=np.float32)
+        return _lloyd_iterations(sc, blocks, centers, max_iter, np.zeros(n_groups), depth,
+                                 label, backend, rng, centers.reshape(-1, centers.shape[2]))
     sc.setJobDescription(f"lopq k-means{label}: statistics")
     n, col_sum, col_sumsq = column_stats(blocks, depth) if n_rows is None else (n_rows, None,
                                                                                 None)
@@ -144,6 +149,13 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
                                       k, rng) for g in range(n_groups)])
     logger.info("k-means%s: %d group(s), k=%d, n=%d, initialised from %d sampled rows",
                 label, n_groups, k, n, sample.shape[0])
+    return _lloyd_iterations(sc, blocks, centers, max_iter, abs_tol, depth, label, backend,
+                             rng, sample)
+
+
+def _lloyd_iterations(sc, blocks, centers, max_iter, abs_tol, depth, label, backend, rng,
+                      sample):
+    n_groups, k, dg = centers.shape
     for it in range(1, max_iter + 1):
         start = time.time()
         description = f"lopq k-means{label}: Lloyd iteration {it}/{max_iter}"
@@ -165,7 +177,7 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
                 # Farthest points first; then random sample rows.
                 if j < len(far[g]):
                     new_centers[g][cluster] = far[g][j][1]
-                else:
+                elif sample.shape[1] == n_groups * dg:
                     new_centers[g][cluster] = sample[rng.randint(len(sample)),
                                                      g * dg:(g + 1) * dg]
             repaired += empty.size

@@ -11,8 +11,12 @@ import numpy as np
 
 from .. import _kernels as kernels
 from ..model import LOPQModel
-from ..training import compute_rotations_from_accumulators
-from .kmeans import kmeans_column_groups
+from ..training import (
+    REFINE_POINTS_PER_CENTROID,
+    compute_rotations_from_accumulators,
+    refine_local_rotations,
+)
+from .kmeans import kmeans_column_groups, sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +105,37 @@ def train_subquantizers(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, sample_rati
     return subs
 
 
+def refine_rotations(sc, blocks, n, Cs, Rs, mus, subs, iters=3, seed=None, depth=2):
+    """`lopq.training.refine_local_rotations` on a driver-side sample of at most 64 rows
+    per subquantizer centroid (bounded by the model, not the data), then one Lloyd step
+    of the codebooks over all rows on the cluster."""
+    S = subs.shape[1]
+    rng = np.random.RandomState(seed)
+    sc.setJobDescription("lopq rotation refinement: sample")
+    sample = sample_rows(blocks, min(1.0, REFINE_POINTS_PER_CENTROID * S / n),
+                         rng.randint(2 ** 31))
+    Rs, subs = refine_local_rotations(sample, Cs, Rs, mus, subs, iters, rng)
+    if sample.shape[0] < n:
+        V, M = Cs.shape[1], subs.shape[0]
+        model_bc = sc.broadcast(LOPQModel(V, M, S, (Cs, Rs, mus, None)))
+        projected = blocks.mapPartitionsWithIndex(_projection_partition(model_bc, 1.0, 0))
+        subs = kmeans_column_groups(sc, projected, M, S, 1, depth=depth, init=subs,
+                                    label=" rotation refinement: codebook update")
+        model_bc.unpersist()
+    return Rs, subs
+
+
 def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=None,
-                subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=2):
+                subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=2,
+                rotation_refinement_iters=3, n_rows=None):
     """Run the requested steps, reusing ``existing`` parameters for the others.
+
+    When steps 1 and 2 both run, `refine_rotations` follows for
+    ``rotation_refinement_iters`` rounds (0: the reference's training exactly).
 
     Args:
         existing: an `LOPQModel` whose parameters are reused (or None).
+        n_rows: number of rows in blocks, if known.
 
     Returns:
         the trained `LOPQModel`.
@@ -129,6 +158,12 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
         subs = train_subquantizers(sc, blocks, Cs, Rs, mus, M, S, local_iters,
                                    subquantizer_sampling_ratio, rng.randint(2 ** 31), depth)
         timings["step 2 (subquantizers)"] = time.time() - start
+        if 1 in steps and rotation_refinement_iters > 0:
+            start = time.time()
+            n = n_rows if n_rows is not None else blocks.map(lambda b: b[1].shape[0]).sum()
+            Rs, subs = refine_rotations(sc, blocks, n, Cs, Rs, mus, subs,
+                                        rotation_refinement_iters, rng.randint(2 ** 31), depth)
+            timings["rotation refinement"] = time.time() - start
     for name, seconds in timings.items():
         logger.info("%s: %.2f s", name, seconds)
     model = LOPQModel(V, M, S if subs is None else subs.shape[1], (Cs, Rs, mus, subs))
