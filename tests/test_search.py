@@ -192,7 +192,7 @@ def test_oxford5k_recall_with_the_searcher(oxford):
         recall, _ = get_recall_batch(searcher, test, nns, thresholds=[1, 10, 100, 1000])
         searched.append(recall)
     searched = np.mean(searched, 0)
-    # Measured here [0.497, 0.928, 0.978, 0.978]; the reference (Python 3 port, same
+    # Measured here [0.519, 0.937, 0.978, 0.978]; the reference (Python 3 port, same
     # protocol) measured [0.499, 0.925, 0.978]. Recall@100 is capped by the cells that
-    # quota=1000 reaches (recall@1000).
-    assert searched[0] >= 0.48 and searched[1] >= 0.92 and searched[2] >= 0.97, searched
+    # quota=1000 reaches (recall@1000), which only the coarse quantizers decide.
+    assert searched[0] >= 0.51 and searched[1] >= 0.93 and searched[2] >= 0.975, searched
