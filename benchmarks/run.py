@@ -303,36 +303,71 @@ def part_search(res, quick):
             (time.perf_counter() - start), "queries/s", **params)
 
 
+def _spark_env():
+    return dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+                PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"))
+
+
+def _spark_submit(script, *args):
+    import pyspark
+    submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+    start = time.perf_counter()
+    proc = subprocess.run([str(submit), "--master", "local[2]", str(script),
+                           *map(str, args)], env=_spark_env(), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout
+
+
+def _ours(data, V, M, tmp):
+    import re
+    wall, out = _spark_submit(ROOT / "spark" / "train_model.py", "--data", data, "--V", V,
+                              "--M", M, "--seed", 40, "--model_proto",
+                              Path(tmp) / f"m{time.time_ns()}.lopq")
+    line = [x for x in out.splitlines() if x.startswith("trained")][0]
+    steps = {k: float(v) for k, v in re.findall(r"(step \d \([a-z]+\)|rotation refinement)"
+                                               r" ([\d.]+) s", line)}
+    return wall, steps
+
+
+def _reference(data, V, M):
+    wall, out = _spark_submit(HERE / "spark_reference.py", "--data", data, "--V", V, "--M", M)
+    line = [x for x in out.splitlines() if x.startswith("REFERENCE_TIMES")][0]
+    return wall, json.loads(line.split(" ", 1)[1])
+
+
 def part_spark(res, quick):
-    """Wall time of spark-submit train_model.py on Oxford5k (local[2]), per step."""
-    split = oxford_split()
-    if split is None:
-        print("  skipping spark: Oxford5k is absent")
-        return
+    """spark-submit train_model.py (local[2]) against the reference's per-row approach."""
     from lopq.formats import write_vector_file
-    train = split[0]
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "oxford.txt"
-        write_vector_file(data, train)
-        env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
-                   PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"))
-        import pyspark
-        submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
-        start = time.perf_counter()
-        proc = subprocess.run([str(submit), "--master", "local[2]",
-                               str(ROOT / "spark" / "train_model.py"), "--data", str(data),
-                               "--V", "16", "--M", "8", "--seed", "40", "--model_proto",
-                               str(Path(tmp) / "m.lopq")], env=env, capture_output=True,
-                              text=True)
-        wall = time.perf_counter() - start
-        if proc.returncode:
-            print(proc.stdout[-2000:], proc.stderr[-2000:])
-            return
-        res.add("spark", "train_model.py Oxford5k wall time (spark-submit, local[2])", wall,
-                "s", V=16, M=8, reference_seconds="71-74")
-        for line in proc.stdout.splitlines():
-            if line.startswith("trained"):
-                res.add("spark", "train_model.py step timings", 0, "see note", note=line)
+        split = oxford_split()
+        sets = []
+        if split is not None:
+            path = Path(tmp) / "oxford.txt"
+            write_vector_file(path, split[0])
+            sets.append(("Oxford5k train (4050 x 128)", path, 16, 8, True))
+        else:
+            print("  Oxford5k is absent: synthetic data only")
+        n_small = scaled(20000 if quick else 100000)
+        small = Path(tmp) / "small.txt"
+        write_vector_file(small, synthetic(n_small, seed=9))
+        sets.append((f"synthetic {n_small} x 128", small, 64 if quick else 256, 16, True))
+        if not quick:
+            big = Path(tmp) / "big.txt"
+            write_vector_file(big, synthetic(scaled(1_000_000), seed=10))
+            sets.append((f"synthetic {scaled(1_000_000)} x 128", big, 256, 16, False))
+        for name, path, V, M, with_reference in sets:
+            wall, steps = _ours(path, V, M, tmp)
+            res.add("spark", f"lopq train_model.py wall time, {name}", wall, "s", V=V, M=M,
+                    master="local[2]", **{k.replace(" ", "_"): v for k, v in steps.items()})
+            if with_reference:
+                ref_wall, ref_steps = _reference(path, V, M)
+                res.add("spark", f"reference per-row approach wall time, {name}", ref_wall,
+                        "s", V=V, M=M, master="local[2]",
+                        **{k.replace(" ", "_"): round(v, 2) for k, v in ref_steps.items()})
+                res.add("spark", f"speed-up over the per-row approach, {name}",
+                        ref_wall / wall, "x", V=V, M=M)
 
 
 # ------------------------------------------------------------------ reports
