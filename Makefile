@@ -8,7 +8,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 
-.PHONY: demo test lint bench system-deps venv clean
+.PHONY: demo test lint bench bench-deps system-deps venv clean
 
 system-deps:
 	@# Spark needs a Java runtime; python3-venv provides `python3 -m venv` on Debian.
@@ -37,8 +37,14 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest -q -ra
 
-bench: venv
-	$(PY) benchmarks/run.py
+bench-deps: venv
+	@# Peers and plots from PyPI; Fashion-MNIST from Debian.
+	$(PY) -m pip install -q faiss-cpu matplotlib threadpoolctl
+	@test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist)
+
+bench: bench-deps
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info lopq/_kernels/*.so lopq/_kernels/_cython.c demo-out bench-out

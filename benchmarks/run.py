@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 SHARED = Path(os.environ.get("LOPQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
-PARTS = ["kernels", "encode", "fit", "oxford", "search", "spark"]
+PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "spark"]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 SCALE = 1.0
 
 
@@ -303,6 +304,99 @@ def part_search(res, quick):
             (time.perf_counter() - start), "queries/s", **params)
 
 
+def load_fashion_mnist():
+    """Fashion-MNIST from Debian's dataset-fashion-mnist: (70000, 784) float32, training
+    images then the 10,000 test images."""
+    import gzip
+    parts = []
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        with gzip.open(FASHION / name, "rb") as f:
+            raw = f.read()
+        n, rows, cols = np.frombuffer(raw[4:16], dtype=">i4")
+        parts.append(np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows * cols))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def part_fashion(res, quick):
+    """Fashion-MNIST: PCA to 128 dims, LOPQ at 8 and 16 bytes per code, faiss peers."""
+    from lopq import LOPQModel, LOPQSearcher
+    from lopq.eval import exact_neighbors, recall_at, relative_reconstruction_error
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
+        print(f"  skipping fashion: {FASHION} is absent (apt-get install "
+              "dataset-fashion-mnist; `make bench` does it)")
+        return
+    X = load_fashion_mnist()
+    base, queries = X[:-10000], X[-10000:]
+    if quick:
+        base, queries = base[:scaled(20000)], queries[:500]
+    nns = exact_neighbors(queries, base)[:, 0]
+    mean = base.mean(axis=0)
+    cov = np.cov((base - mean).T.astype(np.float64))
+    E, P = np.linalg.eigh(cov)
+    P = P[:, ::-1][:, :128].astype(np.float32)
+    # Balance the variance of the two halves, as pca_preparation.py does.
+    from lopq.training import eigenvalue_allocation
+    P = P[:, eigenvalue_allocation(2, E[::-1][:128])]
+    base_p = (base - mean) @ P
+    queries_p = (queries - mean) @ P
+    V = 32 if quick else 64
+    quota = 1000
+    for M in (8, 16):
+        params = dict(data="Fashion-MNIST PCA-128", n=len(base), queries=len(queries), V=V,
+                      M=M, bytes_per_code=M, quota=quota)
+        t, model = best_of(lambda: LOPQModel(V=V, M=M).fit(base_p, n_init=1, random_state=0),
+                           1)
+        res.add("fashion", f"lopq {M} bytes: training time", t, "s", **params)
+        t, (coarse, fine) = best_of(lambda: model.encode(base_p))
+        res.add("fashion", f"lopq {M} bytes: encoding", len(base) / t, "vectors/s", **params)
+        res.add("fashion", f"lopq {M} bytes: relative MSE",
+                relative_reconstruction_error(base_p, model), "ratio", **params)
+        searcher = LOPQSearcher(model)
+        searcher.add_codes((coarse, fine))
+        start = time.perf_counter()
+        results = searcher.search_batch(queries_p, quota=quota, limit=100, threads=1)
+        qps = len(queries) / (time.perf_counter() - start)
+        recall = recall_at([ids for ids, _ in results], nns, (1, 10, 100))
+        res.add("fashion", f"lopq {M} bytes: queries/s", qps, "queries/s", **params,
+                recall_at_1=round(recall[0], 4), recall_at_10=round(recall[1], 4),
+                recall_at_100=round(recall[2], 4))
+        if have_faiss():
+            _faiss_peers(res, base_p, queries_p, nns, M, params)
+
+
+def _faiss_peers(res, base, queries, nns, M, params):
+    import faiss
+
+    from lopq.eval import recall_at
+    k_imi = 6 if len(base) < 30000 else 8
+    for key, setup in ((f"IMI2x{k_imi},PQ{M}np", None), (f"OPQ{M},IVF256,PQ{M}np", "nprobe"),
+                       (f"PQ{M}np", None)):
+        index = faiss.index_factory(base.shape[1], key)
+        t, _ = best_of(lambda: index.train(base), 1)
+        res.add("fashion", f"faiss {key}: training time", t, "s", **params)
+        t, _ = best_of(lambda: index.add(base), 1)
+        res.add("fashion", f"faiss {key}: encoding", len(base) / t, "vectors/s", **params)
+        codes = index.sa_encode(base) if hasattr(index, "sa_encode") else None
+        if codes is not None:
+            rec = index.sa_decode(codes)
+            res.add("fashion", f"faiss {key}: relative MSE",
+                    ((base - rec) ** 2).sum() / ((base - base.mean(0)) ** 2).sum(), "ratio",
+                    **params)
+        search_params = None
+        if key.startswith("IMI"):
+            search_params = faiss.SearchParametersIVF(nprobe=2 ** (2 * k_imi),
+                                                      max_codes=params["quota"])
+        elif setup == "nprobe":
+            search_params = faiss.SearchParametersIVF(nprobe=16)
+        start = time.perf_counter()
+        _, ids = index.search(queries, 100, params=search_params)
+        qps = len(queries) / (time.perf_counter() - start)
+        recall = recall_at(ids, nns, (1, 10, 100))
+        res.add("fashion", f"faiss {key}: queries/s", qps, "queries/s", **params,
+                recall_at_1=round(recall[0], 4), recall_at_10=round(recall[1], 4),
+                recall_at_100=round(recall[2], 4))
+
+
 def _spark_env():
     return dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
                 PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"))
@@ -349,10 +443,12 @@ def part_spark(res, quick):
             sets.append(("Oxford5k train (4050 x 128)", path, 16, 8, True))
         else:
             print("  Oxford5k is absent: synthetic data only")
-        n_small = scaled(20000 if quick else 100000)
-        small = Path(tmp) / "small.txt"
-        write_vector_file(small, synthetic(n_small, seed=9))
-        sets.append((f"synthetic {n_small} x 128", small, 64 if quick else 256, 16, True))
+        if not quick or not sets:  # --quick: Oxford5k alone when it is there
+            n_small = scaled(5000 if quick else 100000)
+            small = Path(tmp) / "small.txt"
+            write_vector_file(small, synthetic(n_small, seed=9))
+            sets.append((f"synthetic {n_small} x 128", small, 16 if quick else 256,
+                         8 if quick else 16, True))
         if not quick:
             big = Path(tmp) / "big.txt"
             write_vector_file(big, synthetic(scaled(1_000_000), seed=10))
@@ -420,15 +516,15 @@ def plot(res, out):
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "training_time.png", dpi=100)
-    search = [r for r in res.rows if r["part"] == "search" and "recall_at_10" in r]
+    search = [r for r in res.rows if "recall_at_10" in r]
     if search:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for r in search:
-            ax.scatter(r["value"], r["recall_at_10"], label=r["name"])
+            ax.scatter(r["value"], r["recall_at_10"], label=f"{r['part']}: {r['name']}")
         ax.set_xscale("log")
         ax.set_xlabel("queries/s")
         ax.set_ylabel("recall@10")
-        ax.legend()
+        ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "recall_vs_qps.png", dpi=100)
 
