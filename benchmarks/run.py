@@ -273,35 +273,66 @@ def part_oxford(res, quick):
                     V=16, M=8, reference=[0.499, 0.925, 0.978][(1, 10, 100).index(r)])
 
 
-def part_search(res, quick):
+def _search_case(res, name, base, queries, nns, V, M, quota, train_rows, faiss_key):
     from reference_port import ReferenceModel, ReferenceSearcher
 
     from lopq import LOPQModel, LOPQSearcher
-    from lopq.eval import exact_neighbors, recall_at
-    n = 20000 if quick else 200000
-    X = synthetic(n + 200, seed=5)
-    base, queries = X[:n], X[n:]
-    nns = exact_neighbors(queries, base)[:, 0]
-    model = LOPQModel(V=32, M=16).fit(base[:20000], n_init=1, random_state=0)
+    from lopq.eval import recall_at
+    params = dict(data=name, n=len(base), V=V, M=M, quota=quota, threads=1)
+    model = LOPQModel(V=V, M=M).fit(base[:train_rows], n_init=1, random_state=0)
     coarse, fine = model.encode(base)
     searcher = LOPQSearcher(model)
     searcher.add_codes((coarse, fine))
-    quota = 1000
+    searcher.search_batch(queries[:5], quota=quota, limit=100, threads=1)
     start = time.perf_counter()
-    ranked = [[r.id for r in searcher.search(q, quota=quota)[0]] for q in queries]
+    results = searcher.search_batch(queries, quota=quota, limit=100, threads=1)
     qps = len(queries) / (time.perf_counter() - start)
-    params = dict(n=n, V=32, M=16, quota=quota)
-    res.add("search", "lopq searcher", qps, "queries/s", **params,
-            recall_at_10=round(float(recall_at(ranked, nns, (10,))[0]), 4))
+    recall = recall_at([ids for ids, _ in results], nns, (1, 10, 100))
+    res.add("search", f"lopq searcher, {name}", qps, "queries/s", **params,
+            recall_at_1=round(recall[0], 4), recall_at_10=round(recall[1], 4),
+            recall_at_100=round(recall[2], 4))
     ref = ReferenceSearcher(ReferenceModel(model))
     ref.add_codes([((int(c[0]), int(c[1])), tuple(int(v) for v in f))
                    for c, f in zip(coarse, fine)])
-    sample = queries[:20]
+    sample = queries[:max(5, min(100, len(queries) // 10))]
     start = time.perf_counter()
     for q in sample:
         ref.search(q.astype(np.float64), quota=quota)
-    res.add("search", "reference pure-Python searcher", len(sample) /
-            (time.perf_counter() - start), "queries/s", **params)
+    ref_qps = len(sample) / (time.perf_counter() - start)
+    res.add("search", f"reference pure-Python searcher, {name}", ref_qps, "queries/s",
+            **params)
+    res.add("search", f"speed-up over the reference searcher, {name}", qps / ref_qps, "x",
+            **params)
+    if have_faiss():
+        import faiss
+        index = faiss.index_factory(base.shape[1], faiss_key)
+        index.train(base[:train_rows])
+        index.add(base)
+        sp = faiss.SearchParametersIVF(nprobe=index.nlist, max_codes=quota)
+        start = time.perf_counter()
+        _, ids = index.search(queries, 100, params=sp)
+        fq = len(queries) / (time.perf_counter() - start)
+        recall = recall_at(ids, nns, (1, 10, 100))
+        res.add("search", f"faiss {faiss_key} (max_codes={quota}), {name}", fq, "queries/s",
+                **params, recall_at_1=round(recall[0], 4), recall_at_10=round(recall[1], 4),
+                recall_at_100=round(recall[2], 4))
+
+
+def part_search(res, quick):
+    """Single-thread queries/s against the reference searcher and faiss IMI."""
+    from lopq.eval import exact_neighbors
+    split = oxford_split()
+    if split is not None:
+        train, test, nns = split
+        _search_case(res, "Oxford5k", train, test, nns, 16, 8, 1000, len(train),
+                     "IMI2x4,PQ8np")
+    n = scaled(50000 if quick else 1_000_000)
+    X = synthetic(n + 1000, seed=5)
+    base, queries = X[:n], X[n:]
+    nns = exact_neighbors(queries, base)[:, 0]
+    V, k = (64, 6) if quick else (1024, 10)
+    _search_case(res, f"synthetic {n} x 128", base, queries, nns, V, 16,
+                 2000 if quick else 10000, min(n, 100000), f"IMI2x{k},PQ16np")
 
 
 def load_fashion_mnist():
