@@ -437,7 +437,9 @@ def _spark_submit(script, *args):
     import pyspark
     submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
     start = time.perf_counter()
-    proc = subprocess.run([str(submit), "--master", "local[2]", str(script),
+    # The 1M-row runs cache about 1 GB of blocks (and as much of projections).
+    proc = subprocess.run([str(submit), "--master", "local[2]", "--driver-memory", "8g",
+                           str(script),
                            *map(str, args)], env=_spark_env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:

@@ -150,7 +150,10 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     def to_blocks(index, items):
         return _blocks_from_records(records(items), with_ids, block_rows, index)
 
-    parsed = source.mapPartitionsWithIndex(to_blocks).cache()
+    from pyspark import StorageLevel
+    # Spill to local disk rather than re-parse the input on every pass when the cache
+    # does not fit in memory.
+    parsed = source.mapPartitionsWithIndex(to_blocks).persist(StorageLevel.MEMORY_AND_DISK)
     sc.setJobDescription("lopq: load and check data")
     summary = parsed.map(lambda b: (b[1].shape[0], {b[1].shape[1]} if b[1].shape[0] else set(),
                                     b[2], b[3])).fold(
@@ -178,7 +181,21 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     D = dims.pop()
     logger.info("loaded %d vectors of dimension %d in %d partitions", n, D,
                 blocks.getNumPartitions())
+    _warn_if_spilled(sc, parsed)
     return blocks, n, D
+
+
+def _warn_if_spilled(sc, rdd):
+    """Say so when the cached blocks did not fit in memory (every pass then reads disk)."""
+    try:
+        for info in sc._jsc.sc().getRDDStorageInfo():
+            if info.id() == rdd.id() and info.diskSize() > 0:
+                logger.warning(
+                    "%.0f MB of the cached data spilled to disk: every pass reads it back. "
+                    "Give Spark more memory (spark-submit --driver-memory in local mode, "
+                    "--executor-memory on a cluster).", info.diskSize() / 2 ** 20)
+    except Exception:  # noqa: BLE001 - storage info is advisory only
+        pass
 
 
 def blocks_from_arrays(sc, X, ids=None, block_rows=BLOCK_ROWS):

@@ -94,8 +94,10 @@ def train_subquantizers(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, sample_rati
     V = Cs.shape[1]
     partial = LOPQModel(V, M, S, (Cs, Rs, mus, None))
     model_bc = sc.broadcast(partial)
+    from pyspark import StorageLevel
     projected = blocks.mapPartitionsWithIndex(
-        _projection_partition(model_bc, sample_ratio, seed)).cache()
+        _projection_partition(model_bc, sample_ratio, seed)).persist(
+            StorageLevel.MEMORY_AND_DISK)
     try:
         subs = kmeans_column_groups(sc, projected, M, S, iters, seed=seed, depth=depth,
                                     label=" subquantizers (step 2)")
