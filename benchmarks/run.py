@@ -308,7 +308,9 @@ def _search_case(res, name, base, queries, nns, V, M, quota, train_rows, faiss_k
         index = faiss.index_factory(base.shape[1], faiss_key)
         index.train(base[:train_rows])
         index.add(base)
-        sp = faiss.SearchParametersIVF(nprobe=index.nlist, max_codes=quota)
+        # Enough cells to reach the quota (max_codes stops the scan there) without making
+        # the multi-index enumerate all of them.
+        sp = faiss.SearchParametersIVF(nprobe=min(index.nlist, 8 * quota), max_codes=quota)
         start = time.perf_counter()
         _, ids = index.search(queries, 100, params=sp)
         fq = len(queries) / (time.perf_counter() - start)
@@ -415,8 +417,8 @@ def _faiss_peers(res, base, queries, nns, M, params):
                     **params)
         search_params = None
         if key.startswith("IMI"):
-            search_params = faiss.SearchParametersIVF(nprobe=2 ** (2 * k_imi),
-                                                      max_codes=params["quota"])
+            search_params = faiss.SearchParametersIVF(
+                nprobe=min(2 ** (2 * k_imi), 8 * params["quota"]), max_codes=params["quota"])
         elif setup == "nprobe":
             search_params = faiss.SearchParametersIVF(nprobe=16)
         start = time.perf_counter()

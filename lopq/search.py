@@ -235,18 +235,32 @@ class LOPQSearcher:
         self._merge_pending()
         if _compiled is not None and self.fine.dtype in (np.uint8, np.uint16):
             m = self.model
-            return _compiled.search_one(x, m.Cs, m.Rs, m.mus, m.subquantizers,
-                                        self.cell_offsets, self.fine, int(quota))
+            RTs, booksT = self._transposed()
+            return _compiled.search_one(x, m.Cs, RTs, m.mus, booksT, self.cell_offsets,
+                                        self.fine, int(quota))
         ranges, visited = self._retrieve_ranges(x, quota)
         rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
                 if ranges else np.empty(0, dtype=np.int64))
         return rows, self._distances_of_ranges(x, ranges), visited
 
+    def _transposed(self):
+        """Rotations and codebooks transposed for the compiled path (computed once)."""
+        if getattr(self, "_transposed_cache", None) is None:
+            m = self.model
+            self._transposed_cache = (
+                np.ascontiguousarray(m.Rs.transpose(0, 1, 3, 2)),
+                np.ascontiguousarray(m.subquantizers.transpose(0, 1, 3, 2)))
+        return self._transposed_cache
+
     def _ranked(self, x, quota, limit):
         rows, dists, visited = self._retrieve_scored(x, quota)
-        order = np.argsort(dists, kind="stable")  # ties keep retrieval order
-        if limit is not None:
-            order = order[:limit]
+        if limit is not None and limit < len(dists):
+            # Select the `limit` nearest first, then order them; ties keep retrieval order.
+            kth = np.partition(dists, limit - 1)[limit - 1]
+            candidates = np.flatnonzero(dists <= kth)
+            order = candidates[np.argsort(dists[candidates], kind="stable")][:limit]
+        else:
+            order = np.argsort(dists, kind="stable")
         return rows[order], dists[order], visited
 
     def search(self, x, quota=10, limit=None, with_dists=False):

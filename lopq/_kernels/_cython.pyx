@@ -13,6 +13,9 @@ cdef extern from "_fused.h" nogil:
     void lopq_assign_fused(const float *X, Py_ssize_t n, Py_ssize_t d, Py_ssize_t row_stride,
                            const float *CT, Py_ssize_t k, const float *c_sqnorm,
                            int *labels, Py_ssize_t label_stride, float *sqdist)
+    void lopq_argmin_scores(const float *G, Py_ssize_t b, Py_ssize_t k, const float *c_sqnorm,
+                            const float *X, Py_ssize_t d, const float *C, int *labels,
+                            float *sqdist)
 
 
 #: True when the fused loop was built for 8-wide vectors (AVX2); else prefer sgemm.
@@ -54,25 +57,13 @@ def argmin_scores(const float[:, ::1] X,       # IN (b, d)
                   const float[::1] c_sqnorm,   # IN (k,)
                   int[::1] labels,             # OUT (b,)
                   float[::1] sqdist):          # OUT (b,)
-    """Argmin of |c|^2 - 2 x.c over a precomputed GEMM block, then exact distances."""
-    cdef Py_ssize_t b = G.shape[0], k = G.shape[1], d = X.shape[1]
-    cdef Py_ssize_t i, j, c, best
-    cdef float s, best_score, acc, diff
+    """Argmin of |c|^2 - 2 x.c over a precomputed GEMM block (vectorised C loop of
+    _fused.h), then exact distances."""
+    if G.shape[0] == 0:
+        return
     with nogil:
-        for i in range(b):
-            best = 0
-            best_score = c_sqnorm[0] - 2.0 * G[i, 0]
-            for c in range(1, k):
-                s = c_sqnorm[c] - 2.0 * G[i, c]
-                if s < best_score:
-                    best_score = s
-                    best = c
-            labels[i] = <int>best
-            acc = 0.0
-            for j in range(d):
-                diff = X[i, j] - C[best, j]
-                acc = acc + diff * diff
-            sqdist[i] = acc
+        lopq_argmin_scores(&G[0, 0], G.shape[0], G.shape[1], &c_sqnorm[0], &X[0, 0],
+                           X.shape[1], &C[0, 0], &labels[0], &sqdist[0])
 
 
 def argmin_codes(const float[:, ::1] G,      # IN (b, S) block of P_j @ codebook_j.T

@@ -107,3 +107,54 @@ static void lopq_assign_fused(const float *X, ptrdiff_t n, ptrdiff_t d, ptrdiff_
     default: lopq_assign_fused_impl(X, n, d, row_stride, CT, k, c_sqnorm, labels, label_stride, sqdist);
     }
 }
+
+/* Argmin over rows of a precomputed GEMM block G = X @ C^T: scores |c|^2 - 2 G[i, c]
+ * with the same vectorised running minimum, then the exact squared distance to the
+ * chosen centroid. */
+static void lopq_argmin_scores(
+    const float *G, ptrdiff_t b, ptrdiff_t k,      /* IN (b, k) block             */
+    const float *c_sqnorm,                         /* IN (k,)                     */
+    const float *X, ptrdiff_t d,                   /* IN (b, d) the block's rows  */
+    const float *C,                                /* IN (k, d) centroids         */
+    int *labels, float *sqdist)                    /* OUT (b,), (b,)              */
+{
+    lopq_vi lane;
+    lopq_vf inf;
+    for (int l = 0; l < LOPQ_W; l++) { lane[l] = l; inf[l] = INFINITY; }
+    for (ptrdiff_t i = 0; i < b; i++) {
+        const float *g = G + i * k;
+        lopq_vf min0 = inf, min1 = inf;
+        lopq_vi idx0 = lane * 0, idx1 = lane * 0;
+        ptrdiff_t cb = 0;
+        for (; cb + 2 * LOPQ_W <= k; cb += 2 * LOPQ_W) {
+            const lopq_vf a0 = lopq_load(c_sqnorm + cb) - 2.0f * lopq_load(g + cb);
+            const lopq_vf a1 = lopq_load(c_sqnorm + cb + LOPQ_W) - 2.0f * lopq_load(g + cb + LOPQ_W);
+            lopq_keep_min(a0, lane + (int)cb, &min0, &idx0);
+            lopq_keep_min(a1, lane + (int)(cb + LOPQ_W), &min1, &idx1);
+        }
+        float best = INFINITY;
+        int best_index = 0;
+        for (int l = 0; l < LOPQ_W; l++) {
+            if (min0[l] < best || (min0[l] == best && idx0[l] < best_index)) {
+                best = min0[l];
+                best_index = idx0[l];
+            }
+            if (min1[l] < best || (min1[l] == best && idx1[l] < best_index)) {
+                best = min1[l];
+                best_index = idx1[l];
+            }
+        }
+        for (; cb < k; cb++) {
+            const float s = c_sqnorm[cb] - 2.0f * g[cb];
+            if (s < best) { best = s; best_index = (int)cb; }
+        }
+        labels[i] = best_index;
+        const float *x = X + i * d, *c = C + (ptrdiff_t)best_index * d;
+        float s = 0.0f;
+        for (ptrdiff_t t = 0; t < d; t++) {
+            const float diff = x[t] - c[t];
+            s += diff * diff;
+        }
+        sqdist[i] = s;
+    }
+}

@@ -7,6 +7,7 @@ the retrieved codes. `lopq.search` wraps it and ranks the distances.
 """
 
 from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -89,27 +90,36 @@ cdef int _sorted_coarse(const float *x, const float *C, int V, int h, Keyed *out
     return 0
 
 
-cdef void _table(const float *x, int c, const float *C, const float *R, const float *mu,
-                 const float *books, int h, int half_m, int S, float *px,
+cdef void _table(const float *x, int c, const float *C, const float *RT, const float *mu,
+                 const float *booksT, int h, int half_m, int S, float *r, float *px,
                  float *table) noexcept nogil:
-    # px = R[c] @ (x - C[c] - mu[c]); table[j, s] = |px_j - books[j, s]|^2
+    # px = R[c] @ (x - C[c] - mu[c]); table[j, s] = |px_j - books[j, s]|^2. Transposed
+    # inputs (RT[c] = R[c]^T, booksT (M/2, ds, S)) keep every inner loop contiguous, so
+    # the compiler vectorises them without reassociating sums.
     cdef int a, b, j, s, t, ds = h // half_m
-    cdef float acc, diff
-    cdef const float *Rc = R + <Py_ssize_t>c * h * h
-    cdef const float *book
+    cdef float rb, pt, diff
+    cdef const float *RTc = RT + <Py_ssize_t>c * h * h
+    cdef const float *row
+    cdef float *tab
+    for b in range(h):
+        r[b] = x[b] - C[c * h + b] - mu[c * h + b]
     for a in range(h):
-        acc = 0
-        for b in range(h):
-            acc = acc + Rc[a * h + b] * (x[b] - C[c * h + b] - mu[c * h + b])
-        px[a] = acc
+        px[a] = 0
+    for b in range(h):
+        rb = r[b]
+        row = RTc + b * h
+        for a in range(h):
+            px[a] = px[a] + row[a] * rb
     for j in range(half_m):
-        book = books + <Py_ssize_t>j * S * ds
+        tab = table + j * S
         for s in range(S):
-            acc = 0
-            for t in range(ds):
-                diff = px[j * ds + t] - book[s * ds + t]
-                acc = acc + diff * diff
-            table[j * S + s] = acc
+            tab[s] = 0
+        for t in range(ds):
+            pt = px[j * ds + t]
+            row = booksT + (<Py_ssize_t>(j * ds + t)) * S
+            for s in range(S):
+                diff = pt - row[s]
+                tab[s] = tab[s] + diff * diff
 
 
 cdef int _grow(void **buf, Py_ssize_t *capacity, Py_ssize_t needed,
@@ -130,9 +140,9 @@ cdef int _grow(void **buf, Py_ssize_t *capacity, Py_ssize_t needed,
 
 def search_one(const float[::1] x,              # IN (D,) query
                const float[:, :, ::1] Cs,       # IN (2, V, h)
-               const float[:, :, :, ::1] Rs,    # IN (2, V, h, h)
+               const float[:, :, :, ::1] RTs,   # IN (2, V, h, h) transposed rotations
                const float[:, :, ::1] mus,      # IN (2, V, h)
-               const float[:, :, :, ::1] books, # IN (2, M/2, S, ds)
+               const float[:, :, :, ::1] booksT,  # IN (2, M/2, ds, S) transposed codebooks
                const long long[::1] offsets,    # IN (V*V + 1,) cell offsets
                const code_t[:, ::1] fine,       # IN (n, M) codes grouped by cell
                long long quota):
@@ -142,7 +152,7 @@ def search_one(const float[::1] x,              # IN (D,) query
         rows (r,) int64 retrieved row indices in retrieval order, dists (r,) float32,
         visited cells.
     """
-    cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = books.shape[1], S = books.shape[2]
+    cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = booksT.shape[1], S = booksT.shape[3]
     cdef int M = 2 * half_m
     cdef Keyed *order0 = <Keyed *>malloc(V * sizeof(Keyed))
     cdef Keyed *order1 = <Keyed *>malloc(V * sizeof(Keyed))
@@ -151,6 +161,7 @@ def search_one(const float[::1] x,              # IN (D,) query
     cdef int *slot0 = <int *>malloc(V * sizeof(int))
     cdef int *slot1 = <int *>malloc(V * sizeof(int))
     cdef float *px = <float *>malloc(h * sizeof(float))
+    cdef float *rbuf = <float *>malloc(h * sizeof(float))
     cdef float *tables = NULL
     cdef Py_ssize_t table_cap = 0, n_tables = 0, table_size = half_m * S
     cdef long long *rows = NULL
@@ -162,7 +173,9 @@ def search_one(const float[::1] x,              # IN (D,) query
     cdef float acc
     cdef const float *t0
     cdef const float *t1
-    if not (order0 and order1 and progress and heap and slot0 and slot1 and px):
+    cdef long long[::1] rows_view
+    cdef float[::1] dists_view
+    if not (order0 and order1 and progress and heap and slot0 and slot1 and px and rbuf):
         failed = 1
     with nogil:
         if not failed:
@@ -196,13 +209,15 @@ def search_one(const float[::1] x,              # IN (D,) query
                     failed = 1
                     break
             if slot0[c0] < 0:
-                _table(&x[0], c0, &Cs[0, 0, 0], &Rs[0, 0, 0, 0], &mus[0, 0, 0],
-                       &books[0, 0, 0, 0], h, half_m, S, px, tables + n_tables * table_size)
+                _table(&x[0], c0, &Cs[0, 0, 0], &RTs[0, 0, 0, 0], &mus[0, 0, 0],
+                       &booksT[0, 0, 0, 0], h, half_m, S, rbuf, px,
+                       tables + n_tables * table_size)
                 slot0[c0] = <int>n_tables
                 n_tables += 1
             if slot1[c1] < 0:
-                _table(&x[h], c1, &Cs[1, 0, 0], &Rs[1, 0, 0, 0], &mus[1, 0, 0],
-                       &books[1, 0, 0, 0], h, half_m, S, px, tables + n_tables * table_size)
+                _table(&x[h], c1, &Cs[1, 0, 0], &RTs[1, 0, 0, 0], &mus[1, 0, 0],
+                       &booksT[1, 0, 0, 0], h, half_m, S, rbuf, px,
+                       tables + n_tables * table_size)
                 slot1[c1] = <int>n_tables
                 n_tables += 1
             if _grow(<void **>&rows, &rows_cap, total + (hi - lo), sizeof(long long)):
@@ -225,9 +240,11 @@ def search_one(const float[::1] x,              # IN (D,) query
             raise MemoryError("out of memory in the search kernel")
         out_rows = np.empty(total, dtype=np.int64)
         out_dists = np.empty(total, dtype=np.float32)
-        for r in range(total):
-            out_rows[r] = rows[r]
-            out_dists[r] = dists[r]
+        if total:
+            rows_view = out_rows
+            dists_view = out_dists
+            memcpy(&rows_view[0], rows, total * sizeof(long long))
+            memcpy(&dists_view[0], dists, total * sizeof(float))
         return out_rows, out_dists, visited
     finally:
         free(order0)
@@ -237,6 +254,7 @@ def search_one(const float[::1] x,              # IN (D,) query
         free(slot0)
         free(slot1)
         free(px)
+        free(rbuf)
         free(tables)
         free(rows)
         free(dists)
