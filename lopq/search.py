@@ -288,26 +288,53 @@ class LOPQSearcher:
 
         Args:
             queries: (q, D) array.
+            quota: items to retrieve per query (whole cells, as `search`).
+            limit: results kept per query (default: all retrieved).
             threads: worker threads (default: all cores).
 
         Returns:
-            list of (ids, dists) per query: ids an array of the item ids ranked by
-            distance, dists (k,) float32.
+            list of (ids, dists) per query: the item ids ranked by distance (an array)
+            and their (k,) float32 distances.
         """
         self._merge_pending()
         Q = check_rows(queries, self.model.D, "queries", min_rows=0)
         if quota is None or quota <= 0:
             raise ValueError(f"quota must be a positive number of items, got {quota!r}")
+        threads = max(1, min(threads or os.cpu_count() or 1, len(Q)))
+        if (_compiled is None or limit is None or self.fine.dtype not in (np.uint8, np.uint16)
+                or len(self.ids) == 0):
+            def one(x):
+                rows, dists, _ = self._ranked(x, quota, limit)
+                return self.ids[rows], dists
+            if threads == 1:
+                return [one(x) for x in Q]
+            with ThreadPoolExecutor(threads) as pool:
+                return list(pool.map(one, Q))
 
-        def one(x):
-            rows, dists, _ = self._ranked(x, quota, limit)
-            return self.ids[rows], dists
+        m = self.model
+        RTs, booksT = self._transposed()
+        rows = np.empty((len(Q), limit), dtype=np.int64)
+        dists = np.empty((len(Q), limit), dtype=np.float32)
+        visited = np.empty(len(Q), dtype=np.int32)
 
-        threads = threads or os.cpu_count() or 1
-        if threads == 1 or len(Q) < 2:
-            return [one(x) for x in Q]
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(one, Q))
+        def chunk(bounds):
+            lo, hi = bounds
+            _compiled.search_many(Q[lo:hi], m.Cs, RTs, m.mus, booksT, self.cell_offsets,
+                                  self.fine, int(quota), int(limit), rows[lo:hi],
+                                  dists[lo:hi], visited[lo:hi])
+
+        edges = np.linspace(0, len(Q), threads + 1).astype(int)
+        spans = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        if len(spans) == 1:
+            chunk(spans[0])
+        else:
+            with ThreadPoolExecutor(len(spans)) as pool:
+                list(pool.map(chunk, spans))
+        out = []
+        for r, d in zip(rows, dists):
+            keep = r >= 0
+            out.append((self.ids[r[keep]], d[keep]))
+        return out
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):

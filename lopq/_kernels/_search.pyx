@@ -7,7 +7,8 @@ the retrieved codes. `lopq.search` wraps it and ranks the distances.
 """
 
 from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcpy
+from libc.math cimport INFINITY
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -138,6 +139,218 @@ cdef int _grow(void **buf, Py_ssize_t *capacity, Py_ssize_t needed,
     return 0
 
 
+cdef struct Work:
+    Keyed *order0
+    Keyed *order1
+    int *progress
+    HeapItem *heap
+    int *slot0
+    int *slot1
+    float *px
+    float *rbuf
+    float *tables
+    Py_ssize_t table_cap
+    long long *rows
+    float *dists
+    Py_ssize_t rows_cap
+    Py_ssize_t dists_cap
+    Keyed *top
+
+
+cdef int _work_init(Work *w, int V, int h) noexcept nogil:
+    memset(w, 0, sizeof(Work))
+    w.order0 = <Keyed *>malloc(V * sizeof(Keyed))
+    w.order1 = <Keyed *>malloc(V * sizeof(Keyed))
+    w.progress = <int *>malloc(V * sizeof(int))
+    w.heap = <HeapItem *>malloc((V + 2) * sizeof(HeapItem))
+    w.slot0 = <int *>malloc(V * sizeof(int))
+    w.slot1 = <int *>malloc(V * sizeof(int))
+    w.px = <float *>malloc(h * sizeof(float))
+    w.rbuf = <float *>malloc(h * sizeof(float))
+    if not (w.order0 and w.order1 and w.progress and w.heap and w.slot0 and w.slot1
+            and w.px and w.rbuf):
+        return -1
+    return 0
+
+
+cdef void _work_free(Work *w) noexcept nogil:
+    free(w.order0)
+    free(w.order1)
+    free(w.progress)
+    free(w.heap)
+    free(w.slot0)
+    free(w.slot1)
+    free(w.px)
+    free(w.rbuf)
+    free(w.tables)
+    free(w.rows)
+    free(w.dists)
+    free(w.top)
+
+
+cdef int _search_core(Work *w, const float *x, const float *Cs, const float *RTs,
+                      const float *mus, const float *booksT, int V, int h, int half_m,
+                      int S, const long long *offsets, const code_t *fine, long long quota,
+                      Py_ssize_t *total_out, int *visited_out) noexcept nogil:
+    """Traverse, build tables and scan until >= quota rows: fills w.rows / w.dists."""
+    cdef int M = 2 * half_m, heap_size = 0, visited = 0, c0, c1, j, c
+    cdef Py_ssize_t n_tables = 0, table_size = half_m * S, total = 0
+    cdef Py_ssize_t split_c = <Py_ssize_t>V * h, split_r = <Py_ssize_t>V * h * h
+    cdef Py_ssize_t split_b = <Py_ssize_t>half_m * (h // half_m) * S
+    cdef HeapItem item
+    cdef long long lo, hi, r
+    cdef float acc
+    cdef const float *t0
+    cdef const float *t1
+    cdef const code_t *code
+    _sorted_coarse(x, Cs, V, h, w.order0)
+    _sorted_coarse(x + h, Cs + split_c, V, h, w.order1)
+    for c in range(V):
+        w.progress[c] = 0
+        w.slot0[c] = -1
+        w.slot1[c] = -1
+    _heap_push(w.heap, &heap_size, w.order0[0].dist + w.order1[0].dist, 0, 0)
+    while heap_size > 0 and total < quota:
+        item = _heap_pop(w.heap, &heap_size)
+        visited += 1
+        w.progress[item.i] = item.j + 1
+        # (i+1, j) once (i, j) and (i+1, j-1) are popped; (i, j+1) once (i-1, j+1) is.
+        if item.i + 1 < V and (item.j == 0 or w.progress[item.i + 1] >= item.j):
+            _heap_push(w.heap, &heap_size, w.order0[item.i + 1].dist + w.order1[item.j].dist,
+                       item.i + 1, item.j)
+        if item.j + 1 < V and (item.i == 0 or w.progress[item.i - 1] >= item.j + 2):
+            _heap_push(w.heap, &heap_size, w.order0[item.i].dist + w.order1[item.j + 1].dist,
+                       item.i, item.j + 1)
+        c0 = w.order0[item.i].index
+        c1 = w.order1[item.j].index
+        lo = offsets[<Py_ssize_t>c0 * V + c1]
+        hi = offsets[<Py_ssize_t>c0 * V + c1 + 1]
+        if hi <= lo:
+            continue
+        if w.slot0[c0] < 0 or w.slot1[c1] < 0:
+            if _grow(<void **>&w.tables, &w.table_cap, (n_tables + 2) * table_size,
+                     sizeof(float)):
+                return -1
+        if w.slot0[c0] < 0:
+            _table(x, c0, Cs, RTs, mus, booksT, h, half_m, S, w.rbuf, w.px,
+                   w.tables + n_tables * table_size)
+            w.slot0[c0] = <int>n_tables
+            n_tables += 1
+        if w.slot1[c1] < 0:
+            _table(x + h, c1, Cs + split_c, RTs + split_r, mus + split_c, booksT + split_b,
+                   h, half_m, S, w.rbuf, w.px, w.tables + n_tables * table_size)
+            w.slot1[c1] = <int>n_tables
+            n_tables += 1
+        if _grow(<void **>&w.rows, &w.rows_cap, total + (hi - lo), sizeof(long long)):
+            return -1
+        if _grow(<void **>&w.dists, &w.dists_cap, total + (hi - lo), sizeof(float)):
+            return -1
+        t0 = w.tables + w.slot0[c0] * table_size
+        t1 = w.tables + w.slot1[c1] * table_size
+        for r in range(lo, hi):
+            code = fine + r * M
+            acc = 0
+            for j in range(half_m):
+                acc = acc + t0[j * S + code[j]] + t1[j * S + code[half_m + j]]
+            w.rows[total] = r
+            w.dists[total] = acc
+            total += 1
+    total_out[0] = total
+    visited_out[0] = visited
+    return 0
+
+
+cdef inline int _worse(Keyed a, Keyed b) noexcept nogil:
+    # a ranks after b: larger distance, or equal distance retrieved later
+    return a.dist > b.dist or (a.dist == b.dist and a.index > b.index)
+
+
+cdef void _sift_down(Keyed *heap, int size, int k) noexcept nogil:
+    cdef int child
+    cdef Keyed tmp
+    while True:
+        child = 2 * k + 1
+        if child >= size:
+            return
+        if child + 1 < size and _worse(heap[child + 1], heap[child]):
+            child += 1
+        if not _worse(heap[child], heap[k]):
+            return
+        tmp = heap[k]
+        heap[k] = heap[child]
+        heap[child] = tmp
+        k = child
+
+
+cdef int _top_k(const float *dists, Py_ssize_t n, int limit, Keyed *heap) noexcept nogil:
+    """The `limit` nearest of n distances (ties by position) in `heap`, sorted; returns
+    how many."""
+    cdef int size = 0, k
+    cdef Py_ssize_t i
+    cdef Keyed item
+    for i in range(n):
+        item.dist = dists[i]
+        item.index = <int>i
+        if size < limit:
+            heap[size] = item
+            size += 1
+            if size == limit:
+                for k in range(size // 2 - 1, -1, -1):
+                    _sift_down(heap, size, k)
+        elif _worse(heap[0], item):
+            heap[0] = item
+            _sift_down(heap, size, 0)
+    qsort(heap, size, sizeof(Keyed), _compare_keyed)
+    return size
+
+
+def search_many(const float[:, ::1] Q,          # IN (q, D) queries
+                const float[:, :, ::1] Cs,       # IN (2, V, h)
+                const float[:, :, :, ::1] RTs,   # IN (2, V, h, h) transposed rotations
+                const float[:, :, ::1] mus,      # IN (2, V, h)
+                const float[:, :, :, ::1] booksT,  # IN (2, M/2, ds, S) transposed codebooks
+                const long long[::1] offsets,    # IN (V*V + 1,) cell offsets
+                const code_t[:, ::1] fine,       # IN (n, M) codes grouped by cell
+                long long quota, int limit,
+                long long[:, ::1] out_rows,      # OUT (q, limit) row indices, -1 padded
+                float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
+                int[::1] out_visited):           # OUT (q,) visited cells
+    """Search many queries without the GIL: the `limit` nearest retrieved rows of each."""
+    cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = booksT.shape[1], S = booksT.shape[3]
+    cdef Py_ssize_t q, total
+    cdef int visited, found, k, failed = 0
+    cdef Work w
+    if Q.shape[0] == 0:
+        return
+    with nogil:
+        if _work_init(&w, V, h) != 0:
+            failed = 1
+        else:
+            w.top = <Keyed *>malloc(limit * sizeof(Keyed))
+            if w.top == NULL:
+                failed = 1
+        for q in range(Q.shape[0]):
+            if failed:
+                break
+            if _search_core(&w, &Q[q, 0], &Cs[0, 0, 0], &RTs[0, 0, 0, 0], &mus[0, 0, 0],
+                            &booksT[0, 0, 0, 0], V, h, half_m, S, &offsets[0], &fine[0, 0],
+                            quota, &total, &visited) != 0:
+                failed = 1
+                break
+            found = _top_k(w.dists, total, limit, w.top)
+            for k in range(limit):
+                if k < found:
+                    out_rows[q, k] = w.rows[w.top[k].index]
+                    out_dists[q, k] = w.top[k].dist
+                else:
+                    out_rows[q, k] = -1
+                    out_dists[q, k] = INFINITY
+            out_visited[q] = visited
+        _work_free(&w)
+    if failed:
+        raise MemoryError("out of memory in the search kernel")
+
+
 def search_one(const float[::1] x,              # IN (D,) query
                const float[:, :, ::1] Cs,       # IN (2, V, h)
                const float[:, :, :, ::1] RTs,   # IN (2, V, h, h) transposed rotations
@@ -153,88 +366,18 @@ def search_one(const float[::1] x,              # IN (D,) query
         visited cells.
     """
     cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = booksT.shape[1], S = booksT.shape[3]
-    cdef int M = 2 * half_m
-    cdef Keyed *order0 = <Keyed *>malloc(V * sizeof(Keyed))
-    cdef Keyed *order1 = <Keyed *>malloc(V * sizeof(Keyed))
-    cdef int *progress = <int *>malloc(V * sizeof(int))
-    cdef HeapItem *heap = <HeapItem *>malloc((V + 2) * sizeof(HeapItem))
-    cdef int *slot0 = <int *>malloc(V * sizeof(int))
-    cdef int *slot1 = <int *>malloc(V * sizeof(int))
-    cdef float *px = <float *>malloc(h * sizeof(float))
-    cdef float *rbuf = <float *>malloc(h * sizeof(float))
-    cdef float *tables = NULL
-    cdef Py_ssize_t table_cap = 0, n_tables = 0, table_size = half_m * S
-    cdef long long *rows = NULL
-    cdef float *dists = NULL
-    cdef Py_ssize_t rows_cap = 0, dists_cap = 0, total = 0
-    cdef int heap_size = 0, visited = 0, failed = 0, c0, c1, j, c
-    cdef HeapItem item
-    cdef long long lo, hi, r
-    cdef float acc
-    cdef const float *t0
-    cdef const float *t1
+    cdef Py_ssize_t total = 0
+    cdef int visited = 0, failed = 0
+    cdef Work w
     cdef long long[::1] rows_view
     cdef float[::1] dists_view
-    if not (order0 and order1 and progress and heap and slot0 and slot1 and px and rbuf):
-        failed = 1
     with nogil:
-        if not failed:
-            _sorted_coarse(&x[0], &Cs[0, 0, 0], V, h, order0)
-            _sorted_coarse(&x[h], &Cs[1, 0, 0], V, h, order1)
-            for c in range(V):
-                progress[c] = 0
-                slot0[c] = -1
-                slot1[c] = -1
-            _heap_push(heap, &heap_size, order0[0].dist + order1[0].dist, 0, 0)
-        while not failed and heap_size > 0 and total < quota:
-            item = _heap_pop(heap, &heap_size)
-            visited += 1
-            progress[item.i] = item.j + 1
-            # (i+1, j) once (i, j) and (i+1, j-1) are popped; (i, j+1) once (i-1, j+1) is.
-            if item.i + 1 < V and (item.j == 0 or progress[item.i + 1] >= item.j):
-                _heap_push(heap, &heap_size, order0[item.i + 1].dist + order1[item.j].dist,
-                           item.i + 1, item.j)
-            if item.j + 1 < V and (item.i == 0 or progress[item.i - 1] >= item.j + 2):
-                _heap_push(heap, &heap_size, order0[item.i].dist + order1[item.j + 1].dist,
-                           item.i, item.j + 1)
-            c0 = order0[item.i].index
-            c1 = order1[item.j].index
-            lo = offsets[<Py_ssize_t>c0 * V + c1]
-            hi = offsets[<Py_ssize_t>c0 * V + c1 + 1]
-            if hi <= lo:
-                continue
-            if slot0[c0] < 0 or slot1[c1] < 0:
-                if _grow(<void **>&tables, &table_cap, (n_tables + 2) * table_size,
-                         sizeof(float)):
-                    failed = 1
-                    break
-            if slot0[c0] < 0:
-                _table(&x[0], c0, &Cs[0, 0, 0], &RTs[0, 0, 0, 0], &mus[0, 0, 0],
-                       &booksT[0, 0, 0, 0], h, half_m, S, rbuf, px,
-                       tables + n_tables * table_size)
-                slot0[c0] = <int>n_tables
-                n_tables += 1
-            if slot1[c1] < 0:
-                _table(&x[h], c1, &Cs[1, 0, 0], &RTs[1, 0, 0, 0], &mus[1, 0, 0],
-                       &booksT[1, 0, 0, 0], h, half_m, S, rbuf, px,
-                       tables + n_tables * table_size)
-                slot1[c1] = <int>n_tables
-                n_tables += 1
-            if _grow(<void **>&rows, &rows_cap, total + (hi - lo), sizeof(long long)):
-                failed = 1
-                break
-            if _grow(<void **>&dists, &dists_cap, total + (hi - lo), sizeof(float)):
-                failed = 1
-                break
-            t0 = tables + slot0[c0] * table_size
-            t1 = tables + slot1[c1] * table_size
-            for r in range(lo, hi):
-                acc = 0
-                for j in range(half_m):
-                    acc = acc + t0[j * S + fine[r, j]] + t1[j * S + fine[r, half_m + j]]
-                rows[total] = r
-                dists[total] = acc
-                total += 1
+        if _work_init(&w, V, h) != 0:
+            failed = 1
+        elif _search_core(&w, &x[0], &Cs[0, 0, 0], &RTs[0, 0, 0, 0], &mus[0, 0, 0],
+                          &booksT[0, 0, 0, 0], V, h, half_m, S, &offsets[0], &fine[0, 0],
+                          quota, &total, &visited) != 0:
+            failed = 1
     try:
         if failed:
             raise MemoryError("out of memory in the search kernel")
@@ -243,18 +386,8 @@ def search_one(const float[::1] x,              # IN (D,) query
         if total:
             rows_view = out_rows
             dists_view = out_dists
-            memcpy(&rows_view[0], rows, total * sizeof(long long))
-            memcpy(&dists_view[0], dists, total * sizeof(float))
+            memcpy(&rows_view[0], w.rows, total * sizeof(long long))
+            memcpy(&dists_view[0], w.dists, total * sizeof(float))
         return out_rows, out_dists, visited
     finally:
-        free(order0)
-        free(order1)
-        free(progress)
-        free(heap)
-        free(slot0)
-        free(slot1)
-        free(px)
-        free(rbuf)
-        free(tables)
-        free(rows)
-        free(dists)
+        _work_free(&w)
