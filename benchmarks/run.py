@@ -553,13 +553,16 @@ def plot(res, out):
         fig.savefig(out / "training_time.png", dpi=100)
     search = [r for r in res.rows if "recall_at_10" in r]
     if search:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for r in search:
-            ax.scatter(r["value"], r["recall_at_10"], label=f"{r['part']}: {r['name']}")
+        fig, ax = plt.subplots(figsize=(10, 4))
+        colors = plt.get_cmap("tab20").colors
+        for i, r in enumerate(search):
+            ax.scatter(r["value"], r["recall_at_10"], color=colors[i % len(colors)],
+                       marker="o" if r["name"].startswith("lopq") else "^",
+                       label=f"{r['part']}: {r['name']}")
         ax.set_xscale("log")
-        ax.set_xlabel("queries/s")
+        ax.set_xlabel("queries/s (1 thread)")
         ax.set_ylabel("recall@10")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(out / "recall_vs_qps.png", dpi=100)
 
