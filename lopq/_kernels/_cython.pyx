@@ -66,24 +66,6 @@ def argmin_scores(const float[:, ::1] X,       # IN (b, d)
                            X.shape[1], &C[0, 0], &labels[0], &sqdist[0])
 
 
-def argmin_codes(const float[:, ::1] G,      # IN (b, S) block of P_j @ codebook_j.T
-                 const float[::1] c_sqnorm,    # IN (S,)
-                 int[::1] out):                # OUT (b,) codes of subquantizer j
-    """Argmin of |c|^2 - 2 p.c per row of a precomputed GEMM block."""
-    cdef Py_ssize_t b = G.shape[0], S = G.shape[1], i, c, best
-    cdef float s, best_score
-    with nogil:
-        for i in range(b):
-            best = 0
-            best_score = c_sqnorm[0] - 2.0 * G[i, 0]
-            for c in range(1, S):
-                s = c_sqnorm[c] - 2.0 * G[i, c]
-                if s < best_score:
-                    best_score = s
-                    best = c
-            out[i] = <int>best
-
-
 def cluster_sums(const float[:, ::1] X,       # IN (n, d)
                  const int[::1] labels,       # IN (n,)
                  double[:, ::1] sums,         # INOUT (k, d)
@@ -117,24 +99,15 @@ def adc_tables(const float[:, ::1] P,             # IN (q, m*ds)
                     tables[i, j, s] = acc
 
 
-def adc_scan_u8(const float[:, ::1] table,    # IN (m, S)
-                const unsigned char[:, ::1] codes,  # IN (n, m)
-                float[::1] out):              # OUT (n,)
+ctypedef fused code_t:
+    unsigned char
+    unsigned short
+
+
+def adc_scan(const float[:, ::1] table,       # IN (m, S)
+             const code_t[:, ::1] codes,      # IN (n, m) uint8 or uint16
+             float[::1] out):                 # OUT (n,)
     """Sum of table lookups per code row."""
-    cdef Py_ssize_t n = codes.shape[0], m = codes.shape[1], i, j
-    cdef float acc
-    with nogil:
-        for i in range(n):
-            acc = 0.0
-            for j in range(m):
-                acc = acc + table[j, codes[i, j]]
-            out[i] = acc
-
-
-def adc_scan_u16(const float[:, ::1] table,   # IN (m, S)
-                 const unsigned short[:, ::1] codes,  # IN (n, m)
-                 float[::1] out):             # OUT (n,)
-    """Sum of table lookups per code row (uint16 codes)."""
     cdef Py_ssize_t n = codes.shape[0], m = codes.shape[1], i, j
     cdef float acc
     with nogil:

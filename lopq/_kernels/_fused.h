@@ -38,6 +38,21 @@ static inline void lopq_keep_min(lopq_vf acc, lopq_vi idx, lopq_vf *minv, lopq_v
     *mini = (idx & better) | (*mini & ~better);
 }
 
+/* Smallest value over the lanes of two running minima (lowest index on ties). */
+static inline void lopq_reduce_lanes(lopq_vf min0, lopq_vi idx0, lopq_vf min1, lopq_vi idx1,
+                                     float *best, int *best_index) {
+    for (int l = 0; l < LOPQ_W; l++) {
+        if (min0[l] < *best || (min0[l] == *best && idx0[l] < *best_index)) {
+            *best = min0[l];
+            *best_index = idx0[l];
+        }
+        if (min1[l] < *best || (min1[l] == *best && idx1[l] < *best_index)) {
+            *best = min1[l];
+            *best_index = idx1[l];
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void lopq_assign_fused_impl(
     const float *X, ptrdiff_t n, const ptrdiff_t d, ptrdiff_t row_stride, /* IN rows    */
     const float *CT, ptrdiff_t k,                 /* IN (d, k) transposed centroids */
@@ -66,16 +81,7 @@ static inline __attribute__((always_inline)) void lopq_assign_fused_impl(
         }
         float best = INFINITY;
         int best_index = 0;
-        for (int l = 0; l < LOPQ_W; l++) {
-            if (min0[l] < best || (min0[l] == best && idx0[l] < best_index)) {
-                best = min0[l];
-                best_index = idx0[l];
-            }
-            if (min1[l] < best || (min1[l] == best && idx1[l] < best_index)) {
-                best = min1[l];
-                best_index = idx1[l];
-            }
-        }
+        lopq_reduce_lanes(min0, idx0, min1, idx1, &best, &best_index);
         for (; cb < k; cb++) { /* tail when k is not a multiple of 2 * LOPQ_W */
             float acc = c_sqnorm[cb];
             for (ptrdiff_t t = 0; t < d; t++) acc += -2.0f * x[t] * CT[t * k + cb];
@@ -134,16 +140,7 @@ static void lopq_argmin_scores(
         }
         float best = INFINITY;
         int best_index = 0;
-        for (int l = 0; l < LOPQ_W; l++) {
-            if (min0[l] < best || (min0[l] == best && idx0[l] < best_index)) {
-                best = min0[l];
-                best_index = idx0[l];
-            }
-            if (min1[l] < best || (min1[l] == best && idx1[l] < best_index)) {
-                best = min1[l];
-                best_index = idx1[l];
-            }
-        }
+        lopq_reduce_lanes(min0, idx0, min1, idx1, &best, &best_index);
         for (; cb < k; cb++) {
             const float s = c_sqnorm[cb] - 2.0f * g[cb];
             if (s < best) { best = s; best_index = (int)cb; }

@@ -7,7 +7,7 @@ Distances use numpy's sgemm on row blocks and a compiled argmin. Per-cluster GEM
 
 import numpy as np
 
-from . import _cython
+from . import _cython, reference
 from .reference import code_dtype
 
 #: Up to this dimension, distances are a fused C loop (measured faster than sgemm).
@@ -47,11 +47,7 @@ def encode_fine(P, codebooks):
 
 
 def _encode_fine_gemm(P, codebooks):
-    m, S, ds = codebooks.shape
-    codes = np.empty((P.shape[0], m), dtype=code_dtype(S))
-    for j in range(m):
-        codes[:, j] = assign(np.ascontiguousarray(P[:, j * ds:(j + 1) * ds]), codebooks[j])[0]
-    return codes
+    return reference.encode_fine(P, codebooks, assign=assign)
 
 
 def _grouped(labels, k):
@@ -104,10 +100,8 @@ def adc_tables(P, codebooks):
 def adc_scan(table, codes):
     """Code distances to one query; see `reference.adc_scan`."""
     out = np.empty(codes.shape[0], dtype=np.float32)
-    if codes.dtype == np.uint8:
-        _cython.adc_scan_u8(table, codes, out)
-    elif codes.dtype == np.uint16:
-        _cython.adc_scan_u16(table, codes, out)
+    if codes.dtype in (np.uint8, np.uint16):
+        _cython.adc_scan(table, codes, out)
     else:
         out[:] = table[np.arange(table.shape[0])[None, :], codes].sum(axis=1)
     return out

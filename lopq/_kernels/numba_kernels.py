@@ -15,8 +15,8 @@ them so) and may receive read-only arrays (broadcasts, memory maps).
 import numba
 import numpy as np
 
+from . import reference
 from ._jit import njit
-from .reference import code_dtype
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True)
 #: Rows per parallel chunk, and the smallest batch that goes parallel.
@@ -78,42 +78,9 @@ def assign(X, C):
     return labels, sqdist
 
 
-def _argmin_codes_impl(G, c_sqnorm, codes, j):
-    # G (b, S) IN block of P_j @ codebook_j.T; c_sqnorm (S,) IN; codes (b, m) OUT column j
-    b, S = G.shape
-    for i in numba.prange(b):
-        best = 0
-        best_score = c_sqnorm[0] - 2.0 * G[i, 0]
-        for c in range(1, S):
-            s = c_sqnorm[c] - 2.0 * G[i, c]
-            if s < best_score:
-                best_score = s
-                best = c
-        codes[i, j] = best
-
-
-_argmin_codes_serial, _argmin_codes_parallel = _dual(_argmin_codes_impl)
-
-
 def encode_fine(P, codebooks):
-    """Subquantizer codes; see `reference.encode_fine`. One sgemm per subquantizer and
-    row block, then a compiled argmin writing the code column."""
-    m, S, ds = codebooks.shape
-    n = P.shape[0]
-    codes = np.empty((n, m), dtype=code_dtype(S))
-    CBT = np.ascontiguousarray(codebooks.transpose(0, 2, 1))
-    cb_sqnorm = np.einsum("msd,msd->ms", codebooks, codebooks)
-    kernel = _argmin_codes_parallel if _use_parallel(min(n, BLOCK_ROWS)) \
-        else _argmin_codes_serial
-    G = np.empty((min(n, BLOCK_ROWS), S), dtype=np.float32)
-    for start in range(0, n, BLOCK_ROWS):
-        stop = min(n, start + BLOCK_ROWS)
-        block = P[start:stop]
-        g = G[:stop - start]
-        for j in range(m):
-            np.dot(block[:, j * ds:(j + 1) * ds], CBT[j], out=g)
-            kernel(g, cb_sqnorm[j], codes[start:stop], j)
-    return codes
+    """Subquantizer codes; see `reference.encode_fine`, on this module's `assign`."""
+    return reference.encode_fine(P, codebooks, assign=assign)
 
 
 @njit(**_OPTS)

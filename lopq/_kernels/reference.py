@@ -63,12 +63,13 @@ def project_residuals(X, labels, C, R, mu):
     return P
 
 
-def encode_fine(P, codebooks):
-    """Subquantizer codes of projected residuals.
+def encode_fine(P, codebooks, assign=assign):
+    """Subquantizer codes of projected residuals: `assign` per subvector.
 
     Args:
         P: (n, m * ds) float32 projected residuals, split into m subvectors of ds dims.
         codebooks: (m, S, ds) float32 subquantizer centroids.
+        assign: the nearest-centroid function to use (compiled backends pass theirs).
 
     Returns:
         codes: (n, m) uint8 when S <= 256, else uint16.
