@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 
 #: Rows per block: big enough for efficient kernels, small enough to bound task memory.
 BLOCK_ROWS = 8192
+#: Partitions per core of the cached blocks (input splits beyond that are coalesced).
+PARTITIONS_PER_CORE = 4
 #: Bad records quoted in an error message.
 MAX_EXAMPLES = 3
 
@@ -146,6 +148,10 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
         records = _parse_lines
     if source.getNumPartitions() < parallelism:
         source = source.repartition(parallelism)
+    elif source.getNumPartitions() > PARTITIONS_PER_CORE * parallelism:
+        # Every pass pays a per-task cost; tasks stream their blocks, so big partitions
+        # cost no memory in the Python workers.
+        source = source.coalesce(PARTITIONS_PER_CORE * parallelism)
 
     def to_blocks(index, items):
         return _blocks_from_records(records(items), with_ids, block_rows, index)
