@@ -9,7 +9,7 @@ import numpy as np
 
 from lopq import LOPQModel, LOPQSearcher
 from lopq.datasets import make_clustered
-from lopq.eval import exact_neighbors
+from lopq.eval import exact_neighbors, recall_at
 from lopq.formats import parse_code_line, write_vector_file
 
 
@@ -39,14 +39,10 @@ def report(args):
     searcher.add_codes((np.asarray(coarse), np.asarray(fine)), ids)
     nns = exact_neighbors(queries, base)[:, 0]
     thresholds = (1, 10, 100)
-    hits = np.zeros(len(thresholds))
     start = time.perf_counter()
-    for q, nn in zip(queries, nns):
-        results, _ = searcher.search(q, quota=args.quota)
-        ranked = [r.id for r in results]
-        hits += [nn in ranked[:t] for t in thresholds]
+    results = searcher.search_batch(queries, quota=args.quota, limit=max(thresholds))
     elapsed = time.perf_counter() - start
-    recall = hits / len(queries)
+    recall = recall_at([ids for ids, _ in results], nns, thresholds)
     print(f"{len(ids)} codes from compute_codes, {len(queries)} queries, quota {args.quota}: "
           + ", ".join(f"recall@{t} {r:.3f}" for t, r in zip(thresholds, recall))
           + f" ({len(queries) / elapsed:.0f} queries/s)")
