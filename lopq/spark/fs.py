@@ -40,20 +40,35 @@ def write_bytes(sc, path, data, overwrite=False):
     if parent is not None and not fs.exists(parent):
         fs.mkdirs(parent)
     tmp = _tmp_sibling(p, sc)
-    out = fs.create(tmp, True)
     try:
-        chunk = 1 << 20
-        for start in range(0, len(data), chunk):
-            out.write(bytearray(data[start:start + chunk]))
-    finally:
-        out.close()
+        out = fs.create(tmp, True)
+        try:
+            chunk = 1 << 20
+            for start in range(0, len(data), chunk):
+                out.write(bytearray(data[start:start + chunk]))
+        finally:
+            out.close()
+    except BaseException:
+        _discard(fs, tmp)
+        raise
+    _commit(fs, tmp, p, path, overwrite)
+
+
+def _discard(fs, tmp):
+    if fs.exists(tmp):
+        fs.delete(tmp, True)
+
+
+def _commit(fs, tmp, p, path, overwrite):
+    """Rename the finished temporary output onto ``path`` (replacing it only when
+    ``overwrite``); on refusal or failure the temporary output is removed."""
     if fs.exists(p):
         if not overwrite:
-            fs.delete(tmp, False)
+            _discard(fs, tmp)
             raise ValueError(f"{path} already exists: pass --overwrite to replace it")
         fs.delete(p, True)
     if not fs.rename(tmp, p):
-        fs.delete(tmp, False)
+        _discard(fs, tmp)
         raise OSError(f"could not rename the temporary output to {path}")
 
 
@@ -99,14 +114,6 @@ def save_text_atomically(sc, rdd, path, overwrite=False):
     try:
         rdd.saveAsTextFile(tmp.toString())
     except BaseException:
-        if fs.exists(tmp):
-            fs.delete(tmp, True)
+        _discard(fs, tmp)
         raise
-    if fs.exists(p):
-        if not overwrite:
-            fs.delete(tmp, True)
-            raise ValueError(f"{path} already exists: pass --overwrite to replace it")
-        fs.delete(p, True)
-    if not fs.rename(tmp, p):
-        fs.delete(tmp, True)
-        raise OSError(f"could not rename the temporary output to {path}")
+    _commit(fs, tmp, p, path, overwrite)
