@@ -196,3 +196,15 @@ def test_oxford5k_recall_with_the_searcher(oxford):
     # protocol) measured [0.499, 0.925, 0.978]. Recall@100 is capped by the cells that
     # quota=1000 reaches (recall@1000), which only the coarse quantizers decide.
     assert searched[0] >= 0.51 and searched[1] >= 0.93 and searched[2] >= 0.975, searched
+
+
+def test_empty_and_single_item_searchers(model_and_data):
+    model, X = model_and_data
+    searcher = LOPQSearcher(model)
+    assert searcher.search(X[0], quota=5) == ([], model.V ** 2)
+    assert all(len(ids) == 0 for ids, _ in searcher.search_batch(X[:3], quota=5, limit=3))
+    searcher.add_data(X[:1], ids=["only"])
+    results, _ = searcher.search(X[1], quota=5)
+    assert [r.id for r in results] == ["only"]
+    ids, dists = searcher.search_batch(X[1:2], quota=5, limit=3)[0]
+    assert list(ids) == ["only"] and dists.shape == (1,)
