@@ -85,6 +85,7 @@ class LOPQSearcher:
         self.coarse = np.empty((0, 2), dtype=np.int32)
         self.fine = np.empty((0, M), dtype=kernels.code_dtype(model.subquantizer_clusters))
         self.ids = np.empty(0, dtype=object)
+        self._transposed_cache = None
 
     # ------------------------------------------------------------------ building
     def add_data(self, data, ids=None, num_procs=1):
@@ -186,46 +187,36 @@ class LOPQSearcher:
             items += self.get_cell(cell)
         return items, visited
 
+    def _split_table(self, x, split, code, memo):
+        """(M/2, S) distance table of query x in the frame of coarse cluster ``code`` of
+        ``split``, memoised in ``memo[split]`` (the reference's per-split memo)."""
+        if code not in memo[split]:
+            coarse = (code, code)  # only this split's code matters for coarse_split
+            memo[split][code] = np.stack(self.model.get_subquantizer_distances(
+                x, coarse, coarse_split=split))
+        return memo[split][code]
+
     def _distances_of_ranges(self, x, ranges):
-        """LOPQ asymmetric distances of the rows in ``ranges``; tables memoised per split."""
-        model = self.model
+        """LOPQ asymmetric distances of the rows in ``ranges`` (the numpy path)."""
         memo = [{}, {}]
-
-        def table(split, code):
-            if code not in memo[split]:
-                px = self._project_split(x, split, code)
-                memo[split][code] = kernels.adc_tables(px.reshape(1, -1),
-                                                       model.subquantizers[split])[0]
-            return memo[split][code]
-
-        out = []
-        for (c0, c1), lo, hi in ranges:
-            full = np.concatenate([table(0, c0), table(1, c1)])
-            out.append(kernels.adc_scan(full, self.fine[lo:hi]))
+        out = [kernels.adc_scan(np.concatenate([self._split_table(x, 0, c0, memo),
+                                                self._split_table(x, 1, c1, memo)]),
+                                self.fine[lo:hi])
+               for (c0, c1), lo, hi in ranges]
         return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
-
-    def _project_split(self, x, split, code):
-        m = self.model
-        h = m.D // 2
-        r = x[split * h:(split + 1) * h] - m.Cs[split][code] - m.mus[split][code]
-        return (m.Rs[split][code] @ r).astype(np.float32)
 
     def compute_distances(self, x, items):
         """``[(dist, item), ...]`` for items ``(id, code)`` (reference API)."""
         x = self._query(x)
-        model = self.model
-        coarse = np.asarray([it[1][0] for it in items], dtype=np.int32).reshape(-1, 2)
-        fine = np.asarray([it[1][1] for it in items]).reshape(len(items), -1)
-        dists = np.empty(len(items), dtype=np.float32)
-        tables = {}
-        for i in range(len(items)):
-            key = (int(coarse[i, 0]), int(coarse[i, 1]))
-            if key not in tables:
-                parts = [kernels.adc_tables(self._project_split(x, s, key[s]).reshape(1, -1),
-                                            model.subquantizers[s])[0] for s in range(2)]
-                tables[key] = np.concatenate(parts)
-            dists[i] = kernels.adc_scan(tables[key], fine[i:i + 1])[0]
-        return [(float(d), item) for d, item in zip(dists, items)]
+        memo = [{}, {}]
+        out = []
+        for item in items:
+            (c0, c1), fine = item[1]
+            table = np.concatenate([self._split_table(x, 0, int(c0), memo),
+                                    self._split_table(x, 1, int(c1), memo)])
+            dist = kernels.adc_scan(table, np.asarray(fine).reshape(1, -1))[0]
+            out.append((float(dist), item))
+        return out
 
     def _retrieve_scored(self, x, quota):
         """Rows retrieved for ``quota`` in retrieval order, their LOPQ distances, and the
@@ -245,7 +236,7 @@ class LOPQSearcher:
 
     def _transposed(self):
         """Rotations and codebooks transposed for the compiled path (computed once)."""
-        if getattr(self, "_transposed_cache", None) is None:
+        if self._transposed_cache is None:
             m = self.model
             self._transposed_cache = (
                 np.ascontiguousarray(m.Rs.transpose(0, 1, 3, 2)),

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 
 from . import _kernels as kernels
+from ._kernels.reference import group_rows
 from .kmeans import check_random_state, kmeans
 
 logger = logging.getLogger(__name__)
@@ -208,9 +209,7 @@ def _update_codebooks(projected, codes, books, backend=None):
 def _procrustes_rotations(centred, quantized, labels, R):
     """Per cluster, the orthogonal ``R[c] = U V^T`` from ``B = sum q r^T = U S V^T``, which
     minimises ``sum |R r - q|^2`` over its rows; clusters without rows keep R[c]."""
-    V = R.shape[0]
-    order = np.argsort(labels, kind="stable")
-    offsets = np.searchsorted(labels[order], np.arange(V + 1))
+    order, offsets = group_rows(labels, R.shape[0])
     q, r = quantized[order], centred[order]
     out = R.copy()
     for c in np.flatnonzero(np.diff(offsets)):

@@ -1,7 +1,5 @@
 """Reference-compatible helpers: xvecs I/O, split iteration, parallel code computation."""
 
-import numpy as np
-
 from .formats import load_xvecs, save_xvecs  # noqa: F401 (reference API)
 
 
@@ -21,9 +19,3 @@ def compute_codes_parallel(data, model, num_procs=4):
     from .model import LOPQCode
     coarse, fine = model.encode(data)
     return [LOPQCode(tuple(c), tuple(f)) for c, f in zip(coarse.tolist(), fine.tolist())]
-
-
-def sample_rows(n, size, random_state=None):
-    """Sorted sample of ``size`` distinct row indices out of n."""
-    rng = np.random.RandomState(random_state)
-    return np.sort(rng.choice(n, size, replace=False))

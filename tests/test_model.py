@@ -280,3 +280,31 @@ def test_oxford5k_recall_beats_the_reference_also_when_refitting(oxford):
     for name, values in recalls.items():
         mean = np.mean(values, axis=0)
         assert np.all(mean >= [0.51, 0.93, 0.98]), (name, mean)
+
+
+def test_reference_evaluation_helpers(small_model):
+    from lopq.eval import (compute_all_neighbors, exact_neighbors, get_cell_histogram,
+                           get_proportion_nns_with_same_coarse_codes,
+                           get_subquantizer_distortion)
+    from lopq.utils import compute_codes_parallel, iterate_splits
+    model, X = small_model
+    data = X[:400]
+    brute = ((data[:, None, :] - data[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(brute, np.inf)
+    nns = compute_all_neighbors(data)
+    np.testing.assert_array_equal(nns, brute.argmin(1))
+    np.testing.assert_array_equal(compute_all_neighbors(data[:5], data),
+                                  exact_neighbors(data[:5], data)[:, 0])
+    histogram = get_cell_histogram(data, model)
+    assert histogram.shape == (model.V ** 2,) and histogram.sum() == len(data)
+    coarse, _ = model.encode(data)
+    same = np.mean(np.all(coarse == coarse[nns], axis=1))
+    assert get_proportion_nns_with_same_coarse_codes(data, nns, model) == pytest.approx(same)
+    first, second = get_subquantizer_distortion(data, model)
+    assert first.shape == second.shape == (model.M // 2,) and np.all(first > 0)
+    codes = compute_codes_parallel(data[:20], model)
+    assert codes == [model.predict(x) for x in data[:20]]
+    assert [i for _, i in iterate_splits(np.arange(8), 4)] == [0, 1, 2, 3]
+    C, R, mu, subs = model.get_split_parameters(1)
+    np.testing.assert_array_equal(C, model.Cs[1])
+    assert subs.shape == (model.M // 2, 32, model.D // model.M)

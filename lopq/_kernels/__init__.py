@@ -78,25 +78,6 @@ def project_residuals(X, labels, C, R, mu, backend=None):
         np.ascontiguousarray(R, dtype=np.float32), rows32(mu))
 
 
-def project_grouped(X, labels, C, R, mu):
-    """Projected residuals with rows grouped by cluster (no scatter back).
-
-    Returns:
-        P_grouped: (n, d) float32, ``P_grouped[r]`` is the projection of row ``order[r]``.
-        order: (n,) int64 row order (stable sort of labels).
-    """
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    offsets = np.searchsorted(sorted_labels, np.arange(C.shape[0] + 1))
-    centred = X[order]
-    centred -= (C + mu)[sorted_labels]
-    P = np.empty_like(centred)
-    for cluster in np.flatnonzero(np.diff(offsets)):
-        lo, hi = offsets[cluster], offsets[cluster + 1]
-        np.dot(centred[lo:hi], R[cluster].T, out=P[lo:hi])
-    return P, order
-
-
 def encode_split(X, C, R, mu, codebooks, backend=None):
     """Coarse labels and fine codes of one coarse split, without materialising the
     projected residuals in row order.
@@ -113,7 +94,7 @@ def encode_split(X, C, R, mu, codebooks, backend=None):
     C, mu = rows32(C), rows32(mu)
     R = np.ascontiguousarray(R, dtype=np.float32)
     labels, _ = be.assign(X, C)
-    P, order = project_grouped(X, labels, C, R, mu)
+    P, order = reference.project_grouped(X, labels, C, R, mu)
     codes_grouped = be.encode_fine(P, np.ascontiguousarray(codebooks, dtype=np.float32))
     codes = np.empty_like(codes_grouped)
     codes[order] = codes_grouped

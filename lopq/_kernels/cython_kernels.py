@@ -50,26 +50,17 @@ def _encode_fine_gemm(P, codebooks):
     return reference.encode_fine(P, codebooks, assign=assign)
 
 
-def _grouped(labels, k):
-    order = np.argsort(labels, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
-    return order, offsets
-
-
 def project_residuals(X, labels, C, R, mu):
-    """Rotated residuals; see `reference.project_residuals`."""
-    order, offsets = _grouped(labels, C.shape[0])
-    centred = X[order] - C[labels[order]] - mu[labels[order]]
+    """Rotated residuals; see `reference.project_residuals`. One GEMM per cluster."""
+    grouped, order = reference.project_grouped(X, labels, C, R, mu)
     P = np.empty_like(X)
-    for cluster in np.flatnonzero(np.diff(offsets)):
-        lo, hi = offsets[cluster], offsets[cluster + 1]
-        P[order[lo:hi]] = centred[lo:hi] @ R[cluster].T
+    P[order] = grouped
     return P
 
 
 def accumulate_covariance(residuals, labels, V):
     """Per-cluster covariance statistics; see `reference.accumulate_covariance`."""
-    order, offsets = _grouped(labels, V)
+    order, offsets = reference.group_rows(labels, V)
     grouped = residuals[order].astype(np.float64)
     d = residuals.shape[1]
     A = np.zeros((V, d, d))

@@ -159,6 +159,36 @@ def adc_scan(table, codes):
     return table[np.arange(m)[None, :], codes].sum(axis=1, dtype=np.float32)
 
 
+def group_rows(labels, k):
+    """Rows grouped by label: a stable order and offsets, so the rows of group c are
+    ``order[offsets[c]:offsets[c + 1]]``.
+
+    Returns:
+        order (n,) int64, offsets (k + 1,) int64.
+    """
+    order = np.argsort(labels, kind="stable")
+    offsets = np.searchsorted(labels[order], np.arange(k + 1))
+    return order, offsets
+
+
+def project_grouped(X, labels, C, R, mu):
+    """`project_residuals` with rows left grouped by cluster (one GEMM per cluster).
+
+    Returns:
+        P_grouped: (n, d) float32, ``P_grouped[r]`` is the projection of row ``order[r]``.
+        order: (n,) int64 row order (see `group_rows`).
+    """
+    order, offsets = group_rows(labels, C.shape[0])
+    sorted_labels = labels[order]
+    centred = X[order]
+    centred -= (C + mu)[sorted_labels]
+    P = np.empty_like(centred)
+    for cluster in np.flatnonzero(np.diff(offsets)):
+        lo, hi = offsets[cluster], offsets[cluster + 1]
+        np.dot(centred[lo:hi], R[cluster].T, out=P[lo:hi])
+    return P, order
+
+
 def code_dtype(num_clusters):
     """Smallest unsigned dtype that holds codes in [0, num_clusters)."""
     if num_clusters <= 256:

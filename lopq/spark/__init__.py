@@ -4,19 +4,19 @@ Importable by executors: install lopq on the nodes (recommended) or ship it with
 ``spark-submit --py-files lopq.zip``.
 """
 
-from .codes import code_lines, encode_blocks
-from .data import DataError, blocks_from_arrays, load_blocks
+from .codes import code_lines
+from .data import DataError, load_blocks
 from .kmeans import kmeans_column_groups
 from .training import (
-                       apply_pca,
-                       pca_statistics,
-                       prepare_pca,
-                       train_coarse,
-                       train_model,
-                       train_rotations,
-                       train_subquantizers,
+    apply_pca,
+    pca_statistics,
+    prepare_pca,
+    train_coarse,
+    train_model,
+    train_rotations,
+    train_subquantizers,
 )
 
-__all__ = ["DataError", "load_blocks", "blocks_from_arrays", "kmeans_column_groups",
+__all__ = ["DataError", "load_blocks", "kmeans_column_groups",
            "train_model", "train_coarse", "train_rotations", "train_subquantizers",
-           "pca_statistics", "prepare_pca", "apply_pca", "code_lines", "encode_blocks"]
+           "pca_statistics", "prepare_pca", "apply_pca", "code_lines"]

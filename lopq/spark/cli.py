@@ -91,29 +91,29 @@ def load_model(sc, pkl_path=None, proto_path=None, flag_pkl="--existing_model_pk
     """An LOPQModel from a pickle or a `.lopq` file (local, shipped with --files, or a
     Hadoop path); None if neither is given."""
     if pkl_path:
-        try:
-            data = fs.read_bytes(sc, pkl_path)
-        except FileNotFoundError as err:
-            raise UsageError(f"{flag_pkl}: {err}") from None
-        try:
-            model = pickle.loads(data, encoding="latin1")
-        except Exception as err:  # noqa: BLE001
-            raise UsageError(f"{flag_pkl} {pkl_path} is not a pickled LOPQModel "
-                             f"({type(err).__name__}: {err})") from None
+        model = _parse_model(sc, flag_pkl, pkl_path, lambda data: pickle.loads(
+            data, encoding="latin1"), "a pickled LOPQModel")
         if not isinstance(model, LOPQModel):
             raise UsageError(f"{flag_pkl} {pkl_path} holds a {type(model).__name__}, "
                              "not an LOPQModel")
         return model
     if proto_path:
-        try:
-            data = fs.read_bytes(sc, proto_path)
-        except FileNotFoundError as err:
-            raise UsageError(f"{flag_proto}: {err}") from None
-        try:
-            return LOPQModel.from_proto_bytes(data, proto_path)
-        except ValueError as err:
-            raise UsageError(f"{flag_proto}: {err}") from None
+        return _parse_model(sc, flag_proto, proto_path,
+                            lambda data: LOPQModel.from_proto_bytes(data, proto_path),
+                            "a .lopq model")
     return None
+
+
+def _parse_model(sc, flag, path, parse, what):
+    try:
+        data = fs.read_bytes(sc, path)
+    except FileNotFoundError as err:
+        raise UsageError(f"{flag}: {err}") from None
+    try:
+        return parse(data)
+    except Exception as err:  # noqa: BLE001 - any parse failure is the file's fault
+        raise UsageError(f"{flag} {path} is not {what} ({type(err).__name__}: {err})") \
+            from None
 
 
 def save_model(sc, model, pkl_path=None, proto_path=None, overwrite=False):

@@ -1,7 +1,5 @@
 """Encoding ``(id, vector)`` blocks on Spark: the compute_codes job."""
 
-import numpy as np
-
 from ..formats import format_code_line
 
 
@@ -19,15 +17,3 @@ def code_lines(sc, blocks, model):
     """RDD of ``id<TAB>[[c0, c1], [f0, ..., fM-1]]`` lines for blocks with ids."""
     model_bc = sc.broadcast(model)
     return blocks.mapPartitions(_encode_partition(model_bc))
-
-
-def encode_blocks(sc, blocks, model):
-    """RDD of ``(ids, coarse (b, 2) int32, fine (b, M))`` per block."""
-    model_bc = sc.broadcast(model)
-
-    def partition(items):
-        m = model_bc.value
-        for ids, X in items:
-            coarse, fine = m.encode(X)
-            yield ids, coarse, np.asarray(fine)
-    return blocks.mapPartitions(partition)

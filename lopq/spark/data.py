@@ -202,13 +202,3 @@ def _warn_if_spilled(sc, rdd):
                     "--executor-memory on a cluster).", info.diskSize() / 2 ** 20)
     except Exception:  # noqa: BLE001 - storage info is advisory only
         pass
-
-
-def blocks_from_arrays(sc, X, ids=None, block_rows=BLOCK_ROWS):
-    """Blocks RDD from an in-memory array (tests, small jobs): ``(ids, X)`` tuples."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    chunks = []
-    for start in range(0, len(X), block_rows):
-        part_ids = None if ids is None else list(ids[start:start + block_rows])
-        chunks.append((part_ids, X[start:start + block_rows]))
-    return sc.parallelize(chunks, max(1, min(len(chunks), sc.defaultParallelism))).cache()

@@ -135,8 +135,9 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
     fraction = min(1.0, 1.1 * INIT_POINTS_PER_CLUSTER * k / n)
     sc.setJobDescription(f"lopq k-means{label}: sample for initialisation")
     sample = sample_rows(blocks, fraction, rng.randint(2 ** 31))
-    if sample.shape[0] < k:
-        sample = sample_rows(blocks, 1.0, 0)
+    while sample.shape[0] < k and fraction < 1.0:  # an unlucky Bernoulli draw
+        fraction = min(1.0, 2 * fraction)
+        sample = sample_rows(blocks, fraction, rng.randint(2 ** 31))
     D = sample.shape[1]
     dg = D // n_groups
     if col_sum is None:

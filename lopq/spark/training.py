@@ -21,10 +21,10 @@ from .kmeans import kmeans_column_groups, sample_rows
 logger = logging.getLogger(__name__)
 
 
-def train_coarse(sc, blocks, V, iters=10, seed=None, depth=2):
+def train_coarse(sc, blocks, V, iters=10, seed=None, depth=2, n_rows=None):
     """Step 0: both coarse quantizers in the same passes. Returns Cs (2, V, D/2)."""
     return kmeans_column_groups(sc, blocks, 2, V, iters, seed=seed, depth=depth,
-                                label=" coarse (step 0)")
+                                label=" coarse (step 0)", n_rows=n_rows)
 
 
 def _covariance_partition(Cs_bc):
@@ -149,7 +149,7 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
     timings = {}
     if 0 in steps:
         start = time.time()
-        Cs = train_coarse(sc, blocks, V, coarse_iters, rng.randint(2 ** 31), depth)
+        Cs = train_coarse(sc, blocks, V, coarse_iters, rng.randint(2 ** 31), depth, n_rows)
         timings["step 0 (coarse)"] = time.time() - start
     if 1 in steps:
         start = time.time()
