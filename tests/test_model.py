@@ -283,9 +283,13 @@ def test_oxford5k_recall_beats_the_reference_also_when_refitting(oxford):
 
 
 def test_reference_evaluation_helpers(small_model):
-    from lopq.eval import (compute_all_neighbors, exact_neighbors, get_cell_histogram,
-                           get_proportion_nns_with_same_coarse_codes,
-                           get_subquantizer_distortion)
+    from lopq.eval import (
+        compute_all_neighbors,
+        exact_neighbors,
+        get_cell_histogram,
+        get_proportion_nns_with_same_coarse_codes,
+        get_subquantizer_distortion,
+    )
     from lopq.utils import compute_codes_parallel, iterate_splits
     model, X = small_model
     data = X[:400]
