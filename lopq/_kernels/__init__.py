@@ -61,6 +61,15 @@ def rows32(X):
     return X
 
 
+def _unit_column_stride(X):
+    """X as float32 rows whose columns are contiguous (rows may be strided), copying only
+    when needed."""
+    X = np.asarray(X)
+    if X.dtype == np.float32 and X.ndim == 2 and X.strides[1] == 4 and X.strides[0] % 4 == 0:
+        return X
+    return rows32(X)
+
+
 def _labels32(labels):
     return np.ascontiguousarray(labels, dtype=np.int32)
 
@@ -90,12 +99,19 @@ def encode_split(X, C, R, mu, codebooks, backend=None):
         labels (n,) int32, codes (n, M/2) uint8/uint16.
     """
     be = get_backend(backend)
-    X = rows32(X)
     C, mu = rows32(C), rows32(mu)
     R = np.ascontiguousarray(R, dtype=np.float32)
+    codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)
+    fused = getattr(be, "encode_split", None)
+    if fused is not None:
+        # A column slice of the caller's float32 array is read in place.
+        result = fused(_unit_column_stride(X), C, R, mu, codebooks)
+        if result is not None:
+            return result
+    X = rows32(X)
     labels, _ = be.assign(X, C)
     P, order = reference.project_grouped(X, labels, C, R, mu)
-    codes_grouped = be.encode_fine(P, np.ascontiguousarray(codebooks, dtype=np.float32))
+    codes_grouped = be.encode_fine(P, codebooks)
     codes = np.empty_like(codes_grouped)
     codes[order] = codes_grouped
     return labels, codes

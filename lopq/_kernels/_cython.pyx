@@ -10,45 +10,93 @@ import numpy as np
 
 cdef extern from "_fused.h" nogil:
     int LOPQ_FUSED_FAST
-    void lopq_assign_fused(const float *X, Py_ssize_t n, Py_ssize_t d, Py_ssize_t row_stride,
-                           const float *CT, Py_ssize_t k, const float *c_sqnorm,
-                           int *labels, Py_ssize_t label_stride, float *sqdist)
+    int LOPQ_W
+    int lopq_assign_fused(const float *X, Py_ssize_t n, Py_ssize_t d, Py_ssize_t row_stride,
+                          const float *CTm2, Py_ssize_t kp, const float *c_sqnorm,
+                          const float *C, int *labels, Py_ssize_t label_stride, float *sqdist)
+    int lopq_encode_grouped(const float *X, Py_ssize_t h, Py_ssize_t row_stride,
+                            const long long *order, const long long *offsets, Py_ssize_t V,
+                            const float *shift, const float *RT, Py_ssize_t hp,
+                            const float *CBTm2, Py_ssize_t m, Py_ssize_t ds, Py_ssize_t Sp,
+                            const float *cb_sqnorm, int *codes)
     void lopq_argmin_scores(const float *G, Py_ssize_t b, Py_ssize_t k, const float *c_sqnorm,
                             const float *X, Py_ssize_t d, const float *C, int *labels,
                             float *sqdist)
 
 
-#: True when the fused loop was built for 8-wide vectors (AVX2); else prefer sgemm.
+#: True when the fused loops were built for 8-wide vectors (AVX2); else prefer sgemm.
 FUSED_FAST = bool(LOPQ_FUSED_FAST)
+#: Floats per vector register: column counts given to the fused loops are padded to this.
+VECTOR_WIDTH = LOPQ_W
 
 
-def assign_fused(const float[:, ::1] X,        # IN (n, d)
-                 const float[:, ::1] CT,       # IN (d, k) transposed centroids
-                 const float[::1] c_sqnorm,    # IN (k,)
+cdef Py_ssize_t _row_stride(const float[:, :] X) except -1:
+    """Row stride of X in floats; its columns must be contiguous (a column slice of a
+    C-contiguous array is fine: the fused loops read it in place)."""
+    if X.shape[1] > 1 and X.strides[1] != sizeof(float):
+        raise ValueError("rows must have contiguous columns")
+    return X.strides[0] // sizeof(float)
+
+
+def assign_fused(const float[:, :] X,          # IN (n, d), columns contiguous
+                 const float[:, ::1] CTm2,     # IN (d, kp) -2 * transposed centroids, padded
+                 const float[::1] c_sqnorm,    # IN (kp,) squared norms, padding +inf
+                 const float[:, ::1] C,        # IN (k, d) centroids
                  int[::1] labels,              # OUT (n,)
                  float[::1] sqdist):           # OUT (n,)
     """Nearest centroid for small d by the fused C loop of _fused.h."""
-    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t n = X.shape[0], stride = _row_stride(X)
+    cdef int status
     if n == 0:
         return
     with nogil:
-        lopq_assign_fused(&X[0, 0], n, X.shape[1], X.shape[1], &CT[0, 0], CT.shape[1],
-                          &c_sqnorm[0], &labels[0], 1, &sqdist[0])
+        status = lopq_assign_fused(&X[0, 0], n, X.shape[1], stride, &CTm2[0, 0],
+                                   CTm2.shape[1], &c_sqnorm[0], &C[0, 0], &labels[0], 1,
+                                   &sqdist[0])
+    if status:
+        raise MemoryError("lopq_assign_fused: no memory for scratch scores")
 
 
 def encode_fused(const float[:, ::1] P,            # IN (n, m * ds)
-                 const float[:, :, ::1] CBT,       # IN (m, ds, S) transposed codebooks
-                 const float[:, ::1] cb_sqnorm,    # IN (m, S)
+                 const float[:, :, ::1] CBTm2,     # IN (m, ds, Sp) -2 * transposed codebooks
+                 const float[:, ::1] cb_sqnorm,    # IN (m, Sp) squared norms, padding +inf
+                 const float[:, :, ::1] codebooks, # IN (m, S, ds)
                  int[:, ::1] codes):               # OUT (n, m)
     """Fine codes: the fused C loop per subquantizer, reading P in place (strided)."""
-    cdef Py_ssize_t n = P.shape[0], m = CBT.shape[0], ds = CBT.shape[1], S = CBT.shape[2]
+    cdef Py_ssize_t n = P.shape[0], m = CBTm2.shape[0], ds = CBTm2.shape[1]
     cdef Py_ssize_t j
+    cdef int status = 0
     if n == 0:
         return
     with nogil:
         for j in range(m):
-            lopq_assign_fused(&P[0, j * ds], n, ds, P.shape[1], &CBT[j, 0, 0], S,
-                              &cb_sqnorm[j, 0], &codes[0, j], m, NULL)
+            status |= lopq_assign_fused(&P[0, j * ds], n, ds, P.shape[1], &CBTm2[j, 0, 0],
+                                        CBTm2.shape[2], &cb_sqnorm[j, 0], &codebooks[j, 0, 0],
+                                        &codes[0, j], m, NULL)
+    if status:
+        raise MemoryError("lopq_assign_fused: no memory for scratch scores")
+
+
+def encode_grouped(const float[:, :] X,              # IN (n, h) one split, columns contiguous
+                   const long long[::1] order,       # IN (n,) rows grouped by cluster
+                   const long long[::1] offsets,     # IN (V + 1,) group boundaries
+                   const float[:, ::1] shift,        # IN (V, h) centroid + mean residual
+                   const float[:, :, ::1] RT,        # IN (V, h, hp) transposed rotations
+                   const float[:, :, ::1] CBTm2,     # IN (m, ds, Sp) -2 * transposed books
+                   const float[:, ::1] cb_sqnorm,    # IN (m, Sp) squared norms, pad +inf
+                   int[:, ::1] codes):               # OUT (n, m)
+    """Fine codes of one split: residual, rotation and every subquantizer in one C loop."""
+    cdef int status
+    cdef Py_ssize_t stride = _row_stride(X)
+    if X.shape[0] == 0:
+        return
+    with nogil:
+        status = lopq_encode_grouped(&X[0, 0], X.shape[1], stride, &order[0], &offsets[0],
+                                     shift.shape[0], &shift[0, 0], &RT[0, 0, 0], RT.shape[2],
+                                     &CBTm2[0, 0, 0], CBTm2.shape[0], CBTm2.shape[1],
+                                     CBTm2.shape[2], &cb_sqnorm[0, 0], &codes[0, 0])
+    if status:
+        raise MemoryError("lopq_encode_grouped: no memory for scratch buffers")
 
 
 def argmin_scores(const float[:, ::1] X,       # IN (b, d)

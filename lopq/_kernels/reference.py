@@ -82,6 +82,21 @@ def encode_fine(P, codebooks, assign=assign):
     return codes
 
 
+def encode_split(X, C, R, mu, codebooks):
+    """Coarse labels and fine codes of one coarse split: `assign`, then
+    `project_residuals`, then `encode_fine`.
+
+    Args:
+        X: (n, h) float32 rows of this split; C (V, h); R (V, h, h); mu (V, h);
+        codebooks: (m, S, h / m) this split's subquantizers.
+
+    Returns:
+        labels (n,) int32, codes (n, m) uint8/uint16.
+    """
+    labels, _ = assign(X, C)
+    return labels, encode_fine(project_residuals(X, labels, C, R, mu), codebooks)
+
+
 def decode_fine(codes, codebooks):
     """Inverse of `encode_fine`: (n, m) codes -> (n, m * ds) float32 subquantizer centroids."""
     m, S, ds = codebooks.shape
