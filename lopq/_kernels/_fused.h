@@ -200,30 +200,6 @@ static int lopq_assign_fused(
     return 0;
 }
 
-/* out[c] = sum_{t < d} x[t] * M[t * k + c] for c < k (k a multiple of LOPQ_W): one row
- * times a matrix, 8 vector accumulators at a time so that 8 independent FMA chains hide
- * the FMA latency (a rotation of 64 x 64 is one such tile). */
-static inline void lopq_row_times_matrix(const float *x, ptrdiff_t d, const float *M,
-                                         ptrdiff_t k, float *out)
-{
-    enum { TILE = 8 };
-    ptrdiff_t c = 0;
-    for (; c + TILE * LOPQ_W <= k; c += TILE * LOPQ_W) {
-        lopq_vf acc[TILE];
-        for (int u = 0; u < TILE; u++) acc[u] = (lopq_vf){0};
-        for (ptrdiff_t t = 0; t < d; t++) {
-            const float xt = x[t];
-            for (int u = 0; u < TILE; u++) acc[u] += xt * lopq_load(M + t * k + c + u * LOPQ_W);
-        }
-        for (int u = 0; u < TILE; u++) lopq_store(out + c + u * LOPQ_W, acc[u]);
-    }
-    for (; c < k; c += LOPQ_W) {
-        lopq_vf acc = {0};
-        for (ptrdiff_t t = 0; t < d; t++) acc += x[t] * lopq_load(M + t * k + c);
-        lopq_store(out + c, acc);
-    }
-}
-
 /* Fine codes of one coarse split, rows taken cluster by cluster so that each cluster's
  * rotation stays in cache: for row i of cluster v,
  *     p = (X[i] - shift[v]) @ RT[v]          (RT[v] = R[v]^T, padded to hp columns)
@@ -259,8 +235,9 @@ static int lopq_encode_grouped(
                 const float *x = X + index[r] * row_stride;
                 float *res = residual + r * h;
                 for (ptrdiff_t t = 0; t < h; t++) res[t] = x[t] - shift[v * h + t];
-                lopq_row_times_matrix(res, h, RT + v * h * hp, hp, projected + r * hp);
+                subs[r] = res;
             }
+            lopq_block_scores(subs, h, RT + v * h * hp, hp, NULL, projected, NULL);
             for (ptrdiff_t j = 0; j < m; j++) {
                 int best[LOPQ_ROWS];
                 for (int r = 0; r < LOPQ_ROWS; r++) subs[r] = projected + r * hp + j * ds;
