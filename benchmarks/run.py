@@ -145,6 +145,10 @@ def part_kernels(res, quick):
             lambda a, b: float(np.allclose(a, b, rtol=1e-4, atol=1e-4))),
         "encode_fine M=16 S=256 ds=8": (lambda be: K.encode_fine(P, books, be),
                                         2 * n * 16 * 256 * 8, lambda a, b: np.mean(a == b)),
+        "encode_split h=64 V=64 8 x 256 x 8 (fused)": (
+            lambda be: K.encode_split(X64, Cv, R, mu, books[:8], be),
+            2 * n * (V * d + d * d + 8 * 256 * 8),
+            lambda a, b: float(np.mean(a[0] == b[0]) * np.mean(a[1] == b[1]))),
         "accumulate_covariance d=64 V=64": (
             lambda be: K.accumulate_covariance(X64, labels, V, be), 2 * n * d * d,
             lambda a, b: float(np.allclose(a[0], b[0], rtol=1e-6, atol=1e-6))),
