@@ -50,6 +50,23 @@ def test_assign_matches_reference(backend, kind, n, d, k, rng):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("d,k", [(8, 5), (64, 13), (64, 2000)])  # fused (padded) and sgemm
+def test_nan_rows_stay_in_range(backend, d, k, rng):
+    """The public API rejects NaN, but a kernel given NaN rows must still answer with a
+    real centroid (never a padding column) and leave the other rows right."""
+    X = rng.randn(9, d).astype(np.float32)
+    X[[0, 4, 8]] = np.nan
+    C = rng.randn(k, d).astype(np.float32)
+    labels, _ = K.assign(X, C, backend=backend)
+    assert np.all((labels >= 0) & (labels < k))
+    finite = [1, 2, 3, 5, 6, 7]
+    np.testing.assert_array_equal(labels[finite], K.assign(X, C, backend="numpy")[0][finite])
+    books = rng.randn(2, k, d // 2).astype(np.float32)
+    codes = K.encode_fine(X, books, backend=backend)
+    assert np.all(codes.astype(np.int64) < k)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 def test_assign_accepts_float64_noncontiguous_readonly(backend, rng):
     X = rng.randn(500, 40)[:, ::2]  # float64, non-contiguous
     C = rng.randn(30, 20)

@@ -40,7 +40,7 @@ cdef Py_ssize_t _row_stride(const float[:, :] X) except -1:
 
 def assign_fused(const float[:, :] X,          # IN (n, d), columns contiguous
                  const float[:, ::1] CTm2,     # IN (d, kp) -2 * transposed centroids, padded
-                 const float[::1] c_sqnorm,    # IN (kp,) squared norms, padding +inf
+                 const float[::1] c_sqnorm,    # IN (kp,) squared norms, padding NaN
                  const float[:, ::1] C,        # IN (k, d) centroids
                  int[::1] labels,              # OUT (n,)
                  float[::1] sqdist):           # OUT (n,)
@@ -59,7 +59,7 @@ def assign_fused(const float[:, :] X,          # IN (n, d), columns contiguous
 
 def encode_fused(const float[:, ::1] P,            # IN (n, m * ds)
                  const float[:, :, ::1] CBTm2,     # IN (m, ds, Sp) -2 * transposed codebooks
-                 const float[:, ::1] cb_sqnorm,    # IN (m, Sp) squared norms, padding +inf
+                 const float[:, ::1] cb_sqnorm,    # IN (m, Sp) squared norms, padding NaN
                  const float[:, :, ::1] codebooks, # IN (m, S, ds)
                  int[:, ::1] codes):               # OUT (n, m)
     """Fine codes: the fused C loop per subquantizer, reading P in place (strided)."""
@@ -83,7 +83,7 @@ def encode_grouped(const float[:, :] X,              # IN (n, h) one split, colu
                    const float[:, ::1] shift,        # IN (V, h) centroid + mean residual
                    const float[:, :, ::1] RT,        # IN (V, h, hp) transposed rotations
                    const float[:, :, ::1] CBTm2,     # IN (m, ds, Sp) -2 * transposed books
-                   const float[:, ::1] cb_sqnorm,    # IN (m, Sp) squared norms, pad +inf
+                   const float[:, ::1] cb_sqnorm,    # IN (m, Sp) squared norms, pad NaN
                    int[:, ::1] codes):               # OUT (n, m)
     """Fine codes of one split: residual, rotation and every subquantizer in one C loop."""
     cdef int status

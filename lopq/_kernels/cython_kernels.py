@@ -82,12 +82,12 @@ def _padded(k):
 def score_columns(books):
     """What the fused loops read for centroids ``books (..., k, d)``: ``-2 * books^T``
     (..., d, kp) and squared norms (..., kp), both float32 with k padded to a multiple of
-    the vector width (padding: zero columns, +inf norms, so it never wins)."""
+    the vector width (padding: zero columns, NaN norms, which the loops never pick)."""
     k, d = books.shape[-2:]
     kp = _padded(k)
     CTm2 = np.zeros(books.shape[:-2] + (d, kp), dtype=np.float32)
     CTm2[..., :k] = -2.0 * np.swapaxes(books, -1, -2)  # exact: a power-of-two scale
-    padded_sqnorm = np.full(books.shape[:-2] + (kp,), np.inf, dtype=np.float32)
+    padded_sqnorm = np.full(books.shape[:-2] + (kp,), np.nan, dtype=np.float32)
     padded_sqnorm[..., :k] = np.einsum("...kd,...kd->...k", books, books)
     return CTm2, padded_sqnorm
 
