@@ -312,30 +312,39 @@ def _search_case(res, name, base, queries, nns, V, M, quota, train_rows, faiss_k
         index = faiss.index_factory(base.shape[1], faiss_key)
         index.train(base[:train_rows])
         index.add(base)
-        # Same candidate budget first (max_codes stops the scan at the quota), then larger
-        # budgets until faiss reaches lopq's recall@10 (the equal-recall comparison) or its
-        # recall stops growing (its codes, not its candidates, then limit it).
-        previous = -1.0
-        for budget in (quota, 2 * quota, 4 * quota, 8 * quota, 16 * quota):
-            sp = faiss.SearchParametersIVF(nprobe=min(index.nlist, 8 * budget),
-                                           max_codes=budget)
-            start = time.perf_counter()
-            _, ids = index.search(queries, 100, params=sp)
-            fq = len(queries) / (time.perf_counter() - start)
-            faiss_recall = recall_at(ids, nns, (1, 10, 100))
-            res.add("search", f"faiss {faiss_key} (max_codes={budget}), {name}", fq,
-                    "queries/s", **params, recall_at_1=round(faiss_recall[0], 4),
-                    recall_at_10=round(faiss_recall[1], 4),
-                    recall_at_100=round(faiss_recall[2], 4))
-            if faiss_recall[1] >= recall[1]:
-                res.add("search", f"lopq / faiss queries/s at equal recall@10, {name}",
-                        qps / fq, "x", **params, faiss_max_codes=budget)
-                break
-            if faiss_recall[1] <= previous or budget >= len(base):
-                print(f"  faiss {faiss_key} stops at recall@10 {faiss_recall[1]:.3f}, below "
-                      f"lopq's {recall[1]:.3f}: no equal-recall point")
-                break
-            previous = faiss_recall[1]
+        _faiss_equal_recall(res, index, name, faiss_key, queries, nns, quota, qps, recall,
+                            params)
+
+
+def _faiss_equal_recall(res, index, name, faiss_key, queries, nns, quota, qps, recall, params):
+    """faiss at its cheapest setting that reaches lopq's recall@10: cells probed grow
+    (nprobe, with max_codes = the quota, lopq's candidate budget), then the candidate
+    budget itself grows; stops at the first setting that matches lopq, or when faiss's
+    recall stops improving (its codes, not its candidates, then limit it)."""
+    import faiss
+
+    from lopq.eval import recall_at
+    settings = [(max(1, quota * f // 8), quota) for f in (1, 2, 4, 8, 16, 32, 64)]
+    settings += [(8 * budget, budget) for budget in (2 * quota, 4 * quota, 8 * quota)]
+    previous = -1.0
+    for nprobe, max_codes in dict.fromkeys((min(index.nlist, p), c) for p, c in settings):
+        sp = faiss.SearchParametersIVF(nprobe=nprobe, max_codes=max_codes)
+        start = time.perf_counter()
+        _, ids = index.search(queries, 100, params=sp)
+        fq = len(queries) / (time.perf_counter() - start)
+        got = recall_at(ids, nns, (1, 10, 100))
+        res.add("search", f"faiss {faiss_key} (nprobe={nprobe}, max_codes={max_codes}), "
+                f"{name}", fq, "queries/s", **params, recall_at_1=round(got[0], 4),
+                recall_at_10=round(got[1], 4), recall_at_100=round(got[2], 4))
+        if got[1] >= recall[1]:
+            res.add("search", f"lopq / faiss queries/s at equal recall@10, {name}", qps / fq,
+                    "x", **params, faiss_nprobe=nprobe, faiss_max_codes=max_codes)
+            return
+        if max_codes > quota and got[1] <= previous:
+            break
+        previous = got[1]
+    print(f"  faiss {faiss_key} stops at recall@10 {previous:.3f}, below lopq's "
+          f"{recall[1]:.3f}: no equal-recall point")
 
 
 def part_search(res, quick):
