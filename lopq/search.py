@@ -150,9 +150,9 @@ class LOPQSearcher:
         from .model import LOPQCode
         self._merge_pending()
         lo, hi = self._cell_range(cell)
-        return [(self.ids[i], LOPQCode(tuple(int(c) for c in self.coarse[i]),
-                                       tuple(int(f) for f in self.fine[i])))
-                for i in range(lo, hi)]
+        ids = self.ids[lo:hi].tolist()  # Python ints whether in memory or memory-mapped
+        return [(ids[k], LOPQCode(tuple(c), tuple(f))) for k, (c, f) in
+                enumerate(zip(self.coarse[lo:hi].tolist(), self.fine[lo:hi].tolist()))]
 
     def _cell_range(self, cell):
         cell_id = int(cell[0]) * self.model.V + int(cell[1])
@@ -266,12 +266,13 @@ class LOPQSearcher:
         rows, dists, visited = self._ranked(x, quota, limit)
         results = []
         coarse, fine = self.coarse[rows].tolist(), self.fine[rows].tolist()
-        for k, i in enumerate(rows.tolist()):
+        ids = self.ids[rows].tolist()  # Python ints whether in memory or memory-mapped
+        for k, item_id in enumerate(ids):
             code = LOPQCode(tuple(coarse[k]), tuple(fine[k]))
             if with_dists:
-                results.append(ResultWithDist(self.ids[i], code, float(dists[k])))
+                results.append(ResultWithDist(item_id, code, float(dists[k])))
             else:
-                results.append(Result(self.ids[i], code))
+                results.append(Result(item_id, code))
         return results, visited
 
     def search_batch(self, queries, quota=10, limit=None, threads=None):
