@@ -89,6 +89,42 @@ def test_compiled_and_python_paths_visit_the_same_cells(model_and_data, monkeypa
         assert va == vb and [r.id for r in a] == [r.id for r in b]
 
 
+@pytest.mark.parametrize("V", [5, 33, 300])
+def test_compiled_traversal_order_equals_python_with_exact_ties(V, monkeypatch):
+    """Retrieval order (not only the ranked results) of the compiled path equals the
+    Python multi-sequence, across its short (insertion) and long (radix) coarse sorts, with
+    duplicated centroids giving exactly tied coarse distances."""
+    if search_module._compiled is None:
+        pytest.skip("compiled search extension not built")
+    rng = np.random.RandomState(V)
+    D, M, S = 8, 2, 16
+    # Small integer coordinates: every coarse distance and sum is exact in float32 and
+    # float64 alike, so both paths see the same (many) ties and no rounding near-ties.
+    Cs = rng.randint(-3, 4, size=(2, V, D // 2)).astype(np.float32)
+    Cs[0, 1::3] = Cs[0, 0]  # duplicated centroids on top
+    Cs[1, 2::3] = Cs[1, V // 2]
+    Rs = np.tile(np.eye(D // 2, dtype=np.float32), (2, V, 1, 1))
+    mus = np.zeros((2, V, D // 2), dtype=np.float32)
+    subs = rng.randn(M, S, D // M).astype(np.float32)
+    model = LOPQModel(V=V, M=M, subquantizer_clusters=S, parameters=(Cs, Rs, mus, subs))
+    n = 4000
+    coarse = rng.randint(0, V, size=(n, 2)).astype(np.int32)
+    fine = rng.randint(0, S, size=(n, M)).astype(np.uint8)
+    searcher = LOPQSearcher(model)
+    searcher.add_codes((coarse, fine))
+    queries = np.vstack([rng.randint(-3, 4, size=(3, D)),
+                         np.concatenate([Cs[0, 0], Cs[1, V // 2]])[None]])
+    for quota in (1, 37, 900, n):
+        for x in queries.astype(np.float32):
+            rows_c, dists_c, visited_c = searcher._retrieve_scored(x, quota)
+            with monkeypatch.context() as patch:
+                patch.setattr(search_module, "_compiled", None)
+                rows_p, dists_p, visited_p = searcher._retrieve_scored(x, quota)
+            assert visited_c == visited_p
+            np.testing.assert_array_equal(rows_c, rows_p)
+            np.testing.assert_allclose(dists_c, dists_p, rtol=1e-4, atol=1e-4)
+
+
 def test_reference_api(model_and_data):
     model, X = model_and_data
     searcher = LOPQSearcher(model)

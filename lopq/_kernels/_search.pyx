@@ -77,7 +77,63 @@ cdef HeapItem _heap_pop(HeapItem *heap, int *size) noexcept nogil:
     return top
 
 
-cdef int _sorted_coarse(const float *x, const float *C, int V, int h, Keyed *out) noexcept nogil:
+cdef inline unsigned int _order_key(float f) noexcept nogil:
+    # IEEE-754 bits mapped so that unsigned order is float order (negatives flipped whole,
+    # positives with the sign bit set)
+    cdef unsigned int bits
+    memcpy(&bits, &f, sizeof(float))
+    if bits & 0x80000000u:
+        return ~bits
+    return bits | 0x80000000u
+
+
+cdef void _sort_keyed(Keyed *a, Keyed *tmp, int n) noexcept nogil:
+    """Sort by (dist, index) for items given in index order: insertion sort when short,
+    else a stable LSD radix sort on the float bits (4 byte passes, a pass skipped when
+    every key shares its byte). Replaces qsort, whose comparator calls took a sixth of
+    a V=1024 query."""
+    cdef int i, k, p, b
+    cdef unsigned int shift
+    cdef unsigned int counts[256]
+    cdef unsigned int total, c
+    cdef Keyed item
+    cdef Keyed *src = a
+    cdef Keyed *dst = tmp
+    cdef Keyed *swap
+    if n <= 32:
+        for i in range(1, n):
+            item = a[i]
+            k = i - 1
+            while k >= 0 and a[k].dist > item.dist:  # strict: equal keys keep index order
+                a[k + 1] = a[k]
+                k -= 1
+            a[k + 1] = item
+        return
+    for p in range(4):
+        shift = 8 * p
+        memset(counts, 0, sizeof(counts))
+        for i in range(n):
+            counts[(_order_key(src[i].dist) >> shift) & 255] += 1
+        if counts[(_order_key(src[0].dist) >> shift) & 255] == <unsigned int>n:
+            continue
+        total = 0
+        for b in range(256):
+            c = counts[b]
+            counts[b] = total
+            total += c
+        for i in range(n):
+            b = (_order_key(src[i].dist) >> shift) & 255
+            dst[counts[b]] = src[i]
+            counts[b] += 1
+        swap = src
+        src = dst
+        dst = swap
+    if src != a:
+        memcpy(a, src, n * sizeof(Keyed))
+
+
+cdef int _sorted_coarse(const float *x, const float *C, int V, int h, Keyed *out,
+                        Keyed *tmp) noexcept nogil:
     cdef int c, t
     cdef float acc, diff
     for c in range(V):
@@ -87,7 +143,7 @@ cdef int _sorted_coarse(const float *x, const float *C, int V, int h, Keyed *out
             acc = acc + diff * diff
         out[c].dist = acc
         out[c].index = c
-    qsort(out, V, sizeof(Keyed), _compare_keyed)
+    _sort_keyed(out, tmp, V)
     return 0
 
 
@@ -142,6 +198,7 @@ cdef int _grow(void **buf, Py_ssize_t *capacity, Py_ssize_t needed,
 cdef struct Work:
     Keyed *order0
     Keyed *order1
+    Keyed *sort_tmp
     int *progress
     HeapItem *heap
     int *slot0
@@ -161,14 +218,15 @@ cdef int _work_init(Work *w, int V, int h) noexcept nogil:
     memset(w, 0, sizeof(Work))
     w.order0 = <Keyed *>malloc(V * sizeof(Keyed))
     w.order1 = <Keyed *>malloc(V * sizeof(Keyed))
+    w.sort_tmp = <Keyed *>malloc(V * sizeof(Keyed))
     w.progress = <int *>malloc(V * sizeof(int))
     w.heap = <HeapItem *>malloc((V + 2) * sizeof(HeapItem))
     w.slot0 = <int *>malloc(V * sizeof(int))
     w.slot1 = <int *>malloc(V * sizeof(int))
     w.px = <float *>malloc(h * sizeof(float))
     w.rbuf = <float *>malloc(h * sizeof(float))
-    if not (w.order0 and w.order1 and w.progress and w.heap and w.slot0 and w.slot1
-            and w.px and w.rbuf):
+    if not (w.order0 and w.order1 and w.sort_tmp and w.progress and w.heap and w.slot0
+            and w.slot1 and w.px and w.rbuf):
         return -1
     return 0
 
@@ -176,6 +234,7 @@ cdef int _work_init(Work *w, int V, int h) noexcept nogil:
 cdef void _work_free(Work *w) noexcept nogil:
     free(w.order0)
     free(w.order1)
+    free(w.sort_tmp)
     free(w.progress)
     free(w.heap)
     free(w.slot0)
@@ -203,8 +262,8 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *RTs
     cdef const float *t0
     cdef const float *t1
     cdef const code_t *code
-    _sorted_coarse(x, Cs, V, h, w.order0)
-    _sorted_coarse(x + h, Cs + split_c, V, h, w.order1)
+    _sorted_coarse(x, Cs, V, h, w.order0, w.sort_tmp)
+    _sorted_coarse(x + h, Cs + split_c, V, h, w.order1, w.sort_tmp)
     for c in range(V):
         w.progress[c] = 0
         w.slot0[c] = -1
