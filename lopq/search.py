@@ -226,19 +226,21 @@ class LOPQSearcher:
         self._merge_pending()
         if _compiled is not None and self.fine.dtype in (np.uint8, np.uint16):
             m = self.model
-            RTs, booksT = self._transposed()
-            return _compiled.search_one(x, m.Cs, RTs, m.mus, booksT, self.cell_offsets,
-                                        self.fine, int(quota))
+            CsT, RTs, booksT = self._transposed()
+            return _compiled.search_one(x, m.Cs, CsT, RTs, m.mus, booksT,
+                                        self.cell_offsets, self.fine, int(quota))
         ranges, visited = self._retrieve_ranges(x, quota)
         rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
                 if ranges else np.empty(0, dtype=np.int64))
         return rows, self._distances_of_ranges(x, ranges), visited
 
     def _transposed(self):
-        """Rotations and codebooks transposed for the compiled path (computed once)."""
+        """Coarse centroids, rotations and codebooks transposed for the compiled path
+        (computed once)."""
         if self._transposed_cache is None:
             m = self.model
             self._transposed_cache = (
+                np.ascontiguousarray(m.Cs.transpose(0, 2, 1)),
                 np.ascontiguousarray(m.Rs.transpose(0, 1, 3, 2)),
                 np.ascontiguousarray(m.subquantizers.transpose(0, 1, 3, 2)))
         return self._transposed_cache
@@ -304,14 +306,14 @@ class LOPQSearcher:
                 return list(pool.map(one, Q))
 
         m = self.model
-        RTs, booksT = self._transposed()
+        CsT, RTs, booksT = self._transposed()
         rows = np.empty((len(Q), limit), dtype=np.int64)
         dists = np.empty((len(Q), limit), dtype=np.float32)
         visited = np.empty(len(Q), dtype=np.int32)
 
         def chunk(bounds):
             lo, hi = bounds
-            _compiled.search_many(Q[lo:hi], m.Cs, RTs, m.mus, booksT, self.cell_offsets,
+            _compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT, self.cell_offsets,
                                   self.fine, int(quota), int(limit), rows[lo:hi],
                                   dists[lo:hi], visited[lo:hi])
 

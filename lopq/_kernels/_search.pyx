@@ -12,6 +12,9 @@ from libc.string cimport memcpy, memset
 
 import numpy as np
 
+cdef extern from *:
+    void __builtin_prefetch(const void *addr) nogil
+
 ctypedef fused code_t:
     unsigned char
     unsigned short
@@ -132,16 +135,23 @@ cdef void _sort_keyed(Keyed *a, Keyed *tmp, int n) noexcept nogil:
         memcpy(a, src, n * sizeof(Keyed))
 
 
-cdef int _sorted_coarse(const float *x, const float *C, int V, int h, Keyed *out,
-                        Keyed *tmp) noexcept nogil:
+cdef int _sorted_coarse(const float *x, const float *CT, int V, int h, float *dist,
+                        Keyed *out, Keyed *tmp) noexcept nogil:
+    # CT (h, V) transposed centroids: the loop over centroids is contiguous and
+    # vectorises, each centroid still summing its h terms in order
     cdef int c, t
-    cdef float acc, diff
+    cdef float xt, diff
+    cdef const float *row
     for c in range(V):
-        acc = 0
-        for t in range(h):
-            diff = x[t] - C[c * h + t]
-            acc = acc + diff * diff
-        out[c].dist = acc
+        dist[c] = 0
+    for t in range(h):
+        xt = x[t]
+        row = CT + <Py_ssize_t>t * V
+        for c in range(V):
+            diff = xt - row[c]
+            dist[c] = dist[c] + diff * diff
+    for c in range(V):
+        out[c].dist = dist[c]
         out[c].index = c
     _sort_keyed(out, tmp, V)
     return 0
@@ -199,6 +209,7 @@ cdef struct Work:
     Keyed *order0
     Keyed *order1
     Keyed *sort_tmp
+    float *coarse_dist
     int *progress
     HeapItem *heap
     int *slot0
@@ -219,13 +230,14 @@ cdef int _work_init(Work *w, int V, int h) noexcept nogil:
     w.order0 = <Keyed *>malloc(V * sizeof(Keyed))
     w.order1 = <Keyed *>malloc(V * sizeof(Keyed))
     w.sort_tmp = <Keyed *>malloc(V * sizeof(Keyed))
+    w.coarse_dist = <float *>malloc(V * sizeof(float))
     w.progress = <int *>malloc(V * sizeof(int))
     w.heap = <HeapItem *>malloc((V + 2) * sizeof(HeapItem))
     w.slot0 = <int *>malloc(V * sizeof(int))
     w.slot1 = <int *>malloc(V * sizeof(int))
     w.px = <float *>malloc(h * sizeof(float))
     w.rbuf = <float *>malloc(h * sizeof(float))
-    if not (w.order0 and w.order1 and w.sort_tmp and w.progress and w.heap and w.slot0
+    if not (w.order0 and w.order1 and w.sort_tmp and w.coarse_dist and w.progress and w.heap and w.slot0
             and w.slot1 and w.px and w.rbuf):
         return -1
     return 0
@@ -235,6 +247,7 @@ cdef void _work_free(Work *w) noexcept nogil:
     free(w.order0)
     free(w.order1)
     free(w.sort_tmp)
+    free(w.coarse_dist)
     free(w.progress)
     free(w.heap)
     free(w.slot0)
@@ -247,7 +260,8 @@ cdef void _work_free(Work *w) noexcept nogil:
     free(w.top)
 
 
-cdef int _search_core(Work *w, const float *x, const float *Cs, const float *RTs,
+cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT,
+                      const float *RTs,
                       const float *mus, const float *booksT, int V, int h, int half_m,
                       int S, const long long *offsets, const code_t *fine, long long quota,
                       Py_ssize_t *total_out, int *visited_out) noexcept nogil:
@@ -258,12 +272,12 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *RTs
     cdef Py_ssize_t split_b = <Py_ssize_t>half_m * (h // half_m) * S
     cdef HeapItem item
     cdef long long lo, hi, r
-    cdef float acc
+    cdef float acc, acc1, acc2, acc3
     cdef const float *t0
     cdef const float *t1
     cdef const code_t *code
-    _sorted_coarse(x, Cs, V, h, w.order0, w.sort_tmp)
-    _sorted_coarse(x + h, Cs + split_c, V, h, w.order1, w.sort_tmp)
+    _sorted_coarse(x, CsT, V, h, w.coarse_dist, w.order0, w.sort_tmp)
+    _sorted_coarse(x + h, CsT + split_c, V, h, w.coarse_dist, w.order1, w.sort_tmp)
     for c in range(V):
         w.progress[c] = 0
         w.slot0[c] = -1
@@ -274,16 +288,25 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *RTs
         visited += 1
         w.progress[item.i] = item.j + 1
         # (i+1, j) once (i, j) and (i+1, j-1) are popped; (i, j+1) once (i-1, j+1) is.
+        # A pushed cell is popped soon: prefetch its offsets (one cache miss per visited
+        # cell otherwise, in a (V^2 + 1) array that outgrows the cache).
         if item.i + 1 < V and (item.j == 0 or w.progress[item.i + 1] >= item.j):
             _heap_push(w.heap, &heap_size, w.order0[item.i + 1].dist + w.order1[item.j].dist,
                        item.i + 1, item.j)
+            __builtin_prefetch(offsets + <Py_ssize_t>w.order0[item.i + 1].index * V
+                               + w.order1[item.j].index)
         if item.j + 1 < V and (item.i == 0 or w.progress[item.i - 1] >= item.j + 2):
             _heap_push(w.heap, &heap_size, w.order0[item.i].dist + w.order1[item.j + 1].dist,
                        item.i, item.j + 1)
+            __builtin_prefetch(offsets + <Py_ssize_t>w.order0[item.i].index * V
+                               + w.order1[item.j + 1].index)
         c0 = w.order0[item.i].index
         c1 = w.order1[item.j].index
         lo = offsets[<Py_ssize_t>c0 * V + c1]
         hi = offsets[<Py_ssize_t>c0 * V + c1 + 1]
+        if heap_size > 0:  # the codes of the next cell in line, while this one is scanned
+            __builtin_prefetch(fine + offsets[<Py_ssize_t>w.order0[w.heap[0].i].index * V
+                                              + w.order1[w.heap[0].j].index] * M)
         if hi <= lo:
             continue
         if w.slot0[c0] < 0 or w.slot1[c1] < 0:
@@ -308,11 +331,24 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *RTs
         t1 = w.tables + w.slot1[c1] * table_size
         for r in range(lo, hi):
             code = fine + r * M
+            # four independent sums (split x parity of j) quarter the chain of
+            # dependent adds, the latency that bounds this loop
             acc = 0
-            for j in range(half_m):
-                acc = acc + t0[j * S + code[j]] + t1[j * S + code[half_m + j]]
+            acc1 = 0
+            acc2 = 0
+            acc3 = 0
+            j = 0
+            while j + 1 < half_m:
+                acc = acc + t0[j * S + code[j]]
+                acc1 = acc1 + t1[j * S + code[half_m + j]]
+                acc2 = acc2 + t0[(j + 1) * S + code[j + 1]]
+                acc3 = acc3 + t1[(j + 1) * S + code[half_m + j + 1]]
+                j += 2
+            if j < half_m:
+                acc = acc + t0[j * S + code[j]]
+                acc1 = acc1 + t1[j * S + code[half_m + j]]
             w.rows[total] = r
-            w.dists[total] = acc
+            w.dists[total] = (acc + acc2) + (acc1 + acc3)
             total += 1
     total_out[0] = total
     visited_out[0] = visited
@@ -365,6 +401,7 @@ cdef int _top_k(const float *dists, Py_ssize_t n, int limit, Keyed *heap) noexce
 
 def search_many(const float[:, ::1] Q,          # IN (q, D) queries
                 const float[:, :, ::1] Cs,       # IN (2, V, h)
+                const float[:, :, ::1] CsT,      # IN (2, h, V) transposed centroids
                 const float[:, :, :, ::1] RTs,   # IN (2, V, h, h) transposed rotations
                 const float[:, :, ::1] mus,      # IN (2, V, h)
                 const float[:, :, :, ::1] booksT,  # IN (2, M/2, ds, S) transposed codebooks
@@ -391,8 +428,9 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
         for q in range(Q.shape[0]):
             if failed:
                 break
-            if _search_core(&w, &Q[q, 0], &Cs[0, 0, 0], &RTs[0, 0, 0, 0], &mus[0, 0, 0],
-                            &booksT[0, 0, 0, 0], V, h, half_m, S, &offsets[0], &fine[0, 0],
+            if _search_core(&w, &Q[q, 0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
+                            &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
+                            &offsets[0], &fine[0, 0],
                             quota, &total, &visited) != 0:
                 failed = 1
                 break
@@ -412,6 +450,7 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
 
 def search_one(const float[::1] x,              # IN (D,) query
                const float[:, :, ::1] Cs,       # IN (2, V, h)
+               const float[:, :, ::1] CsT,      # IN (2, h, V) transposed centroids
                const float[:, :, :, ::1] RTs,   # IN (2, V, h, h) transposed rotations
                const float[:, :, ::1] mus,      # IN (2, V, h)
                const float[:, :, :, ::1] booksT,  # IN (2, M/2, ds, S) transposed codebooks
@@ -433,8 +472,9 @@ def search_one(const float[::1] x,              # IN (D,) query
     with nogil:
         if _work_init(&w, V, h) != 0:
             failed = 1
-        elif _search_core(&w, &x[0], &Cs[0, 0, 0], &RTs[0, 0, 0, 0], &mus[0, 0, 0],
-                          &booksT[0, 0, 0, 0], V, h, half_m, S, &offsets[0], &fine[0, 0],
+        elif _search_core(&w, &x[0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
+                          &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
+                          &offsets[0], &fine[0, 0],
                           quota, &total, &visited) != 0:
             failed = 1
     try:
