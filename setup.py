@@ -32,7 +32,8 @@ extensions = [
               + _vector_flags(),
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]),
     Extension("lopq._kernels._search", ["lopq/_kernels/_search.pyx"],
-              include_dirs=[np.get_include()],
+              include_dirs=[np.get_include(), "lopq/_kernels"],
+              depends=["lopq/_kernels/_fused.h"],
               extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"]
               + _vector_flags(),
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]),

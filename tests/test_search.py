@@ -125,6 +125,34 @@ def test_compiled_traversal_order_equals_python_with_exact_ties(V, monkeypatch):
             np.testing.assert_allclose(dists_c, dists_p, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("D,M,S", [(8, 2, 16), (24, 4, 20), (128, 16, 256), (36, 6, 9)])
+def test_compiled_distance_tables_on_every_block_shape(D, M, S, monkeypatch):
+    """Search distances equal |x - reconstruction|^2 when the rotations are orthogonal,
+    for half dimensions and codebook sizes that hit the full register blocks, single
+    blocks and scalar remainders of the compiled table kernel."""
+    if search_module._compiled is None:
+        pytest.skip("compiled search extension not built")
+    rng = np.random.RandomState(D + M + S)
+    V, h = 3, D // 2
+    Cs = rng.randn(2, V, h).astype(np.float32)
+    Rs = np.linalg.qr(rng.randn(2, V, h, h))[0].astype(np.float32)
+    mus = (0.1 * rng.randn(2, V, h)).astype(np.float32)
+    subs = rng.randn(M, S, D // M).astype(np.float32)
+    model = LOPQModel(V=V, M=M, subquantizer_clusters=S, parameters=(Cs, Rs, mus, subs))
+    n = 500
+    coarse = rng.randint(0, V, size=(n, 2)).astype(np.int32)
+    fine = rng.randint(0, S, size=(n, M)).astype(np.uint8)
+    searcher = LOPQSearcher(model)
+    searcher.add_codes((coarse, fine))
+    for x in rng.randn(4, D).astype(np.float32):
+        results, _ = searcher.search(x, quota=n, with_dists=True)
+        rows, dists = numpy_search(model, coarse, fine, x, n)
+        want = dict(zip(rows.tolist(), dists))
+        assert len(results) == n
+        for r in results:
+            assert r.dist == pytest.approx(want[r.id], rel=1e-4, abs=1e-3)
+
+
 def test_reference_api(model_and_data):
     model, X = model_and_data
     searcher = LOPQSearcher(model)

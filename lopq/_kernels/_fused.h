@@ -1,5 +1,6 @@
-/* Fused kernels for small dimensions: nearest centroid (subquantizers, d <= 32) and the
- * whole per-split encoding (residual, rotation, all subquantizers) without temporaries.
+/* Fused kernels for small dimensions: nearest centroid (subquantizers, d <= 32), the
+ * whole per-split encoding (residual, rotation, all subquantizers) without temporaries,
+ * and a query's distance tables for search (`lopq_query_table`).
  *
  * One micro-kernel serves every product here: `lopq_block_scores` computes
  * init[c] + sum_t x_r[t] * CT[t, c] for LOPQ_ROWS rows at once, LOPQ_W columns per vector
@@ -168,7 +169,7 @@ static inline void lopq_block_nearest_any(const float *const *rows, ptrdiff_t d,
 /* Nearest centroid of every row. CTm2 is -2 C^T padded to kp columns (multiple of
  * LOPQ_W); C (k, d) unpadded gives the exact squared distance when sqdist is not NULL.
  * Returns 0, or -1 when scratch memory could not be allocated. */
-static int lopq_assign_fused(
+static inline int lopq_assign_fused(
     const float *X, ptrdiff_t n, ptrdiff_t d, ptrdiff_t row_stride, /* IN rows          */
     const float *CTm2, ptrdiff_t kp,              /* IN (d, kp) -2 * transposed centroids */
     const float *c_sqnorm,                        /* IN (kp,) squared norms, pad NaN    */
@@ -208,7 +209,7 @@ static int lopq_assign_fused(
  *     codes[i, j] = argmin_s |p_j - codebook[j, s]|^2   for the m subvectors p_j of ds dims.
  * Neither the residuals nor the projections are materialised beyond one row block.
  * Returns 0, or -1 when scratch memory could not be allocated. */
-static int lopq_encode_grouped(
+static inline int lopq_encode_grouped(
     const float *X, ptrdiff_t h, ptrdiff_t row_stride, /* IN rows of h dims               */
     const long long *order, const long long *offsets, ptrdiff_t V, /* IN rows by cluster  */
     const float *shift,                          /* IN (V, h) centroid + mean residual    */
@@ -257,7 +258,7 @@ static int lopq_encode_grouped(
 /* Argmin over rows of a precomputed GEMM block G = X @ C^T: scores |c|^2 - 2 G[i, c]
  * with a vector running minimum, then the exact squared distance to the chosen
  * centroid. (Used for large d, where sgemm computes G faster than the loops above.) */
-static void lopq_argmin_scores(
+static inline void lopq_argmin_scores(
     const float *G, ptrdiff_t b, ptrdiff_t k,      /* IN (b, k) block             */
     const float *c_sqnorm,                         /* IN (k,)                     */
     const float *X, ptrdiff_t d,                   /* IN (b, d) the block's rows  */
@@ -300,4 +301,79 @@ static void lopq_argmin_scores(
         sqdist[i] = s;
     }
     free(scores);
+}
+
+/* Accumulators per step of the query-table loops: independent FMA chains that hide the
+ * FMA latency while each stays in one register. */
+#define LOPQ_TABLE_BLOCKS 4
+
+/* acc[u] (u < nb) = sum over t < d of coef(t) * src[t * stride + u * LOPQ_W + l] per lane l,
+ * t in order: the rotation of one residual (coef = residual) without reloading px. */
+static inline __attribute__((always_inline)) void lopq_matvec_block(
+    const float *src, ptrdiff_t stride, const float *coef, ptrdiff_t d, int nb, float *out)
+{
+    lopq_vf acc[LOPQ_TABLE_BLOCKS];
+    for (int u = 0; u < LOPQ_TABLE_BLOCKS; u++) acc[u] = (lopq_vf){0};
+    for (ptrdiff_t t = 0; t < d; t++) {
+        const float ct = coef[t];
+        for (int u = 0; u < nb; u++) acc[u] += lopq_load(src + t * stride + u * LOPQ_W) * ct;
+    }
+    for (int u = 0; u < nb; u++) lopq_store(out + u * LOPQ_W, acc[u]);
+}
+
+/* acc[u] = sum over t < d of (p[t] - src[t * stride + u * LOPQ_W + l])^2, t in order. */
+static inline __attribute__((always_inline)) void lopq_sqdist_block(
+    const float *src, ptrdiff_t stride, const float *p, ptrdiff_t d, int nb, float *out)
+{
+    lopq_vf acc[LOPQ_TABLE_BLOCKS];
+    for (int u = 0; u < LOPQ_TABLE_BLOCKS; u++) acc[u] = (lopq_vf){0};
+    for (ptrdiff_t t = 0; t < d; t++) {
+        const float pt = p[t];
+        for (int u = 0; u < nb; u++) {
+            const lopq_vf diff = pt - lopq_load(src + t * stride + u * LOPQ_W);
+            acc[u] += diff * diff;
+        }
+    }
+    for (int u = 0; u < nb; u++) lopq_store(out + u * LOPQ_W, acc[u]);
+}
+
+/* LOPQ distance table of a query in the frame of coarse cluster c of one split:
+ * px = R[c] @ (x - C[c] - mu[c]) and table[j * S + s] = sum_t (px[j*ds + t] -
+ * books[j, s, t])^2, each sum taken in t order as the plain loops do. Register blocks of
+ * LOPQ_TABLE_BLOCKS x LOPQ_W outputs accumulate over the whole sum before one store
+ * (the plain loops reloaded and stored px / table for every term). r, px: (h,) scratch. */
+static inline void lopq_query_table(
+    const float *x, const float *centroid, const float *mu,  /* IN (h,) each           */
+    const float *RT, ptrdiff_t h,            /* IN (h, h) R[c]^T: RT[b * h + a] = R[a, b] */
+    const float *booksT, int half_m, ptrdiff_t S,  /* IN (half_m, ds, S) codebooks^T   */
+    float *r, float *px, float *table)       /* scratch (h,), (h,); OUT (half_m, S)     */
+{
+    const ptrdiff_t ds = h / half_m, step = LOPQ_TABLE_BLOCKS * LOPQ_W;
+    ptrdiff_t a, s, full;
+    for (ptrdiff_t b = 0; b < h; b++) r[b] = x[b] - centroid[b] - mu[b];
+    full = h - h % LOPQ_W;
+    for (a = 0; a + step <= full; a += step)
+        lopq_matvec_block(RT + a, h, r, h, LOPQ_TABLE_BLOCKS, px + a);
+    for (; a < full; a += LOPQ_W) lopq_matvec_block(RT + a, h, r, h, 1, px + a);
+    for (; a < h; a++) {
+        float acc = 0;
+        for (ptrdiff_t b = 0; b < h; b++) acc += RT[b * h + a] * r[b];
+        px[a] = acc;
+    }
+    full = S - S % LOPQ_W;
+    for (int j = 0; j < half_m; j++) {
+        const float *books = booksT + (ptrdiff_t)j * ds * S, *p = px + (ptrdiff_t)j * ds;
+        float *tab = table + (ptrdiff_t)j * S;
+        for (s = 0; s + step <= full; s += step)
+            lopq_sqdist_block(books + s, S, p, ds, LOPQ_TABLE_BLOCKS, tab + s);
+        for (; s < full; s += LOPQ_W) lopq_sqdist_block(books + s, S, p, ds, 1, tab + s);
+        for (; s < S; s++) {
+            float acc = 0;
+            for (ptrdiff_t t = 0; t < ds; t++) {
+                const float diff = p[t] - books[t * S + s];
+                acc += diff * diff;
+            }
+            tab[s] = acc;
+        }
+    }
 }

@@ -15,6 +15,11 @@ import numpy as np
 cdef extern from *:
     void __builtin_prefetch(const void *addr) nogil
 
+cdef extern from "_fused.h" nogil:
+    void lopq_query_table(const float *x, const float *centroid, const float *mu,
+                          const float *RT, Py_ssize_t h, const float *booksT, int half_m,
+                          Py_ssize_t S, float *r, float *px, float *table)
+
 ctypedef fused code_t:
     unsigned char
     unsigned short
@@ -157,36 +162,13 @@ cdef int _sorted_coarse(const float *x, const float *CT, int V, int h, float *di
     return 0
 
 
-cdef void _table(const float *x, int c, const float *C, const float *RT, const float *mu,
-                 const float *booksT, int h, int half_m, int S, float *r, float *px,
-                 float *table) noexcept nogil:
-    # px = R[c] @ (x - C[c] - mu[c]); table[j, s] = |px_j - books[j, s]|^2. Transposed
-    # inputs (RT[c] = R[c]^T, booksT (M/2, ds, S)) keep every inner loop contiguous, so
-    # the compiler vectorises them without reassociating sums.
-    cdef int a, b, j, s, t, ds = h // half_m
-    cdef float rb, pt, diff
-    cdef const float *RTc = RT + <Py_ssize_t>c * h * h
-    cdef const float *row
-    cdef float *tab
-    for b in range(h):
-        r[b] = x[b] - C[c * h + b] - mu[c * h + b]
-    for a in range(h):
-        px[a] = 0
-    for b in range(h):
-        rb = r[b]
-        row = RTc + b * h
-        for a in range(h):
-            px[a] = px[a] + row[a] * rb
-    for j in range(half_m):
-        tab = table + j * S
-        for s in range(S):
-            tab[s] = 0
-        for t in range(ds):
-            pt = px[j * ds + t]
-            row = booksT + (<Py_ssize_t>(j * ds + t)) * S
-            for s in range(S):
-                diff = pt - row[s]
-                tab[s] = tab[s] + diff * diff
+cdef inline void _table(const float *x, int c, const float *C, const float *RT,
+                        const float *mu, const float *booksT, int h, int half_m, int S,
+                        float *r, float *px, float *table) noexcept nogil:
+    # px = R[c] @ (x - C[c] - mu[c]); table[j, s] = |px_j - books[j, s]|^2, from the
+    # transposed rotation RT[c] = R[c]^T and codebooks booksT (M/2, ds, S)
+    lopq_query_table(x, C + <Py_ssize_t>c * h, mu + <Py_ssize_t>c * h,
+                     RT + <Py_ssize_t>c * h * h, h, booksT, half_m, S, r, px, table)
 
 
 cdef int _grow(void **buf, Py_ssize_t *capacity, Py_ssize_t needed,
