@@ -125,11 +125,12 @@ def test_compiled_traversal_order_equals_python_with_exact_ties(V, monkeypatch):
             np.testing.assert_allclose(dists_c, dists_p, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("D,M,S", [(8, 2, 16), (24, 4, 20), (128, 16, 256), (36, 6, 9)])
+@pytest.mark.parametrize("D,M,S", [(8, 2, 16), (24, 4, 20), (128, 16, 256), (36, 6, 9),
+                                   (16, 4, 300)])
 def test_compiled_distance_tables_on_every_block_shape(D, M, S, monkeypatch):
     """Search distances equal |x - reconstruction|^2 when the rotations are orthogonal,
     for half dimensions and codebook sizes that hit the full register blocks, single
-    blocks and scalar remainders of the compiled table kernel."""
+    blocks and scalar remainders of the compiled table kernel, and uint16 codes."""
     if search_module._compiled is None:
         pytest.skip("compiled search extension not built")
     rng = np.random.RandomState(D + M + S)
@@ -141,9 +142,10 @@ def test_compiled_distance_tables_on_every_block_shape(D, M, S, monkeypatch):
     model = LOPQModel(V=V, M=M, subquantizer_clusters=S, parameters=(Cs, Rs, mus, subs))
     n = 500
     coarse = rng.randint(0, V, size=(n, 2)).astype(np.int32)
-    fine = rng.randint(0, S, size=(n, M)).astype(np.uint8)
+    fine = rng.randint(0, S, size=(n, M))
     searcher = LOPQSearcher(model)
     searcher.add_codes((coarse, fine))
+    assert searcher.fine.dtype == (np.uint16 if S > 256 else np.uint8)
     for x in rng.randn(4, D).astype(np.float32):
         results, _ = searcher.search(x, quota=n, with_dists=True)
         rows, dists = numpy_search(model, coarse, fine, x, n)
