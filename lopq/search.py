@@ -399,7 +399,7 @@ class LOPQSearcher:
             path: a folder of part files or one file; a Hadoop/``s3a://`` path needs
                 ``sc`` (a SparkContext) to read it.
         """
-        from .formats import parse_code_line
+        from .formats import parse_code_lines
         if sc is not None:
             lines = sc.textFile(str(path)).collect()
         else:
@@ -408,20 +408,10 @@ class LOPQSearcher:
             if not files:
                 raise ValueError(f"no part files in {path}")
             lines = [line for f in files for line in f.read_text().splitlines()]
-        ids, coarse, fine = [], [], []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                key, c, f = parse_code_line(line)
-            except ValueError as err:
-                raise ValueError(f"{path}: line {number} is not a code line ({err})") \
-                    from None
-            ids.append(int(key) if key.lstrip("-").isdigit() else key)
-            coarse.append(c)
-            fine.append(f)
+        keys, coarse, fine = parse_code_lines(lines, source=str(path))
+        ids = [int(key) if key.lstrip("-").isdigit() else key for key in keys]
         searcher = cls(model)
-        searcher.add_codes((np.asarray(coarse), np.asarray(fine)), ids)
+        searcher.add_codes((coarse, fine), ids)
         return searcher
 
     def _query(self, x):

@@ -237,6 +237,35 @@ def test_index_from_compute_codes_output(model_and_data, tmp_path):
     assert results[0].id == 7
 
 
+def test_code_lines_parse_in_bulk_as_line_by_line():
+    from lopq.formats import format_code_line, parse_code_line, parse_code_lines
+    rng = np.random.RandomState(0)
+    coarse = rng.randint(0, 1024, size=(200, 2))
+    fine = rng.randint(0, 65536, size=(200, 16))
+    lines = [format_code_line(f"id{i}" if i % 3 else i, c, f)
+             for i, (c, f) in enumerate(zip(coarse, fine))]
+    lines[5] += "  \r\n"  # trailing blanks and a Windows line end
+    lines.insert(7, "")
+    keys, got_coarse, got_fine = parse_code_lines(lines)
+    one_by_one = [parse_code_line(line) for line in lines if line]
+    assert keys == [k for k, _, _ in one_by_one]
+    np.testing.assert_array_equal(got_coarse, coarse)
+    np.testing.assert_array_equal(got_fine, fine)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("8\t[[1, 2], [3, 4]]", "line 2 has 2 fine codes, the first line 3"),
+    ("8 [[1, 2], [3, 4, 5]]", "line 2 is not id<TAB>.*no TAB"),
+    ("8\t[[1, 2], [3, 4.5, 5]]", "line 2 holds a code that is not an integer"),
+    ("8\t[[1, 2, 3], [4, 5]]", "line 2 has 3 coarse codes, not 2"),
+    ("8\t[[1, 2], [3, x, 5]]", "line 2 is not id<TAB>"),
+])
+def test_bad_code_lines_are_named(bad, match):
+    from lopq.formats import parse_code_lines
+    with pytest.raises(ValueError, match=match):
+        parse_code_lines(["7\t[[1, 2], [3, 4, 5]]", bad], source="codes/")
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda s, X: s.search(X[0, :5]), "D=16"),
     (lambda s, X: s.search(X[0], quota=0), "quota"),
