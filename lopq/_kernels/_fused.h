@@ -307,31 +307,26 @@ static inline void lopq_argmin_scores(
  * FMA latency while each stays in one register. */
 #define LOPQ_TABLE_BLOCKS 4
 
-/* acc[u] (u < nb) = sum over t < d of coef(t) * src[t * stride + u * LOPQ_W + l] per lane l,
- * t in order: the rotation of one residual (coef = residual) without reloading px. */
-static inline __attribute__((always_inline)) void lopq_matvec_block(
-    const float *src, ptrdiff_t stride, const float *coef, ptrdiff_t d, int nb, float *out)
+/* out[u * LOPQ_W + l] (u < nb) = sum over t < d, in t order, of
+ *   coef[t] * src[t * stride + u * LOPQ_W + l]              (sqdiff 0: a matrix-vector product)
+ *   (coef[t] - src[t * stride + u * LOPQ_W + l])^2          (sqdiff 1: squared distances)
+ * sqdiff is a constant at every call, so the inlined loop carries no branch. */
+static inline __attribute__((always_inline)) void lopq_column_block(
+    const float *src, ptrdiff_t stride, const float *coef, ptrdiff_t d, int nb, int sqdiff,
+    float *out)
 {
     lopq_vf acc[LOPQ_TABLE_BLOCKS];
     for (int u = 0; u < LOPQ_TABLE_BLOCKS; u++) acc[u] = (lopq_vf){0};
     for (ptrdiff_t t = 0; t < d; t++) {
         const float ct = coef[t];
-        for (int u = 0; u < nb; u++) acc[u] += lopq_load(src + t * stride + u * LOPQ_W) * ct;
-    }
-    for (int u = 0; u < nb; u++) lopq_store(out + u * LOPQ_W, acc[u]);
-}
-
-/* acc[u] = sum over t < d of (p[t] - src[t * stride + u * LOPQ_W + l])^2, t in order. */
-static inline __attribute__((always_inline)) void lopq_sqdist_block(
-    const float *src, ptrdiff_t stride, const float *p, ptrdiff_t d, int nb, float *out)
-{
-    lopq_vf acc[LOPQ_TABLE_BLOCKS];
-    for (int u = 0; u < LOPQ_TABLE_BLOCKS; u++) acc[u] = (lopq_vf){0};
-    for (ptrdiff_t t = 0; t < d; t++) {
-        const float pt = p[t];
         for (int u = 0; u < nb; u++) {
-            const lopq_vf diff = pt - lopq_load(src + t * stride + u * LOPQ_W);
-            acc[u] += diff * diff;
+            const lopq_vf v = lopq_load(src + t * stride + u * LOPQ_W);
+            if (sqdiff) {
+                const lopq_vf diff = ct - v;
+                acc[u] += diff * diff;
+            } else {
+                acc[u] += v * ct;
+            }
         }
     }
     for (int u = 0; u < nb; u++) lopq_store(out + u * LOPQ_W, acc[u]);
@@ -353,8 +348,8 @@ static inline void lopq_query_table(
     for (ptrdiff_t b = 0; b < h; b++) r[b] = x[b] - centroid[b] - mu[b];
     full = h - h % LOPQ_W;
     for (a = 0; a + step <= full; a += step)
-        lopq_matvec_block(RT + a, h, r, h, LOPQ_TABLE_BLOCKS, px + a);
-    for (; a < full; a += LOPQ_W) lopq_matvec_block(RT + a, h, r, h, 1, px + a);
+        lopq_column_block(RT + a, h, r, h, LOPQ_TABLE_BLOCKS, 0, px + a);
+    for (; a < full; a += LOPQ_W) lopq_column_block(RT + a, h, r, h, 1, 0, px + a);
     for (; a < h; a++) {
         float acc = 0;
         for (ptrdiff_t b = 0; b < h; b++) acc += RT[b * h + a] * r[b];
@@ -365,8 +360,8 @@ static inline void lopq_query_table(
         const float *books = booksT + (ptrdiff_t)j * ds * S, *p = px + (ptrdiff_t)j * ds;
         float *tab = table + (ptrdiff_t)j * S;
         for (s = 0; s + step <= full; s += step)
-            lopq_sqdist_block(books + s, S, p, ds, LOPQ_TABLE_BLOCKS, tab + s);
-        for (; s < full; s += LOPQ_W) lopq_sqdist_block(books + s, S, p, ds, 1, tab + s);
+            lopq_column_block(books + s, S, p, ds, LOPQ_TABLE_BLOCKS, 1, tab + s);
+        for (; s < full; s += LOPQ_W) lopq_column_block(books + s, S, p, ds, 1, 1, tab + s);
         for (; s < S; s++) {
             float acc = 0;
             for (ptrdiff_t t = 0; t < ds; t++) {
