@@ -136,7 +136,8 @@ def test_encode_fine_near_ties(backend, rng):
                                        (5, 16, 64, 8, 256),     # a partial row block
                                        (3000, 16, 64, 8, 256),  # the common shape
                                        (40, 60, 12, 4, 300),    # V > n; h, S not multiples of 8
-                                       (700, 8, 48, 2, 16)])    # ds = 24: the generic loop
+                                       (700, 8, 48, 2, 16),     # ds = 24: the generic loop
+                                       (300, 8, 80, 2, 16)])    # ds = 40: composed kernels
 def test_encode_split_matches_reference(backend, n, V, h, m, S, rng):
     """The fused per-split encoder (coarse label, residual, rotation, fine codes) against
     the reference composition, reading a strided column slice in place."""

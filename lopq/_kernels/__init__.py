@@ -98,23 +98,11 @@ def encode_split(X, C, R, mu, codebooks, backend=None):
     Returns:
         labels (n,) int32, codes (n, M/2) uint8/uint16.
     """
-    be = get_backend(backend)
-    C, mu = rows32(C), rows32(mu)
-    R = np.ascontiguousarray(R, dtype=np.float32)
-    codebooks = np.ascontiguousarray(codebooks, dtype=np.float32)
-    fused = getattr(be, "encode_split", None)
-    if fused is not None:
-        # A column slice of the caller's float32 array is read in place.
-        result = fused(_unit_column_stride(X), C, R, mu, codebooks)
-        if result is not None:
-            return result
-    X = rows32(X)
-    labels, _ = be.assign(X, C)
-    P, order = reference.project_grouped(X, labels, C, R, mu)
-    codes_grouped = be.encode_fine(P, codebooks)
-    codes = np.empty_like(codes_grouped)
-    codes[order] = codes_grouped
-    return labels, codes
+    # A column slice of the caller's float32 array is passed as it is: the fused encoder
+    # reads it in place.
+    return get_backend(backend).encode_split(
+        _unit_column_stride(X), rows32(C), np.ascontiguousarray(R, dtype=np.float32),
+        rows32(mu), np.ascontiguousarray(codebooks, dtype=np.float32))
 
 
 def encode_fine(P, codebooks, backend=None):

@@ -56,11 +56,14 @@ def encode_split(X, C, R, mu, codebooks):
 
     One C loop per split does residual, rotation and all subquantizers for each row
     block of a cluster, so neither residuals nor projections exist as (n, h) arrays.
-    Falls back to the composed kernels when the fused loop does not apply.
+    Subvectors longer than SMALL_D (or a build without AVX2) take this module's kernels
+    one after the other instead.
     """
     m, S, ds = codebooks.shape
     if ds > SMALL_D or not _cython.FUSED_FAST:
-        return None
+        return reference.encode_split(np.ascontiguousarray(X), C, R, mu, codebooks,
+                                      assign=assign, project_residuals=project_residuals,
+                                      encode_fine=encode_fine)
     n, h = X.shape
     V = C.shape[0]
     labels, _ = assign(X, C)

@@ -133,6 +133,14 @@ def project_residuals(X, labels, C, R, mu):
     return P
 
 
+def encode_split(X, C, R, mu, codebooks):
+    """Coarse labels and fine codes of one split; see `reference.encode_split`, on this
+    module's kernels."""
+    return reference.encode_split(np.ascontiguousarray(X), C, R, mu, codebooks,
+                                  assign=assign, project_residuals=project_residuals,
+                                  encode_fine=encode_fine)
+
+
 @njit(**_OPTS)
 def _gather_float64(X, order, out):
     for r in range(order.shape[0]):

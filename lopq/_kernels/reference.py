@@ -82,13 +82,16 @@ def encode_fine(P, codebooks, assign=assign):
     return codes
 
 
-def encode_split(X, C, R, mu, codebooks):
+def encode_split(X, C, R, mu, codebooks, assign=assign, project_residuals=project_residuals,
+                 encode_fine=encode_fine):
     """Coarse labels and fine codes of one coarse split: `assign`, then
     `project_residuals`, then `encode_fine`.
 
     Args:
         X: (n, h) float32 rows of this split; C (V, h); R (V, h, h); mu (V, h);
         codebooks: (m, S, h / m) this split's subquantizers.
+        assign, project_residuals, encode_fine: the steps to use (compiled backends
+            without a fused encoder pass theirs).
 
     Returns:
         labels (n,) int32, codes (n, m) uint8/uint16.
