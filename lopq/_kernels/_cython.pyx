@@ -19,9 +19,9 @@ cdef extern from "_fused.h" nogil:
                             const float *shift, const float *RT, Py_ssize_t hp,
                             const float *CBTm2, Py_ssize_t m, Py_ssize_t ds, Py_ssize_t Sp,
                             const float *cb_sqnorm, int *codes)
-    void lopq_argmin_scores(const float *G, Py_ssize_t b, Py_ssize_t k, const float *c_sqnorm,
-                            const float *X, Py_ssize_t d, const float *C, int *labels,
-                            float *sqdist)
+    int lopq_argmin_scores(const float *G, Py_ssize_t b, Py_ssize_t k, const float *c_sqnorm,
+                           const float *X, Py_ssize_t d, const float *C, int *labels,
+                           float *sqdist)
 
 
 #: True when the fused loops were built for 8-wide vectors (AVX2); else prefer sgemm.
@@ -107,11 +107,14 @@ def argmin_scores(const float[:, ::1] X,       # IN (b, d)
                   float[::1] sqdist):          # OUT (b,)
     """Argmin of |c|^2 - 2 x.c over a precomputed GEMM block (vectorised C loop of
     _fused.h), then exact distances."""
+    cdef int status
     if G.shape[0] == 0:
         return
     with nogil:
-        lopq_argmin_scores(&G[0, 0], G.shape[0], G.shape[1], &c_sqnorm[0], &X[0, 0],
-                           X.shape[1], &C[0, 0], &labels[0], &sqdist[0])
+        status = lopq_argmin_scores(&G[0, 0], G.shape[0], G.shape[1], &c_sqnorm[0],
+                                    &X[0, 0], X.shape[1], &C[0, 0], &labels[0], &sqdist[0])
+    if status:
+        raise MemoryError("lopq_argmin_scores: no memory for scratch scores")
 
 
 def cluster_sums(const float[:, ::1] X,       # IN (n, d)

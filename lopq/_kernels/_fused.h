@@ -63,10 +63,11 @@ static inline float lopq_hmin(lopq_vf v) {
     m = _mm_min_ps(m, _mm_movehl_ps(m, m));
     m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
     return _mm_cvtss_f32(m);
-#endif
+#else
     float best = v[0];
     for (int l = 1; l < LOPQ_W; l++) best = v[l] < best ? v[l] : best;
     return best;
+#endif
 }
 
 /* First column of scores[0:k] equal to `value` (k a multiple of LOPQ_W); 0 if none
@@ -257,39 +258,32 @@ static inline int lopq_encode_grouped(
 
 /* Argmin over rows of a precomputed GEMM block G = X @ C^T: scores |c|^2 - 2 G[i, c]
  * with a vector running minimum, then the exact squared distance to the chosen
- * centroid. (Used for large d, where sgemm computes G faster than the loops above.) */
-static inline void lopq_argmin_scores(
+ * centroid. (Used for large d, where sgemm computes G faster than the loops above.)
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+static inline int lopq_argmin_scores(
     const float *G, ptrdiff_t b, ptrdiff_t k,      /* IN (b, k) block             */
     const float *c_sqnorm,                         /* IN (k,)                     */
     const float *X, ptrdiff_t d,                   /* IN (b, d) the block's rows  */
     const float *C,                                /* IN (k, d) centroids         */
     int *labels, float *sqdist)                    /* OUT (b,), (b,)              */
 {
-    float *scores = malloc(sizeof(float) * (k + LOPQ_W));
+    const ptrdiff_t kv = k - k % LOPQ_W;
+    float *scores = malloc(sizeof(float) * (kv + LOPQ_W));
+    if (!scores) return -1;
     for (ptrdiff_t i = 0; i < b; i++) {
         const float *g = G + i * k;
-        float best = INFINITY;
-        int best_index = 0;
-        if (scores) {
-            const ptrdiff_t kv = k - k % LOPQ_W;
-            lopq_vf run_min;
-            for (int l = 0; l < LOPQ_W; l++) run_min[l] = INFINITY;
-            for (ptrdiff_t c = 0; c < kv; c += LOPQ_W) {
-                const lopq_vf s = lopq_load(c_sqnorm + c) - 2.0f * lopq_load(g + c);
-                lopq_store(scores + c, s);
-                run_min = lopq_min(s, run_min);
-            }
-            best = lopq_hmin(run_min);
-            best_index = best < INFINITY ? lopq_first_equal(scores, kv, best) : 0;
-            for (ptrdiff_t c = kv; c < k; c++) {
-                const float s = c_sqnorm[c] - 2.0f * g[c];
-                if (s < best) { best = s; best_index = (int)c; }
-            }
-        } else {
-            for (ptrdiff_t c = 0; c < k; c++) {
-                const float s = c_sqnorm[c] - 2.0f * g[c];
-                if (s < best) { best = s; best_index = (int)c; }
-            }
+        lopq_vf run_min;
+        for (int l = 0; l < LOPQ_W; l++) run_min[l] = INFINITY;
+        for (ptrdiff_t c = 0; c < kv; c += LOPQ_W) {
+            const lopq_vf s = lopq_load(c_sqnorm + c) - 2.0f * lopq_load(g + c);
+            lopq_store(scores + c, s);
+            run_min = lopq_min(s, run_min);
+        }
+        float best = lopq_hmin(run_min);
+        int best_index = best < INFINITY ? lopq_first_equal(scores, kv, best) : 0;
+        for (ptrdiff_t c = kv; c < k; c++) {  /* columns past the last full vector */
+            const float s = c_sqnorm[c] - 2.0f * g[c];
+            if (s < best) { best = s; best_index = (int)c; }
         }
         labels[i] = best_index;
         const float *x = X + i * d, *c = C + (ptrdiff_t)best_index * d;
@@ -301,6 +295,7 @@ static inline void lopq_argmin_scores(
         sqdist[i] = s;
     }
     free(scores);
+    return 0;
 }
 
 /* Accumulators per step of the query-table loops: independent FMA chains that hide the
