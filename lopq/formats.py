@@ -286,7 +286,8 @@ def parse_code_lines(lines, source="codes"):
                 _, coarse, fine = parse_code_line(line)
             except ValueError as err:
                 raise ValueError(f"{source}: code line {number} is not "
-                                 f"id<TAB>[[c0, c1], [f0, ...]] ({err})") from None
+                                 f"id<TAB>[[c0, c1], [f0, ...]] ({err}): {line[:80]!r}") \
+                    from None
             if not all(isinstance(v, int) for v in coarse + fine):
                 raise ValueError(f"{source}: code line {number} holds a code that is not "
                                  "an integer")

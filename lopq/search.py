@@ -397,18 +397,43 @@ class LOPQSearcher:
 
         Args:
             path: a folder of part files or one file; a Hadoop/``s3a://`` path needs
-                ``sc`` (a SparkContext) to read it.
+                ``sc`` (a SparkContext) to read it. With ``sc`` the executors parse their
+                partitions and only the code arrays reach the driver.
+
+        Raises:
+            ValueError: naming the file (or partition), line and text of a bad line, or
+                part files whose codes come from models of different M.
         """
         from .formats import parse_code_lines
+        source = str(path)
         if sc is not None:
-            lines = sc.textFile(str(path)).collect()
+            from .spark.cli import _python_cause
+            # Executors parse their partitions; the driver receives arrays, not text.
+            try:
+                parts = sc.textFile(source).mapPartitionsWithIndex(
+                    lambda i, lines: [parse_code_lines(lines, f"{source} (partition {i})")]
+                ).collect()
+            except Exception as err:  # noqa: BLE001 - a bad line fails a Spark task
+                cause = _python_cause(err)
+                if cause is None:
+                    raise
+                raise ValueError(cause) from None
         else:
             p = Path(path)
             files = sorted(p.glob("part-*")) if p.is_dir() else [p]
             if not files:
                 raise ValueError(f"no part files in {path}")
-            lines = [line for f in files for line in f.read_text().splitlines()]
-        keys, coarse, fine = parse_code_lines(lines, source=str(path))
+            parts = [parse_code_lines(f.read_text().splitlines(), str(f)) for f in files]
+        parts = [part for part in parts if part[0]]
+        if not parts:
+            raise ValueError(f"{path} holds no code lines")
+        widths = sorted({part[2].shape[1] for part in parts})
+        if len(widths) > 1:
+            raise ValueError(f"{path}: the part files hold codes of {widths} fine codes "
+                             "each; they come from different models")
+        keys = [key for part in parts for key in part[0]]
+        coarse = np.concatenate([part[1] for part in parts])
+        fine = np.concatenate([part[2] for part in parts])
         ids = [int(key) if key.lstrip("-").isdigit() else key for key in keys]
         searcher = cls(model)
         searcher.add_codes((coarse, fine), ids)

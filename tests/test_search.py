@@ -235,6 +235,12 @@ def test_index_from_compute_codes_output(model_and_data, tmp_path):
     searcher = LOPQSearcher.from_codes(model, folder)
     results, _ = searcher.search(X[7], quota=10)
     assert results[0].id == 7
+    (folder / "part-00001").write_text("9\t[[0, 1], [2, 3]]\n")  # a model with M=2
+    with pytest.raises(ValueError, match="different models"):
+        LOPQSearcher.from_codes(model, folder)
+    (folder / "part-00001").write_text("9\t[[0, 1], [2, 3, x, 4]]\n")
+    with pytest.raises(ValueError, match="part-00001: code line 1 is not"):
+        LOPQSearcher.from_codes(model, folder)
 
 
 def test_code_lines_parse_in_bulk_as_line_by_line():

@@ -219,8 +219,8 @@ cdef int _work_init(Work *w, int V, int h) noexcept nogil:
     w.slot1 = <int *>malloc(V * sizeof(int))
     w.px = <float *>malloc(h * sizeof(float))
     w.rbuf = <float *>malloc(h * sizeof(float))
-    if not (w.order0 and w.order1 and w.sort_tmp and w.coarse_dist and w.progress and w.heap and w.slot0
-            and w.slot1 and w.px and w.rbuf):
+    if not (w.order0 and w.order1 and w.sort_tmp and w.coarse_dist and w.progress
+            and w.heap and w.slot0 and w.slot1 and w.px and w.rbuf):
         return -1
     return 0
 
@@ -243,9 +243,9 @@ cdef void _work_free(Work *w) noexcept nogil:
 
 
 cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT,
-                      const float *RTs,
-                      const float *mus, const float *booksT, int V, int h, int half_m,
-                      int S, const long long *offsets, const code_t *fine, long long quota,
+                      const float *RTs, const float *mus, const float *booksT, int V, int h,
+                      int half_m, int S, const long long *offsets, const code_t *fine,
+                      long long quota,
                       Py_ssize_t *total_out, int *visited_out) noexcept nogil:
     """Traverse, build tables and scan until >= quota rows: fills w.rows / w.dists."""
     cdef int M = 2 * half_m, heap_size = 0, visited = 0, c0, c1, j, c
