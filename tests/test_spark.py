@@ -286,13 +286,12 @@ def load_driver(name):
 
 @pytest.fixture(scope="module")
 def sc():
-    from pyspark import SparkContext
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ["PYSPARK_PYTHON"] = sys.executable
-    from lopq.spark.cli import new_spark_context
-    context = SparkContext._active_spark_context or new_spark_context("lopq tests")
-    yield context
-    context.stop()
+    from lopq.spark.session import get_session
+    session, _ = get_session("lopq tests")
+    yield session.sparkContext
+    session.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 
 from ..model import LOPQModel
 from . import fs
+from .session import driver_session
 
 
 class UsageError(ValueError):
@@ -42,48 +43,9 @@ def configure_logging():
     root.propagate = False
 
 
-class spark_context:
-    """``with spark_context(name) as sc``: the running SparkContext if there is one (left
-    running), else a new one, stopped on exit."""
-
-    def __init__(self, app_name):
-        self.app_name = app_name
-        self.owned = False
-        self.sc = None
-
-    def __enter__(self):
-        from pyspark import SparkContext
-        self.sc = SparkContext._active_spark_context
-        if self.sc is None:
-            self.sc = new_spark_context(self.app_name)
-            self.owned = True
-        return self.sc
-
-    def __exit__(self, *exc):
-        if self.owned:
-            self.sc.stop()
-        return False
-
-
-def new_spark_context(app_name):
-    """A SparkContext: ``local[*]`` unless spark-submit set a master, one numba/BLAS thread
-    per task (Spark already runs one task per core), loopback when SPARK_LOCAL_IP says so."""
-    from pyspark import SparkConf, SparkContext
-    conf = SparkConf().setAppName(app_name)
-    if not conf.contains("spark.master"):
-        conf.setMaster("local[*]")
-    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "MKL_NUM_THREADS"):
-        key = f"spark.executorEnv.{var}"
-        if not conf.contains(key):
-            conf.set(key, os.environ.get(f"LOPQ_EXECUTOR_{var}", "1"))
-    local_ip = os.environ.get("SPARK_LOCAL_IP")
-    if local_ip and not conf.contains("spark.driver.host"):
-        conf.set("spark.driver.host", local_ip)
-        conf.set("spark.driver.bindAddress", local_ip)
-    sc = SparkContext.getOrCreate(conf)
-    sc.setLogLevel(os.environ.get("LOPQ_SPARK_LOG_LEVEL", "WARN"))
-    return sc
+def spark_context(app_name):
+    """``with spark_context(name) as sc``: the launcher's Spark (see `lopq.spark.session`)."""
+    return driver_session(app_name)
 
 
 def load_model(sc, pkl_path=None, proto_path=None, flag_pkl="--existing_model_pkl",
