@@ -6,54 +6,22 @@ import json
 import os
 import pickle
 import re
-import shutil
 import subprocess
 import sys
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT
+from spark_helpers import read_codes, spark_env, spark_submit
 
 from lopq import LOPQModel
 from lopq.datasets import make_clustered
-from lopq.formats import encode_vector_line, parse_code_line, write_vector_file
+from lopq.formats import encode_vector_line, write_vector_file
 
 pytestmark = pytest.mark.spark
 pyspark = pytest.importorskip("pyspark")
 
-SPARK_BIN = Path(pyspark.__file__).parent / "bin"
 SMALL = dict(V=4, M=4, S=16)
-
-
-def spark_env(**extra):
-    env = dict(os.environ)
-    env.update(SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
-               PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "spark")]))
-    env.update(extra)
-    return env
-
-
-def spark_submit(script, *args, spark_args=(), env=None, check=True, timeout=600):
-    cmd = [str(SPARK_BIN / "spark-submit"), "--master", "local[2]", *spark_args,
-           str(ROOT / "spark" / script), *map(str, args)]
-    proc = subprocess.run(cmd, env=env or spark_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def read_codes(folder):
-    codes = {}
-    for part in sorted(Path(folder).glob("part-*")):
-        for line in part.read_text().splitlines():
-            key, coarse, fine = parse_code_line(line)
-            codes[key] = (coarse, fine)
-    return codes
 
 
 @pytest.fixture(scope="session")
@@ -197,82 +165,6 @@ def test_oxford5k_model_trained_on_spark_reaches_the_recall_bar(oxford, workdir)
     mean = np.mean(recalls, axis=0)
     # The reference's Spark pipeline (Python 3 port) measured [0.499, 0.925, 0.978].
     assert np.all(mean >= [0.51, 0.93, 0.98]), mean
-
-
-# ----------------------------------------------------------------- standalone cluster
-@pytest.fixture(scope="module")
-def standalone_cluster(tmp_path_factory):
-    """A Spark standalone master and 2 workers on 127.0.0.1, stopped afterwards."""
-    base = tmp_path_factory.mktemp("standalone")
-    daemon = Path(pyspark.__file__).parent / "sbin" / "spark-daemon.sh"
-    if not daemon.exists():
-        pytest.skip(f"{daemon} is absent in this pyspark")
-    env = spark_env(SPARK_PID_DIR=str(base / "pid"), SPARK_LOG_DIR=str(base / "log"),
-                    SPARK_WORKER_DIR=str(base / "work"),
-                    SPARK_HOME=str(Path(pyspark.__file__).parent), PYTHONPATH="")
-    port = 17077
-    master = f"spark://127.0.0.1:{port}"
-    subprocess.run(["bash", str(daemon), "start", "org.apache.spark.deploy.master.Master",
-                    "1", "--host", "127.0.0.1", "--port", str(port), "--webui-port", "18480"],
-                   env=env, check=True, capture_output=True)
-    for n in (1, 2):
-        subprocess.run(["bash", str(daemon), "start", "org.apache.spark.deploy.worker.Worker",
-                        str(n), "--host", "127.0.0.1", "--webui-port", str(18480 + n),
-                        "--cores", "1", "--memory", "2g", master],
-                       env=env, check=True, capture_output=True)
-    try:
-        yield master, env
-    finally:
-        for cls, n in (("org.apache.spark.deploy.worker.Worker", 2),
-                       ("org.apache.spark.deploy.worker.Worker", 1),
-                       ("org.apache.spark.deploy.master.Master", 1)):
-            subprocess.run(["bash", str(daemon), "stop", cls, str(n)], env=env,
-                           capture_output=True)
-
-
-def test_train_model_on_a_standalone_cluster_with_py_files(standalone_cluster, small_data,
-                                                           workdir, tmp_path):
-    master, env = standalone_cluster
-    path, X = small_data
-    # Ship lopq as a zip, including the built extension, as users do with --py-files.
-    archive = tmp_path / "lopq.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for file in (ROOT / "lopq").rglob("*"):
-            if file.is_file() and "__pycache__" not in file.parts:
-                zf.write(file, file.relative_to(ROOT))
-    env = dict(env, PYTHONPATH=str(tmp_path / "nowhere"))  # executors must use the zip
-    driver_path = os.pathsep.join([str(ROOT)])
-    out = workdir / "standalone.lopq"
-    cmd = [str(SPARK_BIN / "spark-submit"), "--master", master,
-           "--py-files", str(archive),
-           "--conf", "spark.driver.host=127.0.0.1",
-           "--conf", f"spark.executorEnv.NUMBA_CACHE_DIR={tmp_path / 'numba'}",
-           "--conf", f"spark.driverEnv.PYTHONPATH={driver_path}",
-           str(ROOT / "spark" / "train_model.py"), "--data", str(path), "--V", "4", "--M",
-           "4", "--subquantizer_clusters", "16", "--seed", "5", "--model_proto", str(out)]
-    proc = subprocess.run(cmd, env=dict(env, PYTHONPATH=driver_path), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    model = LOPQModel.load_proto(out)
-    assert model.D == 16 and model.codebooks.shape == (4, 16, 4)
-    # The executors imported lopq from the shipped zip and ran its kernels there.
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "from pyspark import SparkContext\n"
-        "sc = SparkContext.getOrCreate()\n"
-        "def where(_):\n"
-        "    import numpy as np, lopq\n"
-        "    from lopq import _kernels as K\n"
-        "    labels, _ = K.assign(np.eye(3), np.eye(3))\n"
-        "    return lopq.__file__, K.default_backend(), labels.tolist()\n"
-        "print('PROBE', sc.parallelize([0, 1], 2).map(where).collect())\n")
-    proc = subprocess.run([*cmd[:cmd.index(str(ROOT / "spark" / "train_model.py"))],
-                           str(probe)], env=dict(env, PYTHONPATH=driver_path),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    probe_line = [line for line in proc.stdout.splitlines() if line.startswith("PROBE")][0]
-    assert "lopq.zip" in probe_line and "[0, 1, 2]" in probe_line, probe_line
-    shutil.rmtree(tmp_path / "numba", ignore_errors=True)
 
 
 # ----------------------------------------------------------------- in-process bad input

@@ -60,6 +60,9 @@ class StandaloneCluster:
                         SPARK_LOG_DIR=str(self.base / "log"),
                         PYSPARK_PYTHON=os.environ.get("PYSPARK_PYTHON", sys.executable))
         self.env.update(env or {})
+        # The daemons' own configuration folder: Spark's default logging (INFO), so each
+        # executor's stderr records the tasks it finished.
+        self.env["SPARK_CONF_DIR"] = str(self.base / "conf")
 
     # ------------------------------------------------------------------ lifecycle
     def work_dir(self, worker):
@@ -75,6 +78,7 @@ class StandaloneCluster:
 
     def start(self, timeout=120):
         """Start the master and every worker; return once all workers are ALIVE."""
+        (self.base / "conf").mkdir(parents=True, exist_ok=True)
         self._daemon("start", MASTER_CLASS, 1, "--host", "127.0.0.1", "--port",
                      str(self.port), "--webui-port", str(self.webui_port))
         for worker in range(1, self.n_workers + 1):

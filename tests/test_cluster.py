@@ -1,0 +1,316 @@
+"""The Spark drivers on a real standalone cluster (1 master, 2 workers of 1 core, loopback),
+submitted with ``spark-submit --master spark://...`` as users do, and the faults a cluster
+has: executors killed, a worker lost, the driver killed, cached data larger than memory.
+
+Every test proves the work left the driver: the application is listed by the master and
+executors on both workers logged finished tasks. Run only these with
+``pytest -m cluster`` (about 10 minutes on 2 cores).
+"""
+
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from spark_helpers import (
+    RunningJob,
+    application_id,
+    assert_codes_equal_encode,
+    read_codes,
+    spark_env,
+    spark_submit,
+    spark_submit_path,
+    submit_command,
+)
+
+from lopq import LOPQModel
+from lopq.datasets import make_clustered
+from lopq.formats import write_vector_file
+
+pytestmark = [pytest.mark.spark, pytest.mark.cluster, pytest.mark.slow]
+pyspark = pytest.importorskip("pyspark")
+
+N_ROWS, N_QUERIES, DIM = 6000, 300, 16
+TRAIN_ARGS = ["--V", 4, "--M", 4, "--subquantizer_clusters", 16, "--seed", 7]
+RECALL_SLACK = 0.005
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from lopq.spark.localcluster import StandaloneCluster
+    base = tmp_path_factory.mktemp("standalone")
+    env = spark_env(PYTHONPATH="")  # executors import the installed lopq
+    cluster = StandaloneCluster(base, workers=2, cores=1, memory="2g", env=env)
+    try:
+        cluster.start()
+    except (RuntimeError, TimeoutError) as err:
+        cluster.stop()
+        pytest.fail(f"could not start a standalone cluster: {err}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(path, ids, X (6000, 16), queries (300, 16)) from one clustered distribution."""
+    folder = tmp_path_factory.mktemp("cluster_data")
+    everything = make_clustered(N_ROWS + N_QUERIES, DIM, n_clusters=12, seed=3)
+    X, queries = everything[:N_ROWS], everything[N_ROWS:]
+    ids = [f"item{i}" for i in range(N_ROWS)]
+    path = folder / "data.txt"
+    write_vector_file(path, X, ids=ids)
+    return path, ids, X, queries
+
+
+def recall_at_10(model, X, queries):
+    from lopq.eval import exact_neighbors, rank_by_lopq_distance, recall_at
+    coarse, fine = model.encode(X)
+    ranked = rank_by_lopq_distance(model, queries, coarse, fine, 10)
+    return recall_at(ranked, exact_neighbors(queries, X)[:, 0], (10,))[0]
+
+
+def on_cluster(cluster, script, *args, spark_args=()):
+    """spark-submit to the cluster; asserts it ran there. Returns the driver's output."""
+    proc = spark_submit(script, *args, master=cluster.master_url, spark_args=spark_args)
+    output = proc.stdout + proc.stderr
+    assert_ran_on_cluster(cluster, application_id(output))
+    return output
+
+
+def assert_ran_on_cluster(cluster, app_id, workers=(1, 2)):
+    """The master lists the application and executors on ``workers`` finished tasks."""
+    app = cluster.application(app_id)
+    assert app is not None, f"{app_id} never registered with {cluster.master_url}"
+    assert app["state"] in ("FINISHED", "RUNNING"), app
+    ran = cluster.workers_that_ran_tasks(app_id)
+    assert set(workers) <= set(ran), f"executors ran tasks on workers {ran} only"
+
+
+def models_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a.parameters, b.parameters))
+
+
+# --------------------------------------------------------------------- distribution
+@pytest.fixture(scope="module")
+def cluster_model(cluster, data, tmp_path_factory):
+    """train_model.py (steps 0, 1, 2) on the cluster: (pickle path, model)."""
+    path, _, _, _ = data
+    folder = tmp_path_factory.mktemp("cluster_model")
+    pkl, proto = folder / "model.pkl", folder / "model.lopq"
+    on_cluster(cluster, "train_model.py", "--data", path, *TRAIN_ARGS,
+               "--model_pkl", pkl, "--model_proto", proto)
+    return pkl, LOPQModel.load_proto(proto)
+
+
+def test_train_model_runs_on_the_cluster_and_equals_local(cluster_model, data, tmp_path):
+    _, model = cluster_model
+    path, _, X, queries = data
+    local = tmp_path / "local.lopq"
+    spark_submit("train_model.py", "--data", path, *TRAIN_ARGS, "--model_proto", local)
+    local_model = LOPQModel.load_proto(local)
+    # Same partitions, same per-partition seeds, partition results merged in order.
+    assert models_equal(model, local_model)
+    # And it quantizes as well as single-machine training does.
+    single = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=7)
+    assert recall_at_10(model, X, queries) >= 0.9 * recall_at_10(single, X, queries)
+
+
+def test_train_model_resumes_step_2_on_the_cluster(cluster, cluster_model, data, tmp_path):
+    pkl, model = cluster_model
+    path, _, _, _ = data
+    args = ["--data", path, "--existing_model_pkl", pkl, "--steps", "2", "--seed", 11]
+    out = tmp_path / "step2.lopq"
+    on_cluster(cluster, "train_model.py", *args, "--model_proto", out)
+    resumed = LOPQModel.load_proto(out)
+    np.testing.assert_array_equal(resumed.Cs, model.Cs)
+    np.testing.assert_array_equal(resumed.Rs, model.Rs)
+    spark_submit("train_model.py", *args, "--model_proto", tmp_path / "local.lopq")
+    assert models_equal(resumed, LOPQModel.load_proto(tmp_path / "local.lopq"))
+
+
+def test_train_pca_runs_on_the_cluster(cluster, data, tmp_path):
+    import pickle
+    path, _, X, _ = data
+    out = tmp_path / "pca.pkl"
+    on_cluster(cluster, "train_pca.py", "--data", path, "--output", out)
+    with open(out, "rb") as f:
+        params = pickle.load(f)
+    assert params["c"] == N_ROWS
+    np.testing.assert_allclose(params["mu"], X.astype(np.float64).mean(axis=0), atol=1e-9)
+    np.testing.assert_allclose(params["A"], np.cov(X.T.astype(np.float64)), rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_compute_codes_runs_on_the_cluster(cluster, cluster_model, data, tmp_path):
+    pkl, model = cluster_model
+    path, ids, X, _ = data
+    out = tmp_path / "codes"
+    output = on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
+                        "--model_pkl", pkl)
+    assert f"wrote codes of {N_ROWS} vectors" in output
+    codes = read_codes(out)
+    assert len(codes) == N_ROWS
+    assert_codes_equal_encode(model, X, ids, codes)
+
+
+def test_py_files_zip_reaches_the_executors(cluster, data, tmp_path):
+    """Executors without lopq on their path import it from a --py-files zip."""
+    path, _, _, _ = data
+    archive = tmp_path / "lopq.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in (ROOT / "lopq").rglob("*"):
+            if file.is_file() and "__pycache__" not in file.parts:
+                zf.write(file, file.relative_to(ROOT))
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from lopq.spark import cli\n"
+        "cli.configure_logging()\n"
+        "with cli.spark_context('probe') as sc:\n"
+        "    def where(_):\n"
+        "        import numpy as np, lopq\n"
+        "        from lopq import _kernels as K\n"
+        "        labels, _ = K.assign(np.eye(3), np.eye(3))\n"
+        "        return lopq.__file__, labels.tolist()\n"
+        "    print('PROBE', sc.parallelize(range(8), 8).map(where).collect())\n")
+    cmd = [spark_submit_path(), "--master", cluster.master_url, "--py-files", str(archive),
+           "--conf", f"spark.executorEnv.NUMBA_CACHE_DIR={tmp_path / 'numba'}", str(probe)]
+    proc = subprocess.run(cmd, env=spark_env(PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert_ran_on_cluster(cluster, application_id(proc.stdout + proc.stderr))
+    probe_line = [line for line in proc.stdout.splitlines() if line.startswith("PROBE")][0]
+    assert "lopq.zip" in probe_line and "[0, 1, 2]" in probe_line, probe_line
+
+
+# --------------------------------------------------------------------- faults
+def start_on_cluster(cluster, script, *args, spark_args=()):
+    return RunningJob(submit_command(script, args, cluster.master_url, spark_args),
+                      spark_env())
+
+
+def kill_executor_of_worker_2(cluster, job):
+    app_id = application_id(job.output)
+    pids = cluster.kill_executor(app_id, worker=2)
+    assert pids, f"no executor of {app_id} was running on worker 2"
+    return app_id
+
+
+def executors_launched(cluster, app_id, worker):
+    folder = cluster.work_dir(worker) / app_id
+    return len([p for p in folder.iterdir() if p.is_dir()]) if folder.is_dir() else 0
+
+
+def test_executor_killed_in_step_2_of_training(cluster, cluster_model, data, tmp_path):
+    _, undisturbed = cluster_model
+    path, _, X, queries = data
+    out = tmp_path / "model.lopq"
+    job = start_on_cluster(cluster, "train_model.py", "--data", path, *TRAIN_ARGS,
+                           "--model_proto", out)
+    job.wait_for(r"subquantizers \(step 2\): Lloyd iteration 2/")
+    app_id = kill_executor_of_worker_2(cluster, job)
+    code, output = job.finish()
+    assert code == 0, output[-5000:]
+    assert "Lloyd iteration 3/" in output.split("subquantizers (step 2)", 1)[1], \
+        "the executor was killed after step 2 ended"
+    assert executors_launched(cluster, app_id, 2) >= 2, "worker 2 never replaced its executor"
+    assert_ran_on_cluster(cluster, app_id)
+    model = LOPQModel.load_proto(out)
+    assert recall_at_10(model, X, queries) >= recall_at_10(undisturbed, X, queries) \
+        - RECALL_SLACK
+
+
+def test_executor_killed_in_compute_codes(cluster, cluster_model, data, tmp_path):
+    pkl, model = cluster_model
+    path, ids, X, _ = data
+    out = tmp_path / "codes"
+    job = start_on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
+                           "--model_pkl", pkl)
+    job.wait_for(r"loaded \d+ vectors")
+    app_id = kill_executor_of_worker_2(cluster, job)
+    code, output = job.finish()
+    assert code == 0, output[-5000:]
+    assert_ran_on_cluster(cluster, app_id, workers=(1,))
+    assert_codes_equal_encode(model, X, ids, read_codes(out))
+
+
+def test_worker_lost_for_good_in_mid_job(cluster, cluster_model, data, tmp_path):
+    _, undisturbed = cluster_model
+    path, _, X, queries = data
+    out = tmp_path / "model.lopq"
+    job = start_on_cluster(cluster, "train_model.py", "--data", path, *TRAIN_ARGS,
+                           "--model_proto", out)
+    job.wait_for(r"coarse \(step 0\): Lloyd iteration 2/")
+    try:
+        cluster.stop_worker(2)
+        code, output = job.finish()
+    finally:
+        cluster.start_worker(2)
+    assert code == 0, output[-5000:]
+    assert_ran_on_cluster(cluster, application_id(output), workers=(1,))
+    model = LOPQModel.load_proto(out)
+    assert recall_at_10(model, X, queries) >= recall_at_10(undisturbed, X, queries) \
+        - RECALL_SLACK
+
+
+@pytest.mark.parametrize("script,progress,output_flag", [
+    ("train_model.py", r"subquantizers \(step 2\): Lloyd iteration 1/", "--model_proto"),
+    ("compute_codes.py", r"loaded \d+ vectors", "--output"),
+])
+def test_driver_killed_leaves_no_output_and_a_rerun_succeeds(cluster, cluster_model, data,
+                                                              tmp_path, script, progress,
+                                                              output_flag):
+    pkl, _ = cluster_model
+    path, ids, _, _ = data
+    out = tmp_path / "out"
+    args = ["--data", path, output_flag, out]
+    args += TRAIN_ARGS if script == "train_model.py" else ["--model_pkl", pkl]
+    job = start_on_cluster(cluster, script, *args)
+    job.wait_for(progress)
+    job.kill_driver()
+    assert not out.exists(), f"the killed driver left {out}"
+    # Any temporary output is hidden beside it and never mistaken for the result.
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p.name != "out")
+    on_cluster(cluster, script, *args)
+    if script == "compute_codes.py":
+        assert len(read_codes(out)) == len(ids)
+    else:
+        assert LOPQModel.load_proto(out).D == DIM
+
+
+SYNTHETIC_UDF = '''"""Synthetic vectors made on the executors; --data is "rows,dim,partitions"."""
+import numpy as np
+
+
+def udf(sc, data_path, sampling_ratio, seed):
+    rows, dim, parts = (int(v) for v in data_path.split(","))
+
+    def generate(index):
+        rng = np.random.RandomState(index)
+        centres = np.random.RandomState(0).standard_normal((16, dim)).astype(np.float32)
+        n = rows // parts
+        labels = rng.randint(16, size=n)
+        X = centres[labels] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+        return list(X)
+
+    return sc.parallelize(range(parts), parts).flatMap(generate)
+'''
+
+
+def test_cached_blocks_larger_than_executor_memory_spill(cluster, tmp_path):
+    """1.1M x 128 float32 (563 MB of blocks) against --executor-memory 512m."""
+    udf = tmp_path / "synthetic_udf.py"
+    udf.write_text(SYNTHETIC_UDF)
+    out = tmp_path / "model.lopq"
+    output = on_cluster(
+        cluster, "train_model.py", "--data", "1100000,128,22", "--data_udf", "synthetic_udf",
+        "--V", 4, "--M", 4, "--subquantizer_clusters", 16, "--coarse_iters", 2,
+        "--local_iters", 2, "--subquantizer_sampling_ratio", 0.05,
+        "--rotation_refinement_iters", 0, "--model_proto", out,
+        spark_args=["--executor-memory", "512m", "--py-files", str(udf)])
+    spill_lines = [line for line in output.splitlines() if "spilled to disk" in line]
+    assert len(spill_lines) == 1, output[-5000:]
+    assert LOPQModel.load_proto(out).D == 128
+    assert os.path.getsize(out) > 0 and Path(out).is_file()
