@@ -7,10 +7,8 @@ executors on both workers logged finished tasks. Run only these with
 ``pytest -m cluster`` (about 10 minutes on 2 cores).
 """
 
-import os
 import subprocess
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,7 +308,8 @@ def test_cached_blocks_larger_than_executor_memory_spill(cluster, tmp_path):
         "--local_iters", 2, "--subquantizer_sampling_ratio", 0.05,
         "--rotation_refinement_iters", 0, "--model_proto", out,
         spark_args=["--executor-memory", "512m", "--py-files", str(udf)])
+    app = cluster.application(application_id(output))
+    assert app["memoryperexecutor"] == 512, app
     spill_lines = [line for line in output.splitlines() if "spilled to disk" in line]
     assert len(spill_lines) == 1, output[-5000:]
     assert LOPQModel.load_proto(out).D == 128
-    assert os.path.getsize(out) > 0 and Path(out).is_file()

@@ -92,7 +92,7 @@ class StandaloneCluster:
                      "--cores", str(self.cores), "--memory", self.memory,
                      "--work-dir", str(self.work_dir(worker)), self.master_url)
         if wait:
-            self.wait_for_workers(self.alive_workers() + 1, timeout)
+            self.wait_for_workers(self.n_workers, timeout)
 
     def stop_worker(self, worker):
         """Stop worker ``worker`` (1-based) and, with it, its executors."""
