@@ -205,24 +205,68 @@ def encode_vector_line(key, vector):
     return f"{key}\t{payload}"
 
 
+#: The only globals a vector pickle may name: what numpy arrays are rebuilt from (numpy
+#: 1.x and 2.x module names, Python 2 and 3 pickles). Anything else is refused, so
+#: reading a data file never runs code.
+ARRAY_PICKLE_GLOBALS = frozenset(
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+) | frozenset(
+    (module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")
+) | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("codecs", "encode")} | frozenset(
+    (module, name) for module in ("builtins", "__builtin__") for name in ("bytes", "bytearray"))
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain containers, and nothing else."""
+
+    allowed = ARRAY_PICKLE_GLOBALS
+
+    def find_class(self, module, name):
+        if (module, name) in self.allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the pickle asks for {module}.{name}, which is not "
+                                     "allowed in a vector record (only numpy arrays are)")
+
+
+def load_array_pickle(raw):
+    """Unpickle bytes that must hold a numpy array (or numbers), never running code."""
+    import io
+    return ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+
+
 def decode_vector_line(line):
     """Parse one default-format line into ``(id, ndarray)``.
 
-    Arrays pickled by Python 2 are read with ``encoding="latin1"``. Raises ValueError
-    saying what is wrong with the line.
+    Arrays pickled by Python 2 are read with ``encoding="latin1"``; the pickle may only
+    rebuild numpy arrays (`ArrayUnpickler`). Raises ValueError saying what is wrong with
+    the line.
     """
+    import binascii
     key, sep, payload = line.rstrip("\r\n").partition("\t")
     if not sep:
         raise ValueError("no TAB between id and data")
     try:
-        raw = base64.b64decode(payload, validate=False)
-        vector = pickle.loads(raw, encoding="latin1")
+        raw = base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the data after the TAB is not base64") from None
+    try:
+        vector = load_array_pickle(raw)
+    except pickle.UnpicklingError as err:
+        if "is not allowed" in str(err):
+            raise ValueError(str(err)) from None
+        raise ValueError(f"the data is base64 but not a pickle ({err})") from None
     except Exception as err:  # noqa: BLE001 - any decode failure is a bad record
-        raise ValueError(f"data is not base64 of a pickled array ({type(err).__name__})") from None
+        raise ValueError(f"the data is base64 but not a pickle ({type(err).__name__}: "
+                         f"{err})") from None
+    if not isinstance(vector, (np.ndarray, list, tuple)):
+        raise ValueError(f"the pickle holds a {type(vector).__name__}, expected a 1-D "
+                         "float array")
     vector = np.asarray(vector)
     if vector.ndim != 1 or vector.dtype.kind not in "fiu":
-        raise ValueError(f"data is a {vector.dtype} array of shape {vector.shape}, "
-                         "expected a 1-D numeric vector")
+        raise ValueError(f"the pickle holds a {vector.dtype} array of shape {vector.shape}, "
+                         "expected a 1-D float array")
     return key, vector
 
 

@@ -407,14 +407,14 @@ class LOPQSearcher:
         from .formats import parse_code_lines
         source = str(path)
         if sc is not None:
-            from .spark.cli import _python_cause
+            from .spark.errors import python_cause
             # Executors parse their partitions; the driver receives arrays, not text.
             try:
                 parts = sc.textFile(source).mapPartitionsWithIndex(
                     lambda i, lines: [parse_code_lines(lines, f"{source} (partition {i})")]
                 ).collect()
             except Exception as err:  # noqa: BLE001 - a bad line fails a Spark task
-                cause = _python_cause(err)
+                cause = python_cause(err)
                 if cause is None:
                     raise
                 raise ValueError(cause) from None

@@ -8,6 +8,7 @@ import sys
 
 from ..model import LOPQModel
 from . import fs
+from .errors import python_cause
 from .session import driver_session
 
 
@@ -95,23 +96,11 @@ def run(main, argv=None):
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - a failed Spark job: show its Python cause
-        message = _python_cause(err)
+        message = python_cause(err)
         if message is None:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(1)
-
-
-def _python_cause(err):
-    """The last line of the Python exception inside a Py4J/Spark error, if any."""
-    text = str(err)
-    if "Traceback" not in text and "PythonException" not in text:
-        return None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.split(":", 1)[0].endswith(("Error", "Exception")) and not line.startswith("at "):
-            return f"a Spark task failed: {line}"
-    return None
 
 
 class Parser(argparse.ArgumentParser):

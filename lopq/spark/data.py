@@ -27,46 +27,68 @@ class DataError(ValueError):
     """Input data that cannot be used, with a message for the user."""
 
 
-def _blocks_from_records(records, with_ids, block_rows, partition):
-    """Group ``(id, vector)`` records of one partition into blocks.
+def _blocks_from_records(records, with_ids, block_rows):
+    """Group the checked records of one partition into blocks.
 
-    Yields ``(ids, X, bad_count, bad_examples)``; the bad-record fields are only
-    non-empty in the last tuple of the partition, which may carry no rows.
+    ``records`` yields ``(id, vector, error, where)``, ``where`` = (split, position) of the
+    record in its input. Yields ``(ids, X, report)``: ``report`` is None except in the
+    last tuple of the partition (which may carry no rows), where it is
+    ``(bad_count, bad_examples, {dim: (rows, first (where, id))})``.
     """
-    ids, rows, bad, examples = [], [], 0, []
+    ids, rows, bad, examples, dims = [], [], 0, [], {}
     dim = None
-    for position, (key, vector, error) in enumerate(records):
+    for key, vector, error, where in records:
         if error is None:
-            if dim is None:
+            if not vector.shape[0]:
+                error = "the vector is empty (0 values)"
+            elif dim is None:
                 dim = vector.shape[0]
-            if vector.shape[0] != dim:
+            if error is None and vector.shape[0] != dim:
                 error = f"vector of dimension {vector.shape[0]}, others have {dim}"
-            elif not np.all(np.isfinite(vector)):
-                error = "vector has NaN or infinite values"
+            elif error is None and not np.all(np.isfinite(vector)):
+                error = "the vector has NaN or infinite values"
         if error is not None:
             bad += 1
             if len(examples) < MAX_EXAMPLES:
-                examples.append(f"partition {partition}, record {position}: {error}")
+                examples.append((where, key, error))
             continue
+        if dim not in dims:
+            dims[dim] = [0, (where, key)]
+        dims[dim][0] += 1
         ids.append(key)
         rows.append(vector)
         if len(rows) == block_rows:
-            yield (ids if with_ids else None, np.asarray(rows, dtype=np.float32), 0, [])
+            yield (ids if with_ids else None, np.asarray(rows, dtype=np.float32), None)
             ids, rows = [], []
     X = (np.asarray(rows, dtype=np.float32) if rows
          else np.empty((0, dim or 0), dtype=np.float32))
-    yield (ids if with_ids else None, X, bad, examples)
+    yield (ids if with_ids else None, X, (bad, examples, dims))
 
 
-def _parse_lines(lines):
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            key, vector = decode_vector_line(line)
-            yield key, vector, None
-        except ValueError as err:
-            yield None, None, f"{err} (line starts {line[:40]!r})"
+def _parse_split(sampling_ratio, seed):
+    """Parse (a Bernoulli sample of) the lines of one input split into checked records.
+
+    Sampling here, seeded by the split, keeps each line's position for error messages
+    and parses only the sampled lines.
+    """
+    base_seed = 0 if seed is None else int(seed)
+
+    def parse(split, lines):
+        rng = np.random.RandomState((base_seed * 1000003 + split) % (2 ** 32)) \
+            if sampling_ratio < 1.0 else None
+        for position, line in enumerate(lines):
+            if rng is not None and rng.random_sample() >= sampling_ratio:
+                continue
+            if not line.strip():
+                continue
+            try:
+                key, vector = decode_vector_line(line)
+            except ValueError as err:
+                key = line.partition("\t")[0] if "\t" in line else None
+                yield key, None, f"{err} (the line starts {line[:40]!r})", (split, position)
+                continue
+            yield key, vector, None, (split, position)
+    return parse
 
 
 def _check_vector(value):
@@ -81,18 +103,19 @@ def _check_vector(value):
 
 
 def _udf_records(with_ids):
-    def records(items):
-        for item in items:
+    def records(split, items):
+        for position, item in enumerate(items):
+            where = (split, position)
             if with_ids:
                 if not (isinstance(item, tuple) and len(item) == 2):
                     yield None, None, (f"the UDF returned a {type(item).__name__}; "
-                                       "compute_codes needs (id, array) pairs")
+                                       "compute_codes needs (id, array) pairs"), where
                     continue
                 key, value = item
             else:
                 key, value = None, item
             vector, error = _check_vector(value)
-            yield key, vector, error
+            yield key, vector, error, where
     return records
 
 
@@ -104,6 +127,9 @@ def load_udf(module_name):
         raise DataError(f"--data_udf {module_name!r}: cannot import it ({err}); ship the "
                         "module with spark-submit --py-files and pass its module name "
                         "(without .py)") from None
+    except Exception as err:  # noqa: BLE001 - the module's own code failed
+        raise DataError(f"--data_udf {module_name!r}: importing it raised "
+                        f"{type(err).__name__}: {err}") from None
     udf = getattr(module, "udf", None)
     if not callable(udf):
         raise DataError(f"--data_udf {module_name!r} has no function named `udf(sc, "
@@ -111,80 +137,153 @@ def load_udf(module_name):
     return udf
 
 
+def _text_split_locations(lines):
+    """``[(file uri, byte offset)]`` of each input split of a ``sc.textFile`` RDD, to turn
+    (split, position) into a file and line; [] when the RDD does not expose them."""
+    try:
+        rdd = lines._jrdd.rdd()
+        while rdd.getClass().getSimpleName() != "HadoopRDD":
+            rdd = rdd.dependencies().head().rdd()
+        locations = []
+        for partition in rdd.partitions():
+            split = partition.inputSplit().value()
+            locations.append((str(split.getPath()), int(split.getStart())))
+        return locations
+    except Exception:  # noqa: BLE001 - locations only improve messages
+        return []
+
+
+def _describe_text_record(locations):
+    def describe(where, key):
+        split, position = where
+        if split < len(locations):
+            uri, start = locations[split]
+            line = f"line {position + 1}" if start == 0 else \
+                f"line {position + 1} after byte {start}"
+            text = f"{uri}, {line}"
+        else:
+            text = f"input split {split}, line {position + 1}"
+        return text + (f" (id {key!r})" if key is not None else "")
+    return describe
+
+
+def _describe_udf_record(where, key):
+    split, position = where
+    return f"record {position + 1} of the UDF's partition {split}" + (
+        f" (id {key!r})" if key is not None else "")
+
+
+def _merge_reports(a, b):
+    dims = dict(a[2])
+    for dim, (count, first) in b[2].items():
+        if dim in dims:
+            dims[dim] = [dims[dim][0] + count, dims[dim][1]]
+        else:
+            dims[dim] = [count, first]
+    return a[0] + b[0], (a[1] + b[1])[:MAX_EXAMPLES], dims
+
+
 def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
                 with_ids=False, skip_bad_records=False, block_rows=BLOCK_ROWS):
     """Load vectors into a cached RDD of blocks and check them once.
 
     Args:
-        sc: SparkContext.
-        data_path: ``--data`` (default format: ``id<TAB>base64(pickle(ndarray))`` lines).
-        sampling_ratio, seed: ``--sampling_ratio``, ``--seed``.
+        sc: SparkContext or SparkSession (the caller's; never replaced).
+        data_path: ``--data`` (default format: ``id<TAB>base64(pickle(ndarray))`` lines,
+            plain or compressed text, a file, a folder or a glob).
+        sampling_ratio, seed: ``--sampling_ratio`` in (0, 1], ``--seed``.
         data_udf: module name of a UDF, or None for the default format.
         with_ids: keep record ids (compute_codes).
-        skip_bad_records: drop malformed records with a warning instead of failing.
+        skip_bad_records: drop malformed records (and vectors whose dimension differs
+            from the most common one), logging their count, instead of failing.
 
     Returns:
-        (blocks RDD of ``(ids, X)``, n rows, D).
+        (blocks RDD of ``(ids, X)`` with X (b, D) float32, n rows, D).
 
     Raises:
-        DataError naming the problem (malformed records, mixed dimensions, no data).
+        DataError naming the flag, the file and the record: malformed records, mixed
+        dimensions, a missing or empty input, no vectors after sampling.
     """
-    from pyspark import RDD
+    from pyspark import RDD, StorageLevel
+
+    from . import fs
+    from .errors import python_cause
+    from .session import as_context
+    sc = as_context(sc)
     if not 0.0 < sampling_ratio <= 1.0:
         raise DataError(f"--sampling_ratio must be in (0, 1], got {sampling_ratio}")
     parallelism = sc.defaultParallelism
+    where = f"--data {data_path}" + (f" (--data_udf {data_udf})" if data_udf else "")
     if data_udf:
         udf = load_udf(data_udf)
-        source = udf(sc, data_path, sampling_ratio, seed)
+        try:
+            source = udf(sc, data_path, sampling_ratio, seed)
+        except Exception as err:  # noqa: BLE001 - the user's code: show its own error
+            raise DataError(f"--data_udf {data_udf!r}: udf() raised "
+                            f"{type(err).__name__}: {err}") from None
         if not isinstance(source, RDD):
             raise DataError(f"--data_udf {data_udf!r}: udf() returned a "
                             f"{type(source).__name__}, expected an RDD of "
                             + ("(id, numpy array) pairs" if with_ids else "numpy arrays"))
-        records = _udf_records(with_ids)
+        records = source.mapPartitionsWithIndex(_udf_records(with_ids))
+        describe = _describe_udf_record
     else:
-        source = sc.textFile(data_path, minPartitions=parallelism)
-        if sampling_ratio < 1.0:
-            source = source.sample(False, sampling_ratio, seed)
-        records = _parse_lines
-    if source.getNumPartitions() < parallelism:
-        source = source.repartition(parallelism)
-    elif source.getNumPartitions() > PARTITIONS_PER_CORE * parallelism:
+        try:
+            fs.input_files(sc, data_path)
+        except FileNotFoundError as err:
+            raise DataError(str(err)) from None
+        lines = sc.textFile(data_path, minPartitions=parallelism)
+        describe = _describe_text_record(_text_split_locations(lines))
+        records = lines.mapPartitionsWithIndex(_parse_split(sampling_ratio, seed))
+    if records.getNumPartitions() < parallelism:
+        records = records.repartition(parallelism)
+    elif records.getNumPartitions() > PARTITIONS_PER_CORE * parallelism:
         # Every pass pays a per-task cost; tasks stream their blocks, so big partitions
         # cost no memory in the Python workers.
-        source = source.coalesce(PARTITIONS_PER_CORE * parallelism)
+        records = records.coalesce(PARTITIONS_PER_CORE * parallelism)
 
-    def to_blocks(index, items):
-        return _blocks_from_records(records(items), with_ids, block_rows, index)
+    def to_blocks(items):
+        return _blocks_from_records(items, with_ids, block_rows)
 
-    from pyspark import StorageLevel
     # Spill to local disk rather than re-parse the input on every pass when the cache
     # does not fit in memory.
-    parsed = source.mapPartitionsWithIndex(to_blocks).persist(StorageLevel.MEMORY_AND_DISK)
+    parsed = records.mapPartitions(to_blocks).persist(StorageLevel.MEMORY_AND_DISK)
     sc.setJobDescription("lopq: load and check data")
-    summary = parsed.map(lambda b: (b[1].shape[0], {b[1].shape[1]} if b[1].shape[0] else set(),
-                                    b[2], b[3])).fold(
-        (0, set(), 0, []), lambda a, b: (a[0] + b[0], a[1] | b[1], a[2] + b[2],
-                                         (a[3] + b[3])[:MAX_EXAMPLES]))
-    n, dims, bad, examples = summary
-    where = f"--data {data_path}" + (f" (--data_udf {data_udf})" if data_udf else "")
+    try:
+        bad, examples, dims = parsed.map(lambda b: b[2]).filter(
+            lambda r: r is not None).fold((0, [], {}), _merge_reports)
+    except Exception as err:  # noqa: BLE001 - a task failed: say where, in one line
+        parsed.unpersist()
+        cause = python_cause(err)
+        if cause is None:
+            raise
+        raise DataError(f"reading {where} failed: {cause}") from None
+    quoted = "; ".join(f"{describe(w, key)}: {error}" for w, key, error in examples)
     if bad and not skip_bad_records:
         parsed.unpersist()
-        raise DataError(f"{bad} malformed record(s) in {where}, e.g. " + "; ".join(examples)
-                        + ". Fix them, or pass --skip_bad_records to drop them.")
-    if bad:
-        logger.warning("skipped %d malformed record(s) in %s, e.g. %s", bad, where,
-                       "; ".join(examples))
+        raise DataError(f"{bad} malformed record(s) in {where}, e.g. {quoted}. Fix them, "
+                        "or pass --skip_bad_records to drop them.")
+    D = max(dims, key=lambda d: dims[d][0]) if dims else None
     if len(dims) > 1:
-        parsed.unpersist()
-        raise DataError(f"vectors of mixed dimensions {sorted(dims)} in {where}: every "
-                        "vector must have the same dimension")
+        listed = ", ".join(f"{dims[d][0]} of dimension {d} (the first at "
+                           f"{describe(*dims[d][1])})" for d in sorted(dims))
+        if not skip_bad_records:
+            parsed.unpersist()
+            raise DataError(f"vectors of different dimensions in {where}: {listed}. Every "
+                            "vector must have the same dimension (or pass "
+                            "--skip_bad_records to keep the most common one).")
+        bad += sum(dims[d][0] for d in dims if d != D)
+        quoted = (quoted + "; " if quoted else "") + listed
+    n = dims[D][0] if dims else 0
+    if bad:
+        logger.warning("skipped %d malformed record(s) in %s, e.g. %s", bad, where, quoted)
     if n == 0:
         parsed.unpersist()
         raise DataError(f"no vectors in {where}" + (" after sampling" if sampling_ratio < 1
                                                      else ""))
     # A narrow map over the cached parse: no recomputation, no second cached copy.
-    blocks = parsed.filter(lambda b: b[1].shape[0] > 0).map(lambda b: (b[0], b[1]))
-    D = dims.pop()
+    blocks = parsed.filter(lambda b: b[1].shape[0] > 0 and b[1].shape[1] == D).map(
+        lambda b: (b[0], b[1]))
     logger.info("loaded %d vectors of dimension %d in %d partitions", n, D,
                 blocks.getNumPartitions())
     _warn_if_spilled(sc, parsed)

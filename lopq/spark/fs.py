@@ -20,6 +20,30 @@ def exists(sc, path):
     return bool(fs.exists(p))
 
 
+def input_files(sc, path, flag="--data"):
+    """The data files a ``sc.textFile(path)`` would read: ``[(uri, bytes), ...]``.
+
+    ``path`` may be a file, a folder (its visible files, as Hadoop reads them) or a glob.
+    Raises FileNotFoundError / ValueError naming ``flag`` when there is nothing to read.
+    """
+    fs, p = _jvm_path(sc, path)
+    statuses = fs.globStatus(p)
+    if statuses is None or len(statuses) == 0:
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    files = []
+    for status in statuses:
+        children = fs.listStatus(status.getPath()) if status.isDirectory() else [status]
+        for child in children:
+            name = child.getPath().getName()
+            if child.isFile() and not name.startswith(("_", ".")):
+                files.append((child.getPath().toString(), int(child.getLen())))
+    if not files:
+        raise ValueError(f"{flag} {path} is an empty folder: it holds no data files")
+    if not any(size for _, size in files):
+        raise ValueError(f"{flag} {path} is empty (0 bytes)")
+    return files
+
+
 def check_output_path(sc, path, overwrite, flag):
     """Refuse an existing output unless ``overwrite``: raises ValueError naming the flag."""
     if path and exists(sc, path) and not overwrite:
