@@ -214,33 +214,56 @@ ARRAY_PICKLE_GLOBALS = frozenset(
     for name in ("_reconstruct", "scalar")
 ) | frozenset(
     (module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")
-) | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("codecs", "encode")} | frozenset(
-    (module, name) for module in ("builtins", "__builtin__") for name in ("bytes", "bytearray"))
+) | frozenset(
+    (module, name) for module in ("builtins", "__builtin__") for name in ("bytes", "bytearray")
+) | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("codecs", "encode")}
 
 
-class ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays and plain containers, and nothing else."""
+#: Also allowed in model and parameter pickles: our model class (the reference's pickles
+#: name the same path), plain containers, and what protocol 0-1 pickles rebuild objects with.
+OBJECT_PICKLE_GLOBALS = ARRAY_PICKLE_GLOBALS | frozenset(
+    (module, name) for module in ("builtins", "__builtin__")
+    for name in ("object", "set", "frozenset", "complex", "slice", "range")
+) | {("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+     ("collections", "OrderedDict"), ("lopq.model", "LOPQModel")}
 
-    allowed = ARRAY_PICKLE_GLOBALS
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the globals in ``allowed`` (numpy arrays, plain
+    containers, ...) and refuses the rest, so loading a file never runs its code."""
+
+    def __init__(self, file, allowed, what):
+        super().__init__(file, encoding="latin1")
+        self.allowed = allowed
+        self.what = what
 
     def find_class(self, module, name):
         if (module, name) in self.allowed:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"the pickle asks for {module}.{name}, which is not "
-                                     "allowed in a vector record (only numpy arrays are)")
+                                     f"allowed in {self.what}")
 
 
 def load_array_pickle(raw):
     """Unpickle bytes that must hold a numpy array (or numbers), never running code."""
     import io
-    return ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    return RestrictedUnpickler(io.BytesIO(raw), ARRAY_PICKLE_GLOBALS,
+                               "a vector record (only numpy arrays are)").load()
+
+
+def safe_load_pickle(raw, what="a pickle"):
+    """Unpickle a model, a PCA or an id pickle: LOPQModel objects, numpy arrays and
+    builtin containers only (Python 2 pickles included). Raises pickle.UnpicklingError
+    naming any other class the file asks for."""
+    import io
+    return RestrictedUnpickler(io.BytesIO(raw), OBJECT_PICKLE_GLOBALS, what).load()
 
 
 def decode_vector_line(line):
     """Parse one default-format line into ``(id, ndarray)``.
 
     Arrays pickled by Python 2 are read with ``encoding="latin1"``; the pickle may only
-    rebuild numpy arrays (`ArrayUnpickler`). Raises ValueError saying what is wrong with
+    rebuild numpy arrays (`RestrictedUnpickler`). Raises ValueError saying what is wrong with
     the line.
     """
     import binascii
@@ -254,7 +277,7 @@ def decode_vector_line(line):
     try:
         vector = load_array_pickle(raw)
     except pickle.UnpicklingError as err:
-        if "is not allowed" in str(err):
+        if "which is not allowed" in str(err):
             raise ValueError(str(err)) from None
         raise ValueError(f"the data is base64 but not a pickle ({err})") from None
     except Exception as err:  # noqa: BLE001 - any decode failure is a bad record

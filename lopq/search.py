@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _kernels as kernels
+from .formats import safe_load_pickle
 from .model import LOPQModel, check_rows
 
 try:  # the compiled query path; the numpy path below computes the same
@@ -377,8 +378,8 @@ class LOPQSearcher:
             else:
                 with open(path / "ids.pkl", "rb") as f:
                     ids = np.empty(meta["size"], dtype=object)
-                    ids[:] = pickle.load(f)
-        except (OSError, ValueError, EOFError) as err:
+                    ids[:] = safe_load_pickle(f.read(), "an index's id list")
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
             raise ValueError(f"{path}: the index is truncated or damaged ({err})") from None
         n, V = meta["size"], model.V
         if (offsets.shape != (V * V + 1,) or fine.shape != (n, model.M) or len(ids) != n

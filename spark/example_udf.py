@@ -9,9 +9,8 @@ variable ``LOPQ_PCA_PARAMS`` names a pickle from pca_preparation.py (shipped wit
 """
 
 import os
-import pickle
 
-from lopq.formats import decode_vector_line
+from lopq.formats import decode_vector_line, safe_load_pickle
 
 
 def udf(sc, data_path, sampling_ratio, seed):
@@ -20,7 +19,8 @@ def udf(sc, data_path, sampling_ratio, seed):
     pca_bc = None
     if pca_path:
         from lopq.spark import fs
-        pca_bc = sc.broadcast(pickle.loads(fs.read_bytes(sc, pca_path)))
+        pca_bc = sc.broadcast(safe_load_pickle(fs.read_bytes(sc, pca_path),
+                                                "a PCA parameter pickle"))
 
     lines = sc.textFile(data_path, minPartitions=sc.defaultParallelism)
     if sampling_ratio < 1.0:

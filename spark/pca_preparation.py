@@ -11,6 +11,7 @@ import os
 import pickle
 import sys
 
+from lopq.formats import safe_load_pickle
 from lopq.spark.training import prepare_pca
 
 
@@ -26,7 +27,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         with open(args.pca_params, "rb") as f:
-            params = pickle.load(f, encoding="latin1")
+            params = safe_load_pickle(f.read(), "a PCA parameter pickle")
         if not isinstance(params, dict) or not {"P", "E", "mu"} <= set(params):
             raise ValueError(f"--pca_params {args.pca_params} is not a train_pca.py pickle "
                              "(needs keys P, E, mu)")

@@ -18,7 +18,7 @@ STEP_COARSE, STEP_ROTATION, STEP_SUBQUANT = 0, 1, 2
 def parse_args(argv=None):
     parser = cli.Parser(description=__doc__.split("\n")[0])
     cli.add_data_arguments(parser)
-    parser.add_argument("--subquantizer_sampling_ratio", type=float, default=1.0,
+    parser.add_argument("--subquantizer_sampling_ratio", type=cli.ratio, default=1.0,
                         help="proportion of data to subsample for subquantizer training")
     parser.add_argument("--existing_model_pkl", default=None,
                         help="a pickled LOPQModel from which to extract existing parameters")
@@ -61,8 +61,6 @@ def parse_args(argv=None):
     if args.steps == [STEP_COARSE, STEP_SUBQUANT]:
         parser.error("--steps 0,2 skips step 1: rotations depend on the coarse quantizers, "
                      "so retraining them needs step 1 too (use 0,1,2)")
-    if not 0.0 < args.subquantizer_sampling_ratio <= 1.0:
-        parser.error("--subquantizer_sampling_ratio must be in (0, 1]")
     return args
 
 
@@ -123,6 +121,12 @@ def main(argv=None):
         if D % 2 or D % args.M:
             raise cli.UsageError(f"the data dimension D={D} must be even and divisible by "
                                  f"--M {args.M}")
+        if STEP_COARSE in args.steps and args.V > n:
+            raise cli.UsageError(f"--V {args.V} is more than the {n} vectors read from "
+                                 f"--data {args.data}: lower --V (or give more data)")
+        if STEP_SUBQUANT in args.steps and args.subquantizer_clusters > n:
+            raise cli.UsageError(f"--subquantizer_clusters {args.subquantizer_clusters} is "
+                                 f"more than the {n} vectors read from --data {args.data}")
         existing = model
         if existing is not None:  # drop parameters that depend on a step being retrained
             keep = [existing.Cs if 0 not in args.steps else None,

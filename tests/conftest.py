@@ -32,3 +32,17 @@ def oxford():
     X = load_xvecs(shared_file("oxford5k", "oxford_features.fvecs"))
     train, test = train_test_split(X, test_size=0.2, random_state=40)
     return train, test, exact_neighbors(test, train)[:, 0]
+
+
+@pytest.fixture(scope="session")
+def sc():
+    """One local SparkContext for every in-process Spark test (local[2], loopback)."""
+    pytest.importorskip("pyspark")
+    import sys
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ.setdefault("PYSPARK_SUBMIT_ARGS", "--master local[2] pyspark-shell")
+    from lopq.spark.session import get_session
+    session, _ = get_session("lopq tests")
+    yield session.sparkContext
+    session.stop()

@@ -15,6 +15,16 @@ from conftest import ROOT
 from lopq.formats import parse_code_line
 
 
+def load_driver(name):
+    """A ``spark/<name>.py`` driver imported as a module, to call its ``main`` in-process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"driver_{name}",
+                                                  ROOT / "spark" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def spark_submit_path():
     import pyspark
     return str(Path(pyspark.__file__).parent / "bin" / "spark-submit")

@@ -1,9 +1,7 @@
 """The Spark jobs: real spark-submit runs in local mode on small data, plus bad input
 checked in-process on one shared SparkContext."""
 
-import importlib.util
 import json
-import os
 import pickle
 import re
 import subprocess
@@ -12,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT
-from spark_helpers import read_codes, spark_env, spark_submit
+from spark_helpers import load_driver, read_codes, spark_env, spark_submit
 
 from lopq import LOPQModel
 from lopq.datasets import make_clustered
@@ -168,24 +166,6 @@ def test_oxford5k_model_trained_on_spark_reaches_the_recall_bar(oxford, workdir)
 
 
 # ----------------------------------------------------------------- in-process bad input
-def load_driver(name):
-    spec = importlib.util.spec_from_file_location(f"driver_{name}",
-                                                  ROOT / "spark" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def sc():
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    from lopq.spark.session import get_session
-    session, _ = get_session("lopq tests")
-    yield session.sparkContext
-    session.stop()
-
-
 @pytest.fixture(scope="module")
 def train_model(sc):
     return load_driver("train_model")

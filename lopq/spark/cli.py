@@ -6,6 +6,7 @@ import os
 import pickle
 import sys
 
+from ..formats import safe_load_pickle
 from ..model import LOPQModel
 from . import fs
 from .errors import python_cause
@@ -16,6 +17,18 @@ class UsageError(ValueError):
     """A problem with the command line or its inputs, reported without a traceback."""
 
 
+def ratio(text):
+    """argparse type of a sampling ratio: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") \
+            from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def add_data_arguments(parser, sample_help="proportion of data to sample for training"):
     """The contract's data flags, plus ``--skip_bad_records``."""
     parser.add_argument("--data", default=None, help="hdfs path to input data")
@@ -23,7 +36,7 @@ def add_data_arguments(parser, sample_help="proportion of data to sample for tra
                         help="optional module name contained a `udf` function to load "
                              "training data")
     parser.add_argument("--seed", type=int, default=None, help="optional random seed")
-    parser.add_argument("--sampling_ratio", type=float, default=1.0, help=sample_help)
+    parser.add_argument("--sampling_ratio", type=ratio, default=1.0, help=sample_help)
     parser.add_argument("--skip_bad_records", action="store_true",
                         help="drop malformed input records (counted in a warning) "
                              "instead of failing")
@@ -54,8 +67,8 @@ def load_model(sc, pkl_path=None, proto_path=None, flag_pkl="--existing_model_pk
     """An LOPQModel from a pickle or a `.lopq` file (local, shipped with --files, or a
     Hadoop path); None if neither is given."""
     if pkl_path:
-        model = _parse_model(sc, flag_pkl, pkl_path, lambda data: pickle.loads(
-            data, encoding="latin1"), "a pickled LOPQModel")
+        model = _parse_model(sc, flag_pkl, pkl_path, lambda data: safe_load_pickle(
+            data, "a model pickle"), "a pickled LOPQModel")
         if not isinstance(model, LOPQModel):
             raise UsageError(f"{flag_pkl} {pkl_path} holds a {type(model).__name__}, "
                              "not an LOPQModel")

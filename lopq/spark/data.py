@@ -28,41 +28,41 @@ class DataError(ValueError):
 
 
 def _blocks_from_records(records, with_ids, block_rows):
-    """Group the checked records of one partition into blocks.
+    """Group the checked records of one partition into blocks, one dimension per block.
 
     ``records`` yields ``(id, vector, error, where)``, ``where`` = (split, position) of the
     record in its input. Yields ``(ids, X, report)``: ``report`` is None except in the
-    last tuple of the partition (which may carry no rows), where it is
-    ``(bad_count, bad_examples, {dim: (rows, first (where, id))})``.
+    last tuple of the partition (which carries no rows), where it is
+    ``(bad_count, bad_examples, {dim: [rows, (where, id) of the first]})``. Which
+    dimension is right is decided on the driver, from every partition's counts.
     """
-    ids, rows, bad, examples, dims = [], [], 0, [], {}
-    dim = None
+    buffers, bad, examples, dims = {}, 0, [], {}
     for key, vector, error, where in records:
         if error is None:
             if not vector.shape[0]:
                 error = "the vector is empty (0 values)"
-            elif dim is None:
-                dim = vector.shape[0]
-            if error is None and vector.shape[0] != dim:
-                error = f"vector of dimension {vector.shape[0]}, others have {dim}"
-            elif error is None and not np.all(np.isfinite(vector)):
+            elif not np.all(np.isfinite(vector)):
                 error = "the vector has NaN or infinite values"
         if error is not None:
             bad += 1
             if len(examples) < MAX_EXAMPLES:
                 examples.append((where, key, error))
             continue
+        dim = vector.shape[0]
         if dim not in dims:
             dims[dim] = [0, (where, key)]
+            buffers[dim] = ([], [])
         dims[dim][0] += 1
+        ids, rows = buffers[dim]
         ids.append(key)
         rows.append(vector)
         if len(rows) == block_rows:
             yield (ids if with_ids else None, np.asarray(rows, dtype=np.float32), None)
-            ids, rows = [], []
-    X = (np.asarray(rows, dtype=np.float32) if rows
-         else np.empty((0, dim or 0), dtype=np.float32))
-    yield (ids if with_ids else None, X, (bad, examples, dims))
+            buffers[dim] = ([], [])
+    for ids, rows in buffers.values():
+        if rows:
+            yield (ids if with_ids else None, np.asarray(rows, dtype=np.float32), None)
+    yield (None, np.empty((0, 0), dtype=np.float32), (bad, examples, dims))
 
 
 def _parse_split(sampling_ratio, seed):
@@ -265,7 +265,7 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
                         "or pass --skip_bad_records to drop them.")
     D = max(dims, key=lambda d: dims[d][0]) if dims else None
     if len(dims) > 1:
-        listed = ", ".join(f"{dims[d][0]} of dimension {d} (the first at "
+        listed = ", ".join(f"{dims[d][0]} of dimension {d} (the first: "
                            f"{describe(*dims[d][1])})" for d in sorted(dims))
         if not skip_bad_records:
             parsed.unpersist()

@@ -54,7 +54,8 @@ def defaults_to_add(conf, app_name):
             added.append((key, value))
 
     default("spark.master", "local[*]")
-    default("spark.app.name", app_name)
+    if conf.get("spark.app.name", "pyspark-shell") == "pyspark-shell":  # pyspark's filler
+        added.append(("spark.app.name", app_name))
     for var in THREAD_VARIABLES:
         default(f"spark.executorEnv.{var}", os.environ.get(f"LOPQ_EXECUTOR_{var}", "1"))
     local_ip = os.environ.get("SPARK_LOCAL_IP")
