@@ -398,8 +398,9 @@ class LOPQSearcher:
 
         Args:
             path: a folder of part files or one file; a Hadoop/``s3a://`` path needs
-                ``sc`` (a SparkContext) to read it. With ``sc`` the executors parse their
-                partitions and only the code arrays reach the driver.
+                ``sc`` (a SparkContext or SparkSession) to read it. With ``sc`` the
+                executors parse their partitions and only the code arrays reach the
+                driver.
 
         Raises:
             ValueError: naming the file (or partition), line and text of a bad line, or
@@ -409,6 +410,8 @@ class LOPQSearcher:
         source = str(path)
         if sc is not None:
             from .spark.errors import python_cause
+            from .spark.session import as_context
+            sc = as_context(sc)
             # Executors parse their partitions; the driver receives arrays, not text.
             try:
                 parts = sc.textFile(source).mapPartitionsWithIndex(

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT
-from spark_helpers import load_driver, read_codes, spark_env, spark_submit
+from spark_helpers import load_driver, read_codes, spark_env, spark_submit, submit_command
 
 from lopq import LOPQModel
 from lopq.datasets import make_clustered
@@ -279,3 +279,61 @@ def test_index_from_codes_parsed_on_executors(sc, tmp_path):
     bad_line = re.escape(repr("k9\t[[0, 1], [2, x]]"))
     with pytest.raises(ValueError, match=rf"partition \d+\): code line 1 is not .*{bad_line}"):
         LOPQSearcher.from_codes(model, str(folder), sc=sc)
+
+
+# ----------------------------------------------------------------- whose Spark it is
+def test_spark_submit_settings_reach_the_drivers_context(tmp_path):
+    """--master, --name, --conf and spark-defaults.conf win over lopq's defaults, which
+    fill only the gaps (the bug: a SparkConf read before the JVM existed saw none of
+    them and forced local[*])."""
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "spark-defaults.conf").write_text("spark.executorEnv.MKL_NUM_THREADS 5\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from lopq.spark import cli\n"
+        "with cli.spark_context('lopq probe') as sc:\n"
+        "    conf = sc.getConf()\n"
+        "    print('PROBE', sc.master, sc.appName, *[conf.get('spark.executorEnv.' + v) for v"
+        " in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS')])\n")
+    cmd = submit_command("x", [], "local[1]", ["--name", "my job", "--conf",
+                                                "spark.executorEnv.OMP_NUM_THREADS=3"])
+    cmd[-1] = str(probe)
+    proc = subprocess.run(cmd, env=spark_env(SPARK_CONF_DIR=str(conf_dir)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("PROBE")][0]
+    assert line == "PROBE local[1] my job 3 5 1", line
+
+
+def test_lopq_defaults_fill_only_what_nobody_set(sc):
+    from pyspark import SparkConf
+
+    from lopq.spark.session import defaults_to_add
+    conf = (SparkConf(loadDefaults=False).set("spark.master", "spark://10.0.0.1:7077")
+            .set("spark.app.name", "theirs").set("spark.executorEnv.OMP_NUM_THREADS", "4"))
+    added = dict(defaults_to_add(conf, "lopq job"))
+    assert "spark.master" not in added and "spark.app.name" not in added
+    assert "spark.executorEnv.OMP_NUM_THREADS" not in added
+    assert added["spark.executorEnv.NUMBA_NUM_THREADS"] == "1"
+    nothing_set = dict(defaults_to_add(SparkConf(loadDefaults=False), "lopq job"))
+    assert nothing_set["spark.master"] == "local[*]"
+    assert nothing_set["spark.app.name"] == "lopq job"
+
+
+def test_library_takes_a_users_session_and_leaves_it_running(sc, small_data, train_model,
+                                                             tmp_path):
+    from pyspark.sql import SparkSession
+
+    from lopq.spark import load_blocks
+    from lopq.spark import train_model as train_on_spark
+    path, _ = small_data
+    spark = SparkSession.builder.getOrCreate()  # the user's session, on the test context
+    assert spark.sparkContext is sc and sc.master == "local[2]"  # PYSPARK_SUBMIT_ARGS'
+    blocks, n, D = load_blocks(spark, str(path))
+    model = train_on_spark(spark, blocks, 2, 2, 8, n_rows=n, rotation_refinement_iters=0)
+    assert (model.D, n) == (D, 3000)
+    train_model.main(["--data", str(path), "--V", "2", "--M", "2", "--subquantizer_clusters",
+                      "8", "--model_proto", str(tmp_path / "m.lopq")])
+    assert SparkSession.getActiveSession() is spark
+    assert sc.parallelize([1, 2]).sum() == 3  # neither call stopped it

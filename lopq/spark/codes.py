@@ -1,6 +1,7 @@
 """Encoding ``(id, vector)`` blocks on Spark: the compute_codes job."""
 
 from ..formats import format_code_line
+from .session import as_context
 
 
 def _encode_partition(model_bc):
@@ -15,5 +16,6 @@ def _encode_partition(model_bc):
 
 def code_lines(sc, blocks, model):
     """RDD of ``id<TAB>[[c0, c1], [f0, ..., fM-1]]`` lines for blocks with ids."""
+    sc = as_context(sc)
     model_bc = sc.broadcast(model)
     return blocks.mapPartitions(_encode_partition(model_bc))

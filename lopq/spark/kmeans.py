@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import _kernels as kernels
 from ..kmeans import INIT_POINTS_PER_CLUSTER, kmeanspp_init
+from .session import as_context
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
     Returns:
         (n_groups, k, dg) float32 centres.
     """
+    sc = as_context(sc)
     rng = np.random.RandomState(seed)
     if init is not None:
         centers = np.ascontiguousarray(init, dtype=np.float32)

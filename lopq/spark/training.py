@@ -17,12 +17,14 @@ from ..training import (
     refine_local_rotations,
 )
 from .kmeans import kmeans_column_groups, sample_rows
+from .session import as_context
 
 logger = logging.getLogger(__name__)
 
 
 def train_coarse(sc, blocks, V, iters=10, seed=None, depth=2, n_rows=None):
     """Step 0: both coarse quantizers in the same passes. Returns Cs (2, V, D/2)."""
+    sc = as_context(sc)
     return kmeans_column_groups(sc, blocks, 2, V, iters, seed=seed, depth=depth,
                                 label=" coarse (step 0)", n_rows=n_rows)
 
@@ -49,6 +51,7 @@ def _covariance_partition(Cs_bc):
 def train_rotations(sc, blocks, Cs, M, depth=2):
     """Step 1: per-cluster covariance accumulators aggregated across the cluster, then
     rotations on the driver. Returns Rs (2, V, h, h), mus (2, V, h) float32."""
+    sc = as_context(sc)
     start = time.time()
     sc.setJobDescription("lopq rotations (step 1): covariance accumulators")
     Cs_bc = sc.broadcast(np.ascontiguousarray(Cs, dtype=np.float32))
@@ -91,6 +94,7 @@ def train_subquantizers(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, sample_rati
                         seed=None, depth=2):
     """Step 2: project the residuals once (cached), then train all M subquantizers in the
     same passes. Returns subs (M, S, D/M) float32."""
+    sc = as_context(sc)
     V = Cs.shape[1]
     partial = LOPQModel(V, M, S, (Cs, Rs, mus, None))
     model_bc = sc.broadcast(partial)
@@ -111,6 +115,7 @@ def refine_rotations(sc, blocks, n, Cs, Rs, mus, subs, iters=3, seed=None, depth
     """`lopq.training.refine_local_rotations` on a driver-side sample of at most 64 rows
     per subquantizer centroid (bounded by the model, not the data), then one Lloyd step
     of the codebooks over all rows on the cluster."""
+    sc = as_context(sc)
     S = subs.shape[1]
     rng = np.random.RandomState(seed)
     sc.setJobDescription("lopq rotation refinement: sample")
@@ -142,6 +147,7 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
     Returns:
         the trained `LOPQModel`.
     """
+    sc = as_context(sc)
     Cs = Rs = mus = subs = None
     if existing is not None:
         Cs, Rs, mus, subs = existing.Cs, existing.Rs, existing.mus, existing.codebooks
@@ -181,6 +187,7 @@ def pca_statistics(sc, blocks, depth=4):
         eigenvalues in ascending order, ``A (D, D)`` covariance and ``c`` the count, the
         keys of the reference's PCA pickle.
     """
+    sc = as_context(sc)
     sc.setJobDescription("lopq PCA: covariance")
 
     def partition(items):
