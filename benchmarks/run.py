@@ -472,13 +472,15 @@ def _spark_env():
                 PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"))
 
 
-def _spark_submit(script, *args):
+def _spark_submit(script, *args, master="local[2]"):
     import pyspark
     submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
     start = time.perf_counter()
-    # The 1M-row runs cache about 1 GB of blocks (and as much of projections).
-    proc = subprocess.run([str(submit), "--master", "local[2]", "--driver-memory", "8g",
-                           str(script),
+    # The 1M-row runs cache about 1 GB of blocks (and as much of projections): in local
+    # mode the driver holds them, on the cluster each executor holds its share.
+    memory = (["--driver-memory", "8g"] if master.startswith("local")
+              else ["--executor-memory", CLUSTER_EXECUTOR_MEMORY])
+    proc = subprocess.run([str(submit), "--master", master, *memory, str(script),
                            *map(str, args)], env=_spark_env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:
@@ -486,11 +488,11 @@ def _spark_submit(script, *args):
     return wall, proc.stdout
 
 
-def _ours(data, V, M, tmp):
+def _ours(data, V, M, tmp, master="local[2]"):
     import re
     wall, out = _spark_submit(ROOT / "spark" / "train_model.py", "--data", data, "--V", V,
                               "--M", M, "--seed", 40, "--model_proto",
-                              Path(tmp) / f"m{time.time_ns()}.lopq")
+                              Path(tmp) / f"m{time.time_ns()}.lopq", master=master)
     line = [x for x in out.splitlines() if x.startswith("trained")][0]
     steps = {k: float(v) for k, v in re.findall(r"(step \d \([a-z]+\)|rotation refinement)"
                                                r" ([\d.]+) s", line)}
@@ -503,8 +505,51 @@ def _reference(data, V, M):
     return wall, json.loads(line.split(" ", 1)[1])
 
 
+#: Workers and cores of the benchmark's standalone cluster: as many cores as local[2].
+CLUSTER_WORKERS, CLUSTER_EXECUTOR_MEMORY = 2, "3g"
+
+
+def _cluster_against_local(res, quick, tmp, oxford_path):
+    """The same jobs on a standalone cluster (2 workers x 1 core, loopback) and on
+    local[2]: what the cluster path costs per core (executor start-up, task shipping,
+    results crossing process boundaries)."""
+    from lopq import LOPQModel
+    from lopq.formats import write_vector_file
+    from lopq.spark.localcluster import StandaloneCluster
+    with StandaloneCluster(Path(tmp) / "cluster", workers=CLUSTER_WORKERS, cores=1,
+                           memory="4g", env=_spark_env()) as cluster:
+        if oxford_path is not None:
+            for master in ("local[2]", cluster.master_url):
+                wall, steps = _ours(oxford_path, 16, 8, tmp, master)
+                res.add("spark", "train_model.py wall time, Oxford5k train (4050 x 128)",
+                        wall, "s", V=16, M=8, master=_master_name(master),
+                        **{k.replace(" ", "_"): v for k, v in steps.items()})
+        n = scaled(50_000 if quick else 1_000_000)
+        X = synthetic(n, seed=11)
+        data = Path(tmp) / "codes_input.txt"
+        write_vector_file(data, X)
+        model_path = Path(tmp) / "codes_model.lopq"
+        LOPQModel(V=256, M=16).fit(X[:scaled(100_000)], n_init=1, random_state=0).export_proto(
+            str(model_path))
+        del X
+        for master in ("local[2]", cluster.master_url):
+            out = Path(tmp) / f"codes-{time.time_ns()}"
+            wall, _ = _spark_submit(ROOT / "spark" / "compute_codes.py", "--data", data,
+                                    "--output", out, "--model_proto", model_path,
+                                    master=master)
+            res.add("spark", f"compute_codes.py wall time, synthetic {n} x 128", wall, "s",
+                    V=256, M=16, master=_master_name(master),
+                    vectors_per_s_per_core=round(n / wall / 2))
+
+
+def _master_name(master):
+    return master if master.startswith("local") else \
+        f"standalone {CLUSTER_WORKERS} workers x 1 core"
+
+
 def part_spark(res, quick):
-    """spark-submit train_model.py (local[2]) against the reference's per-row approach."""
+    """spark-submit train_model.py (local[2]) against the reference's per-row approach,
+    and the same jobs on a standalone cluster against local[2]."""
     from lopq.formats import write_vector_file
     with tempfile.TemporaryDirectory() as tmp:
         split = oxford_split()
@@ -536,6 +581,7 @@ def part_spark(res, quick):
                         **{k.replace(" ", "_"): round(v, 2) for k, v in ref_steps.items()})
                 res.add("spark", f"speed-up over the per-row approach, {name}",
                         ref_wall / wall, "x", V=V, M=M)
+        _cluster_against_local(res, quick, tmp, sets[0][1] if split is not None else None)
 
 
 # ------------------------------------------------------------------ reports

@@ -10,6 +10,7 @@ side array (any hashable ids).
 """
 
 import heapq
+import itertools
 import json
 import os
 import pickle
@@ -112,7 +113,12 @@ class LOPQSearcher:
     def _add_arrays(self, coarse, fine, ids):
         n = coarse.shape[0]
         start = self.size
-        ids = list(range(start, start + n)) if ids is None else list(ids)
+        if ids is None:
+            ids = list(range(start, start + n))
+        elif hasattr(ids, "__len__"):
+            ids = list(ids)
+        else:  # an iterator, possibly unbounded (the reference's itertools.count())
+            ids = list(itertools.islice(ids, n))
         if len(ids) != n:
             raise ValueError(f"got {len(ids)} ids for {n} vectors/codes: pass one id each")
         self._pending.append((ids, coarse, fine))
@@ -260,13 +266,19 @@ class LOPQSearcher:
     def search(self, x, quota=10, limit=None, with_dists=False):
         """Nearest items of query x by LOPQ distance among the cells needed for ``quota``.
 
+        Args:
+            x: (D,) query.
+            quota: items to retrieve (whole cells in multi-sequence order).
+            limit: results to return; None returns at most ``quota`` (the reference's
+                ``limit = quota``), though whole cells may retrieve more.
+
         Returns:
             (results, visited): results ranked by distance as ``Result(id, code)`` or,
             with ``with_dists``, ``Result(id, code, dist)``; visited cells.
         """
         from .model import LOPQCode
         x = self._query(x)
-        rows, dists, visited = self._ranked(x, quota, limit)
+        rows, dists, visited = self._ranked(x, quota, quota if limit is None else limit)
         results = []
         coarse, fine = self.coarse[rows].tolist(), self.fine[rows].tolist()
         ids = self.ids[rows].tolist()  # Python ints whether in memory or memory-mapped

@@ -32,6 +32,7 @@ def spark_submit_path():
 
 def spark_env(**extra):
     env = dict(os.environ)
+    env.pop("PYSPARK_SUBMIT_ARGS", None)  # the in-process fixture's, not spark-submit's
     env.update(SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf"),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "spark")]))

@@ -66,7 +66,7 @@ def test_searcher_equals_plain_numpy_definition(model_and_data, compiled, quota,
     searcher = LOPQSearcher(model)
     searcher.add_codes((coarse, fine))
     for x in X[::500]:
-        results, visited = searcher.search(x, quota=quota, with_dists=True)
+        results, visited = searcher.search(x, quota=quota, limit=len(X), with_dists=True)
         rows, dists = numpy_search(model, coarse, fine, x, quota)
         assert sorted(r.id for r in results) == sorted(rows.tolist())
         want = dict(zip(rows.tolist(), dists))
