@@ -93,7 +93,9 @@ class LOPQModel:
         M: total subquantizers (bytes per code for S <= 256); even, divides D.
         subquantizer_clusters: S, clusters per subquantizer.
         parameters: optional ``(Cs, Rs, mus, subquantizers)``, any None, in the
-            reference layout (tuples per split) or stacked.
+            reference layout (tuples per split) or stacked. When given, V comes from
+            the coarse parameters and M and S from the subquantizers, as in the
+            reference, whatever the V, M, S arguments say.
 
     Attributes (stacked float32 arrays; ``h = D / 2``, indexing ``[split]`` gives the
     reference's per-split values):
@@ -106,14 +108,20 @@ class LOPQModel:
     num_coarse_splits = 2
 
     def __init__(self, V=8, M=4, subquantizer_clusters=256, parameters=None):
+        Cs, Rs, mus, codebooks = _stack_parameters(V, M, parameters)
+        # As the reference: the parameters given decide V, M and S over the arguments.
+        for p in (Cs, mus, Rs):
+            if p is not None and p.ndim >= 2:
+                V = p.shape[1]
+                break
+        if codebooks is not None and codebooks.ndim == 3:
+            M, subquantizer_clusters = codebooks.shape[0], codebooks.shape[1]
         if int(V) < 1 or int(M) < 2 or int(M) % 2:
             raise ValueError(f"V must be >= 1 and M even and >= 2, got V={V}, M={M}")
         self.V = int(V)
         self.M = int(M)
         self.subquantizer_clusters = int(subquantizer_clusters)
-        self.Cs, self.Rs, self.mus, self.codebooks = _stack_parameters(V, M, parameters)
-        if self.codebooks is not None:
-            self.subquantizer_clusters = self.codebooks.shape[1]
+        self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, codebooks
         self._check_parameter_shapes()
 
     # ------------------------------------------------------------------ structure

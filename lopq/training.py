@@ -61,8 +61,18 @@ def accumulate_covariance_estimators(data, C, backend=None):
 
     Returns:
         A (V, d, d) float64 summed residual outer products, mu (V, d) float64 summed
-        residuals, count (V,) int64, assignments (n,) int32, residuals (n, d) float32.
+        residuals, count (V,) int64, assignments (n,) int32, residuals (n, d) in the
+        callers' precision: float64 when ``data`` or ``C`` is float64 (as the reference),
+        else float32 through the compiled kernels.
     """
+    if np.result_type(np.asarray(data).dtype, np.asarray(C).dtype, np.float32) == np.float64:
+        from ._kernels import reference
+        data64 = np.ascontiguousarray(data, dtype=np.float64)
+        C64 = np.ascontiguousarray(C, dtype=np.float64)
+        assignments, _ = reference.assign(data64, C64)
+        residuals = data64 - C64[assignments]
+        A, sums, counts = reference.accumulate_covariance(residuals, assignments, C64.shape[0])
+        return A, sums, counts, assignments, residuals
     data = kernels.rows32(data)
     C = kernels.rows32(C)
     assignments, _ = kernels.assign(data, C, backend)

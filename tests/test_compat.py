@@ -54,3 +54,34 @@ def test_searcher_counts_from_add_codes_with_an_unbounded_id_iterator(compat_sea
     ids = itertools.count(1000)
     searcher.add_codes(codes[:3], ids=ids)
     assert next(ids) == 1003  # took exactly one id per code
+
+
+def test_accumulate_covariance_estimators_keeps_float64_to_the_fixtures_tolerance():
+    from lopq.model import accumulate_covariance_estimators
+    data, C = load_pickle("test_accumulate_covariance_estimators_input.pkl")
+    want = load_pickle("test_accumulate_covariance_estimators_output.pkl")
+    got = accumulate_covariance_estimators(data, C)
+    assert got[4].dtype == np.float64 and got[0].dtype == np.float64
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-8)
+    # float32 callers keep the compiled float32 path.
+    got32 = accumulate_covariance_estimators(data.astype(np.float32), C.astype(np.float32))
+    assert got32[4].dtype == np.float32
+
+
+def test_model_infers_V_M_and_S_from_its_parameters():
+    model = LOPQModel.load_proto(str(shared_file("compat", "random_test_model.lopq")))
+    Cs, Rs, mus, subs = model.parameters
+    reference_layout = ([c for c in Cs], [list(r) for r in Rs], [list(m) for m in mus],
+                        [list(s) for s in subs])  # tuples of per-cluster arrays per split
+    for params in (model.parameters, reference_layout):
+        again = LOPQModel(parameters=params)  # defaults V=8, M=4 must not win
+        assert (again.V, again.M, again.subquantizer_clusters, again.D) == \
+            (model.V, model.M, model.subquantizer_clusters, model.D)
+    partial = LOPQModel(parameters=(Cs, None, None, None))
+    assert (partial.V, partial.M) == (model.V, 4)
+    refit_data = np.random.RandomState(0).standard_normal((300, 8))
+    refit = LOPQModel(V=3, M=2, subquantizer_clusters=16,
+                      parameters=(Cs, Rs, mus, None)).fit(refit_data, n_init=1)
+    assert (refit.V, refit.M, refit.subquantizer_clusters) == (5, 2, 16)
+    np.testing.assert_array_equal(refit.Cs, Cs)
