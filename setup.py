@@ -54,8 +54,9 @@ setup(
                       "pyspark>=3.5"],
     extras_require={
         "mat": ["scipy"],
+        "lmdb": ["lmdb"],
         "bench": ["faiss-cpu", "threadpoolctl", "matplotlib", "scipy"],
-        "test": ["pytest", "ruff", "scipy"],
+        "test": ["pytest", "ruff", "scipy", "lmdb"],
     },
     zip_safe=False,
 )

@@ -71,7 +71,106 @@ def multisequence(x, coarse_centroids):
             heapq.heappush(heap, (dists[0][i] + dists[1][j + 1], i, j + 1))
 
 
-class LOPQSearcher:
+class LOPQSearcherBase:
+    """The reference's searcher interface over any store of cells (reference API).
+
+    Subclasses provide ``add_codes(codes, ids=None)`` and ``get_cell(cell)`` (the
+    ``[(id, LOPQCode), ...]`` of one cell); this class retrieves whole cells in
+    multi-sequence order until a quota and ranks them by LOPQ asymmetric distance, in
+    plain Python and numpy. `LOPQSearcher` overrides the hot paths with flat arrays and
+    a compiled kernel, with the same results.
+
+    Attributes:
+        model: the `lopq.LOPQModel` whose codes are indexed.
+    """
+
+    model = None
+
+    def add_data(self, data, ids=None, num_procs=1):
+        """Encode rows of ``data`` (n, D) and index them under ``ids`` (default 0..n-1).
+        ``num_procs`` is accepted for compatibility: encoding is batched and compiled."""
+        data = check_rows(data, self.model.D, "data", min_rows=0)
+        coarse, fine = self.model.encode(data)
+        self.add_codes(_codes_as_tuples(coarse, fine), ids)
+
+    def add_codes(self, codes, ids=None):
+        """Index an iterable of ``((c0, c1), (f0, ...))`` codes under ``ids``."""
+        raise NotImplementedError
+
+    def get_cell(self, cell):
+        """Items ``[(id, LOPQCode), ...]`` of cell ``(c0, c1)``."""
+        raise NotImplementedError
+
+    def get_result_quota(self, x, quota=10):
+        """Items of whole cells in multi-sequence order until at least ``quota``.
+
+        Returns:
+            (items, visited): list of ``(id, LOPQCode)`` and the number of cells visited.
+        """
+        x = self._query(x)
+        retrieved, visited = [], 0
+        for _, cell in multisequence(x, self.model.Cs):
+            retrieved += self.get_cell(cell)
+            visited += 1
+            if len(retrieved) >= quota:
+                break
+        return retrieved, visited
+
+    def _split_table(self, x, split, code, memo):
+        """(M/2, S) distance table of query x in the frame of coarse cluster ``code`` of
+        ``split``, memoised in ``memo[split]`` (one table per cluster and query)."""
+        if code not in memo[split]:
+            coarse = (code, code)  # only this split's code matters for coarse_split
+            memo[split][code] = np.stack(self.model.get_subquantizer_distances(
+                x, coarse, coarse_split=split))
+        return memo[split][code]
+
+    def compute_distances(self, x, items):
+        """``[(dist, item), ...]`` for items ``(id, code)`` (reference API)."""
+        x = self._query(x)
+        memo = [{}, {}]
+        out = []
+        for item in items:
+            (c0, c1), fine = item[1]
+            table = np.concatenate([self._split_table(x, 0, int(c0), memo),
+                                    self._split_table(x, 1, int(c1), memo)])
+            dist = kernels.adc_scan(table, np.asarray(fine).reshape(1, -1))[0]
+            out.append((float(dist), item))
+        return out
+
+    def search(self, x, quota=10, limit=None, with_dists=False):
+        """Nearest items of query x by LOPQ distance among the cells needed for ``quota``.
+
+        Args:
+            x: (D,) query.
+            quota: items to retrieve (whole cells in multi-sequence order).
+            limit: results to return; None returns at most ``quota`` (the reference's
+                ``limit = quota``), though whole cells may retrieve more.
+
+        Returns:
+            (results, visited): results ranked by distance (ties in retrieval order) as
+            ``Result(id, code)`` or, with ``with_dists``, ``Result(id, code, dist)``.
+        """
+        retrieved, visited = self.get_result_quota(x, quota)
+        scored = sorted(self.compute_distances(x, retrieved), key=lambda t: t[0])
+        scored = scored[:quota if limit is None else limit]
+        if with_dists:
+            return [ResultWithDist(item[0], item[1], dist) for dist, item in scored], visited
+        return [Result(item[0], item[1]) for _, item in scored], visited
+
+    def _query(self, x):
+        x = np.asarray(x)
+        if x.ndim != 1:
+            raise ValueError(f"a query must be one vector of shape (D,), got {x.shape}")
+        return check_rows(x, self.model.D, "query")[0]
+
+
+def _codes_as_tuples(coarse, fine):
+    from .model import LOPQCode
+    return [LOPQCode(tuple(c), tuple(f)) for c, f in zip(coarse.tolist(), fine.tolist())]
+
+
+class LOPQSearcher(LOPQSearcherBase):
     """In-memory inverted multi-index over LOPQ codes (reference API).
 
     Args:
@@ -194,15 +293,6 @@ class LOPQSearcher:
             items += self.get_cell(cell)
         return items, visited
 
-    def _split_table(self, x, split, code, memo):
-        """(M/2, S) distance table of query x in the frame of coarse cluster ``code`` of
-        ``split``, memoised in ``memo[split]`` (the reference's per-split memo)."""
-        if code not in memo[split]:
-            coarse = (code, code)  # only this split's code matters for coarse_split
-            memo[split][code] = np.stack(self.model.get_subquantizer_distances(
-                x, coarse, coarse_split=split))
-        return memo[split][code]
-
     def _distances_of_ranges(self, x, ranges):
         """LOPQ asymmetric distances of the rows in ``ranges`` (the numpy path)."""
         memo = [{}, {}]
@@ -211,19 +301,6 @@ class LOPQSearcher:
                                 self.fine[lo:hi])
                for (c0, c1), lo, hi in ranges]
         return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
-
-    def compute_distances(self, x, items):
-        """``[(dist, item), ...]`` for items ``(id, code)`` (reference API)."""
-        x = self._query(x)
-        memo = [{}, {}]
-        out = []
-        for item in items:
-            (c0, c1), fine = item[1]
-            table = np.concatenate([self._split_table(x, 0, int(c0), memo),
-                                    self._split_table(x, 1, int(c1), memo)])
-            dist = kernels.adc_scan(table, np.asarray(fine).reshape(1, -1))[0]
-            out.append((float(dist), item))
-        return out
 
     def _retrieve_scored(self, x, quota):
         """Rows retrieved for ``quota`` in retrieval order, their LOPQ distances, and the
@@ -455,8 +532,84 @@ class LOPQSearcher:
         searcher.add_codes((coarse, fine), ids)
         return searcher
 
-    def _query(self, x):
-        x = np.asarray(x)
-        if x.ndim != 1:
-            raise ValueError(f"a query must be one vector of shape (D,), got {x.shape}")
-        return check_rows(x, self.model.D, "query")[0]
+
+class LOPQSearcherLMDB(LOPQSearcherBase):
+    """A persistent index in an LMDB database (reference API; needs ``pip install lmdb``).
+
+    Each item is one key ``cell (2 x uint16, little-endian) + str(id)`` whose value is
+    its fine codes (uint8, or uint16 little-endian when S > 256). Items of a cell come
+    back in key order. Searching ranks in Python (`LOPQSearcherBase`); for speed load
+    the codes into a `LOPQSearcher` instead.
+
+    Args:
+        model: the `lopq.LOPQModel` of the codes.
+        lmdb_path: folder of the database, created if missing.
+        id_lambda: rebuilds an id from the bytes of ``str(id)`` (default ``int``; e.g.
+            ``lambda b: b.decode()`` for string ids).
+        map_size: the largest size the database may grow to, bytes (sparse on disk).
+    """
+
+    def __init__(self, model, lmdb_path, id_lambda=int, map_size=4096000000):
+        try:
+            import lmdb
+        except ImportError:
+            raise ImportError("LOPQSearcherLMDB needs the lmdb package: pip install lmdb") \
+                from None
+        model._require("Cs", "Rs", "mus", "codebooks")
+        if model.V > 65536:
+            raise ValueError(f"LOPQSearcherLMDB stores cells as uint16: V={model.V} is "
+                             "above 65536")
+        self.model = model
+        self.lmdb_path = lmdb_path
+        self.id_lambda = id_lambda
+        self._fine_dtype = np.dtype("<u1" if model.subquantizer_clusters <= 256 else "<u2")
+        self.env = lmdb.open(str(lmdb_path), map_size=map_size, max_dbs=1)
+        self.index_db = self.env.open_db(b"index")
+
+    def encode_cell(self, cell):
+        """Key prefix of cell ``(c0, c1)``: 4 bytes."""
+        return np.asarray(cell, dtype="<u2").tobytes()
+
+    def decode_cell(self, cell_bytes):
+        return tuple(int(c) for c in np.frombuffer(cell_bytes, dtype="<u2"))
+
+    def encode_fine_codes(self, fine):
+        return np.asarray(fine, dtype=self._fine_dtype).tobytes()
+
+    def decode_fine_codes(self, fine_bytes):
+        return tuple(int(f) for f in np.frombuffer(fine_bytes, dtype=self._fine_dtype))
+
+    def add_codes(self, codes, ids=None):
+        """Index codes ``((c0, c1), (f0, ...))`` under ``ids`` (default: 0, 1, ... in
+        this call, as the reference; an iterator may be unbounded)."""
+        if isinstance(codes, tuple) and len(codes) == 2 and isinstance(codes[0], np.ndarray):
+            codes = _codes_as_tuples(*codes)
+        ids = itertools.count() if ids is None else ids
+        with self.env.begin(db=self.index_db, write=True) as txn:
+            for item_id, code in zip(ids, codes):
+                key = self.encode_cell(code[0]) + str(item_id).encode()
+                txn.put(key, self.encode_fine_codes(code[1]))
+        self.env.sync()
+
+    def get_cell(self, cell):
+        """Items ``[(id, LOPQCode), ...]`` of cell ``(c0, c1)``."""
+        from .model import LOPQCode
+        prefix = self.encode_cell(cell)
+        items = []
+        with self.env.begin(db=self.index_db) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    items.append((self.id_lambda(key[4:]),
+                                  LOPQCode(tuple(cell), self.decode_fine_codes(value))))
+        return items
+
+    @property
+    def size(self):
+        with self.env.begin(db=self.index_db) as txn:
+            return txn.stat(self.index_db)["entries"]
+
+    def close(self):
+        self.env.close()

@@ -85,3 +85,47 @@ def test_model_infers_V_M_and_S_from_its_parameters():
                       parameters=(Cs, Rs, mus, None)).fit(refit_data, n_init=1)
     assert (refit.V, refit.M, refit.subquantizer_clusters) == (5, 2, 16)
     np.testing.assert_array_equal(refit.Cs, Cs)
+
+
+def test_lmdb_searcher_counts_from_add_data_and_add_codes(compat_searcher_inputs, tmp_path):
+    pytest.importorskip("lmdb")
+    from lopq.search import LOPQSearcherLMDB
+    model, data = compat_searcher_inputs
+    searcher = LOPQSearcherLMDB(model, str(tmp_path / "by_data"))
+    searcher.add_data(data)
+    searcher_battery(searcher, np.ones(8))
+    searcher = LOPQSearcherLMDB(model, str(tmp_path / "by_codes"))
+    searcher.add_codes([model.predict(x) for x in data])
+    searcher_battery(searcher, np.ones(8))
+
+
+def test_lmdb_searcher_persists_and_ranks_as_the_in_memory_searcher(tmp_path):
+    pytest.importorskip("lmdb")
+    from lopq.search import LOPQSearcherLMDB
+    rng = np.random.RandomState(3)
+    X = rng.standard_normal((600, 8)).astype(np.float32)
+    model = LOPQModel(V=4, M=2, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    ids = [f"doc-{i}" for i in range(len(X))]
+    path = str(tmp_path / "index")
+    writer = LOPQSearcherLMDB(model, path, id_lambda=lambda b: b.decode())
+    writer.add_data(X, ids=ids)
+    writer.close()
+    reader = LOPQSearcherLMDB(model, path, id_lambda=lambda b: b.decode())
+    assert reader.size == len(X)
+    memory = LOPQSearcher(model)
+    memory.add_data(X, ids=ids)
+    for q in rng.standard_normal((5, 8)):
+        got, visited = reader.search(q, quota=50, limit=20, with_dists=True)
+        want, want_visited = memory.search(q, quota=50, limit=20, with_dists=True)
+        assert visited == want_visited
+        np.testing.assert_allclose([r.dist for r in got], [r.dist for r in want], rtol=1e-5)
+        # Equal distances may come in another order: compare ids up to ties.
+        assert {r.id for r in got if r.dist < got[-1].dist} <= {r.id for r in want}
+        assert all(isinstance(r.id, str) and r.id.startswith("doc-") for r in got)
+
+
+def test_searcher_base_is_the_reference_interface():
+    from lopq.search import LOPQSearcherBase
+    assert issubclass(LOPQSearcher, LOPQSearcherBase)
+    with pytest.raises(NotImplementedError):
+        LOPQSearcherBase().get_cell((0, 0))
