@@ -36,17 +36,61 @@ def exact_neighbors(queries, base, k=1, block_rows=GT_BLOCK_ROWS):
     return out
 
 
-def compute_all_neighbors(data1, data2=None, just_nn=True):
-    """Reference API: nearest neighbour (just_nn) or all neighbours sorted, of each row of
-    data1 among data2 (data1 itself, excluding each row, when data2 is None)."""
+def compute_all_neighbors(data1, data2=None, just_nn=True, exclude_self=False):
+    """Reference API: nearest neighbour (``just_nn``) or all neighbours sorted by
+    Euclidean distance, of each row of ``data1`` among the rows of ``data2``.
+
+    As in the reference, ``data2=None`` searches ``data1`` itself, so a row's nearest
+    neighbour is the row itself (or an identical row of lower index): the reference's
+    observable behaviour, kept. ``exclude_self=True`` (an addition) gives each row's
+    nearest *other* row, an exact duplicate included.
+
+    Returns:
+        (m1,) int64 indices (``just_nn``) or (m1, m2) int64 indices, nearest first,
+        lowest index first among equal distances.
+    """
     same = data2 is None
     data2 = data1 if same else data2
-    n2 = np.shape(data2)[0]
     if just_nn:
-        nns = exact_neighbors(data1, data2, k=2 if same else 1)
-        return nns[:, 1] if same else nns[:, 0]
+        return nearest_neighbor(data1, data2, exclude_self=same and exclude_self)
+    n2 = np.shape(data2)[0]
     nns = exact_neighbors(data1, data2, k=n2)
-    return nns[:, 1:] if same else nns
+    if same and exclude_self:
+        rows = np.arange(nns.shape[0])[:, None]
+        return nns[nns != rows].reshape(nns.shape[0], n2 - 1)
+    return nns
+
+
+#: Candidates by the GEMM form whose distances are recomputed exactly (differences).
+EXACT_CANDIDATES = 8
+
+
+def nearest_neighbor(queries, base, exclude_self=False, block_rows=GT_BLOCK_ROWS):
+    """Index of each query's nearest row of ``base`` by exact squared distance, lowest
+    index among exact ties (identical rows tie at exactly 0, as with ``cdist``).
+
+    Candidates come from the fast GEMM form; the best few are recomputed as sums of
+    squared differences, so rounding of the GEMM form cannot break a tie.
+
+    Args:
+        queries: (q, D); base: (n, D); exclude_self: queries are ``base`` itself and row
+            i may not answer query i.
+
+    Returns:
+        (q,) int64.
+    """
+    Q = np.asarray(queries, dtype=np.float64)
+    B = np.asarray(base, dtype=np.float64)
+    k = min(EXACT_CANDIDATES + int(exclude_self), B.shape[0])
+    candidates = exact_neighbors(Q, B, k=k, block_rows=block_rows)
+    out = np.empty(Q.shape[0], dtype=np.int64)
+    for i, row in enumerate(candidates):
+        if exclude_self:
+            row = row[row != i]
+        exact = ((B[row] - Q[i]) ** 2).sum(axis=1)
+        best = row[exact == exact.min()]
+        out[i] = best.min()
+    return out
 
 
 def recall_at(ranked_ids, true_nn, thresholds=(1, 10, 100, 1000)):
@@ -124,18 +168,20 @@ def rank_by_lopq_distance(model, queries, coarse, fine, limit=None):
 
 
 def get_subquantizer_distortion(data, model):
-    """Reference API: mean squared error of each subquantizer on ``data`` (n, D).
+    """Reference API: mean squared quantization error of each subquantizer on the
+    projected residuals of ``data`` (n, D).
 
     Returns:
-        (M/2, M/2) per split (two arrays of length M/2), as the reference.
+        (M,) float64: split 0's subquantizers, then split 1's (the reference's layout;
+        its code assumed M = 8, this works for every M).
     """
     X = kernels.rows32(data)
-    coarse, projected = model._coarse_and_projection(X)
+    _, projected = model._coarse_and_projection(X)
     fine = kernels.encode_fine(projected, model.codebooks)
     rec = kernels.decode_fine(fine, model.codebooks)
     ds = model.D // model.M
-    err = ((projected - rec) ** 2).reshape(len(X), model.M, ds).sum(axis=2).mean(axis=0)
-    return err[:model.M // 2], err[model.M // 2:]
+    diff = (projected.astype(np.float64) - rec).reshape(len(X), model.M, ds)
+    return (diff ** 2).sum(axis=2).mean(axis=0)
 
 
 def relative_reconstruction_error(data, model):
@@ -146,18 +192,45 @@ def relative_reconstruction_error(data, model):
     return float(((X - rec) ** 2).sum(dtype=np.float64) / total)
 
 
-def get_cell_histogram(data, model):
-    """Reference API: number of rows of data in each of the V^2 cells, (V*V,) int64."""
+def _cells(data, model):
     coarse, _ = model.encode(data)
-    cells = coarse[:, 0].astype(np.int64) * model.V + coarse[:, 1]
-    return np.bincount(cells, minlength=model.V * model.V)
+    return coarse[:, 0].astype(np.int64) * model.V + coarse[:, 1]
 
 
-def get_proportion_nns_with_same_coarse_codes(data, nns, model):
-    """Reference API: fraction of rows whose nearest neighbour (index nns[i]) has the same
-    coarse codes."""
+def get_cell_histogram(data, model):
+    """Reference API: ``np.histogram(cell ids, bins=range(V ** 2))[0]``.
+
+    That is V^2 - 1 bins, the last counting both of the two highest cells, exactly what
+    the reference returns. `get_cell_counts` gives one count per cell.
+    """
+    return np.histogram(_cells(data, model), bins=range(model.V ** 2))[0]
+
+
+def get_cell_counts(data, model):
+    """Rows of ``data`` in each of the V^2 cells: (V * V,) int64, cell ``c0 * V + c1``."""
+    return np.bincount(_cells(data, model), minlength=model.V * model.V)
+
+
+def get_proportion_nns_with_same_coarse_codes(data, model, nns=None):
+    """Reference API: fraction of rows whose nearest neighbour ``nns[i]`` has the same
+    coarse codes.
+
+    With ``nns=None`` the neighbours are ``compute_all_neighbors(data)``, where each
+    row is its own nearest neighbour (the reference's behaviour, so the result is 1.0);
+    pass ``nns=compute_all_neighbors(data, exclude_self=True)`` for the useful measure.
+    """
+    if nns is None:
+        nns = compute_all_neighbors(data)
     coarse, _ = model.encode(data)
     return float(np.mean(np.all(coarse == coarse[np.asarray(nns)], axis=1)))
+
+
+def get_proportion_of_reconstructions_with_same_codes(data, model):
+    """Reference API: fraction of rows whose reconstruction encodes to the same code."""
+    coarse, fine = model.encode(data)
+    again_coarse, again_fine = model.encode(model.decode((coarse, fine)))
+    same = np.all(coarse == again_coarse, axis=1) & np.all(fine == again_fine, axis=1)
+    return float(np.mean(same))
 
 
 def train_test_split(data, test_size=0.2, random_state=40):

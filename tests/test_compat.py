@@ -129,3 +129,110 @@ def test_searcher_base_is_the_reference_interface():
     assert issubclass(LOPQSearcher, LOPQSearcherBase)
     with pytest.raises(NotImplementedError):
         LOPQSearcherBase().get_cell((0, 0))
+
+
+# ------------------------------------------------------------------ lopq.eval
+@pytest.fixture(scope="module")
+def small_fit():
+    rng = np.random.RandomState(5)
+    X = (rng.standard_normal((500, 8)) * [3, 2, 2, 1, 1, 1, 0.5, 0.5]).astype(np.float32)
+    X[7] = X[3]  # an exact duplicate
+    model = LOPQModel(V=3, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    return model, X
+
+
+def test_compute_all_neighbors_as_the_reference_and_without_self(small_fit):
+    from scipy.spatial.distance import cdist
+
+    from lopq.eval import compute_all_neighbors
+    _, X = small_fit
+    dists = cdist(X, X)
+    # The reference's own semantics: data2=None searches data1 itself.
+    np.testing.assert_array_equal(compute_all_neighbors(X), dists.argmin(axis=1))
+    assert compute_all_neighbors(X)[7] == 3 and compute_all_neighbors(X)[3] == 3
+    np.fill_diagonal(dists, np.inf)
+    no_self = compute_all_neighbors(X, exclude_self=True)
+    np.testing.assert_array_equal(no_self, dists.argmin(axis=1))
+    assert (no_self[3], no_self[7]) == (7, 3)
+    queries = X[:20] + 0.01
+    np.testing.assert_array_equal(compute_all_neighbors(queries, X),
+                                  cdist(queries, X).argmin(axis=1))
+    ranked = compute_all_neighbors(queries, X, just_nn=False)
+    assert ranked.shape == (20, len(X))
+    np.testing.assert_array_equal(ranked[:, :5], np.argsort(cdist(queries, X), axis=1)[:, :5])
+
+
+def test_cell_histogram_has_the_references_bins(small_fit):
+    from lopq.eval import get_cell_counts, get_cell_histogram
+    model, X = small_fit
+    cells = [model.get_cell_id_for_coarse_codes(model.predict_coarse(x)) for x in X]
+    np.testing.assert_array_equal(get_cell_histogram(X, model),
+                                  np.histogram(cells, bins=range(model.V ** 2))[0])
+    assert get_cell_histogram(X, model).shape == (model.V ** 2 - 1,)
+    np.testing.assert_array_equal(get_cell_counts(X, model),
+                                  np.bincount(cells, minlength=model.V ** 2))
+
+
+def test_subquantizer_distortion_is_one_array_of_M(small_fit):
+    from lopq.eval import get_subquantizer_distortion
+    model, X = small_fit
+    got = get_subquantizer_distortion(X, model)
+    assert got.shape == (model.M,)
+    ds = model.D // model.M
+    want = np.zeros(model.M)
+    for x in X:
+        p = model.project(x).astype(np.float64)
+        for j in range(model.M):
+            book = model.codebooks[j].astype(np.float64)
+            want[j] += ((p[j * ds:(j + 1) * ds] - book) ** 2).sum(axis=1).min()
+    np.testing.assert_allclose(got, want / len(X), rtol=1e-4)
+
+
+def test_proportions_as_the_reference(small_fit):
+    from lopq.eval import (
+        compute_all_neighbors,
+        get_proportion_nns_with_same_coarse_codes,
+        get_proportion_of_reconstructions_with_same_codes,
+    )
+    model, X = small_fit
+    assert get_proportion_nns_with_same_coarse_codes(X, model) == 1.0  # nn = itself
+    nns = compute_all_neighbors(X, exclude_self=True)
+    same = np.mean([model.predict_coarse(X[i]) == model.predict_coarse(X[nns[i]])
+                    for i in range(len(X))])
+    assert get_proportion_nns_with_same_coarse_codes(X, model, nns) == pytest.approx(same)
+    stable = np.mean([model.predict(model.reconstruct(model.predict(x))) == model.predict(x)
+                      for x in X])
+    assert get_proportion_of_reconstructions_with_same_codes(X, model) == pytest.approx(stable)
+
+
+# ------------------------------------------------------------------ lopq.utils
+def test_xvecs_helpers_take_the_references_arguments(tmp_path):
+    from lopq.utils import load_xvecs, save_xvecs
+    X = np.random.RandomState(0).standard_normal((10, 4)).astype(np.float32)
+    save_xvecs(X, str(tmp_path / "x.fvecs"))  # data first, as the reference
+    raw = (tmp_path / "x.fvecs").read_bytes()
+    assert len(raw) == 10 * (4 + 16) and raw[:4] == (4).to_bytes(4, "little")
+    back = load_xvecs(str(tmp_path / "x.fvecs"))
+    assert back.dtype == np.float64 and back.shape == (10, 4)
+    np.testing.assert_array_equal(back, X)
+    assert load_xvecs(str(tmp_path / "x.fvecs"), max_num=3).shape == (3, 4)
+    save_xvecs(np.arange(6).reshape(3, 2), str(tmp_path / "x.ivecs"), base_type="i")
+    ints = load_xvecs(str(tmp_path / "x.ivecs"), base_type="i")
+    assert ints.dtype.kind == "i" and ints.tolist() == [[0, 1], [2, 3], [4, 5]]
+    save_xvecs([1.5, 2.5], str(tmp_path / "scalars.fvecs"))  # scalars: 1-D records
+    np.testing.assert_array_equal(load_xvecs(str(tmp_path / "scalars.fvecs")), [1.5, 2.5])
+    save_xvecs(np.array([[1, 255]]), str(tmp_path / "b.bvecs"), base_type="b")
+    np.testing.assert_array_equal(load_xvecs(str(tmp_path / "b.bvecs"), base_type="b"),
+                                  [1.0, 255.0])
+
+
+def test_small_reference_helpers():
+    from lopq.utils import concat_new_first, get_chunk_ranges, parmap, predict_cluster
+    stacked = concat_new_first([np.zeros((2, 3)), np.ones((2, 3))])
+    assert stacked.shape == (2, 2, 3) and stacked[1].sum() == 6
+    centroids = np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 0.0]])
+    assert predict_cluster(np.array([8.0, 1.0]), centroids) == 2
+    assert get_chunk_ranges(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert get_chunk_ranges(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    offset = 100
+    assert parmap(lambda v: v + offset, range(20), 4) == list(range(100, 120))
