@@ -9,11 +9,15 @@ from . import _kernels as kernels
 from . import formats
 from .training import (  # noqa: F401 (reference API)
     accumulate_covariance_estimators,
+    compute_local_rotations,
     compute_residuals,
     compute_rotations_from_accumulators,
     eigenvalue_allocation,
     project_residuals_to_local,
     train,
+    train_coarse,
+    train_parameters,
+    train_subquantizers,
 )
 
 logger = logging.getLogger(__name__)
@@ -203,7 +207,7 @@ class LOPQModel:
                              f"{subquantizer_sample_ratio})")
         if verbose:
             logging.getLogger("lopq").setLevel(logging.INFO)
-        Cs, Rs, mus, subs = train(
+        Cs, Rs, mus, subs = train_parameters(
             data, self.V, self.M, self.subquantizer_clusters,
             (self.Cs, self.Rs, self.mus, self.codebooks), kmeans_coarse_iters,
             kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state, backend,
@@ -376,22 +380,28 @@ class LOPQModel:
             self.Cs, self.Rs, self.mus, self.codebooks)
 
     def export_mat(self, filename):
-        """Write the parameters as a MATLAB `.mat` file (needs scipy)."""
+        """Write the parameters as a MATLAB `.mat` file (needs scipy), in the reference's
+        layout: Cs (2, V, D/2), Rs (2, V, D/2, D/2), mus (2, V, D/2), subs
+        (2, M/2, S, D/M), V, M."""
         from scipy.io import savemat
         self._require("Cs", "Rs", "mus", "codebooks")
         savemat(filename, {"Cs": self.Cs, "Rs": self.Rs, "mus": self.mus,
-                           "subs": self.codebooks, "V": self.V, "M": self.M})
+                           "subs": self.subquantizers, "V": self.V, "M": self.M})
 
     @staticmethod
     def load_mat(filename):
-        """Read a model written by `export_mat` (needs scipy)."""
+        """Read a model written by `export_mat` or the reference's (needs scipy); subs
+        may be (2, M/2, S, D/M) (the reference's layout) or (M, S, D/M) (lopq 0.1)."""
         from scipy.io import loadmat
         d = loadmat(filename)
         if not {"Cs", "Rs", "mus", "subs", "V", "M"} <= set(d):
             raise ValueError(f"{filename} is not an LOPQ .mat file (needs Cs, Rs, mus, "
                              "subs, V, M)")
         V, M = int(d["V"].ravel()[0]), int(d["M"].ravel()[0])
-        return LOPQModel(V, M, d["subs"].shape[1], (d["Cs"], d["Rs"], d["mus"], d["subs"]))
+        subs = d["subs"]
+        if subs.ndim == 4:
+            subs = subs.reshape(-1, *subs.shape[2:])
+        return LOPQModel(V, M, subs.shape[1], (d["Cs"], d["Rs"], d["mus"], subs))
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):

@@ -134,8 +134,8 @@ def project_residuals_to_local(residuals, assignments, Rs, mu, backend=None):
     return kernels.project_residuals(residuals, assignments, zeros, Rs, mu, backend)
 
 
-def train_coarse(data, V, kmeans_coarse_iters=10, n_init=10, random_state=None,
-                 backend=None):
+def train_coarse_splits(data, V, kmeans_coarse_iters=10, n_init=10, random_state=None,
+                        backend=None):
     """Step 0: k-means of each half of the data. Returns Cs (2, V, D/2) float32."""
     rng = check_random_state(random_state)
     h = data.shape[1] // 2
@@ -177,8 +177,8 @@ def project_data(data, Cs, Rs, mus, backend=None):
     return np.hstack(halves)
 
 
-def train_subquantizers(projected, M, subquantizer_clusters=256, kmeans_local_iters=20,
-                        n_init=10, random_state=None, backend=None):
+def train_codebooks(projected, M, subquantizer_clusters=256, kmeans_local_iters=20,
+                    n_init=10, random_state=None, backend=None):
     """Step 2: one k-means per subvector of the projected residuals.
 
     Args:
@@ -280,10 +280,10 @@ def refine_local_rotations(data, Cs, Rs, mus, subs, iters=3, random_state=None,
     return Rs, subs
 
 
-def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
-          kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
-          subquantizer_sample_ratio=1.0, random_state=None, backend=None,
-          rotation_refinement_iters=3):
+def train_parameters(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
+                     kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
+                     subquantizer_sample_ratio=1.0, random_state=None, backend=None,
+                     rotation_refinement_iters=3):
     """Fit whatever of ``parameters = (Cs, Rs, mus, subs)`` is None, reusing the rest.
 
     When this call trains both the rotations and the subquantizers, they are then refined
@@ -301,7 +301,7 @@ def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
     refine = (Rs is None or mus is None) and subs is None and rotation_refinement_iters > 0
     if Cs is None:
         logger.info("step 0: coarse quantizers (V=%d) on %d x %d", V, *data.shape)
-        Cs = train_coarse(data, V, kmeans_coarse_iters, n_init, rng, backend)
+        Cs = train_coarse_splits(data, V, kmeans_coarse_iters, n_init, rng, backend)
     if Rs is None or mus is None:
         logger.info("step 1: local rotations")
         Rs, mus = train_rotations(data, Cs, M, backend)
@@ -317,9 +317,74 @@ def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
                                  f"{subquantizer_clusters} subquantizer clusters")
             sample = data[np.sort(rng.choice(n, size, replace=False))]
         projected = project_data(sample, Cs, Rs, mus, backend)
-        subs = train_subquantizers(projected, M, subquantizer_clusters, kmeans_local_iters,
-                                   n_init, rng, backend)
+        subs = train_codebooks(projected, M, subquantizer_clusters, kmeans_local_iters,
+                               n_init, rng, backend)
         if refine:
             Rs, subs = refine_local_rotations(sample, Cs, Rs, mus, subs,
                                               rotation_refinement_iters, rng, backend)
     return Cs, Rs, mus, subs
+
+
+# ---------------------------------------------------------------- the reference's layout
+# The reference's module-level training functions, with its signatures and return
+# layouts (per-split tuples, lists of codebooks), on the batched code above.
+
+def train_coarse(data, V=8, kmeans_coarse_iters=10, n_init=10, random_state=None):
+    """Reference API: k-means++ / Lloyd centroids of ``data`` (n, d): (V, d) float32."""
+    centers, _, _ = kmeans(data, V, kmeans_coarse_iters, n_init, random_state=random_state,
+                           label=" coarse", return_labels=False)
+    return centers
+
+
+def train_subquantizers(data, num_buckets, subquantizer_clusters=256, kmeans_local_iters=20,
+                        n_init=10, random_state=None):
+    """Reference API: one k-means per equal column slice of ``data`` (n, d).
+
+    Returns:
+        list of ``num_buckets`` (S, d / num_buckets) float32 codebooks.
+    """
+    return list(train_codebooks(data, num_buckets, subquantizer_clusters, kmeans_local_iters,
+                                n_init, random_state))
+
+
+def compute_local_rotations(data, C, num_buckets):
+    """Reference API: local rotations of the clusters of ``C`` (V, d) on ``data`` (n, d).
+
+    Returns:
+        R (V, d, d), mu (V, d) mean residuals, assignments (n,), residuals (n, d).
+    """
+    A, sums, counts, assignments, residuals = accumulate_covariance_estimators(data, C)
+    R, mu = compute_rotations_from_accumulators(A, sums, counts, num_buckets)
+    return R, mu, assignments, residuals
+
+
+def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
+          kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
+          subquantizer_sample_ratio=1.0, random_state=None, verbose=False, n_jobs=1,
+          rotation_refinement_iters=3):
+    """Reference API: fit the missing ``parameters`` of an LOPQ model.
+
+    The arguments bind positionally as in the reference (``verbose``, then ``n_jobs``,
+    accepted for compatibility: the kernels are compiled and batched).
+    ``rotation_refinement_iters`` (an addition, keyword only in practice) refines the
+    rotations with the subquantizers as `LOPQModel.fit` does; 0 trains as the reference.
+
+    Args:
+        data: (n, D) training rows.
+        parameters: ``(Cs, Rs, mus, subquantizers)``, any None, in the reference layout
+            or stacked.
+
+    Returns:
+        ``((C0, C1), (R0, R1), (mu0, mu1), (subs0, subs1))``: per split, (V, D/2)
+        centroids, (V, D/2, D/2) rotations, (V, D/2) mean residuals and a list of M/2
+        (S, D/M) codebooks, float32, the reference's layout (``LOPQModel(parameters=``
+        takes it).
+    """
+    from .model import LOPQModel
+    model = LOPQModel(V, M, subquantizer_clusters, parameters)
+    model.fit(data, kmeans_coarse_iters, kmeans_local_iters, n_init,
+              subquantizer_sample_ratio, random_state, verbose,
+              rotation_refinement_iters=rotation_refinement_iters)
+    Cs, Rs, mus, subs = model.parameters
+    return ((Cs[0], Cs[1]), (Rs[0], Rs[1]), (mus[0], mus[1]),
+            (list(subs[0]), list(subs[1])))

@@ -236,3 +236,60 @@ def test_small_reference_helpers():
     assert get_chunk_ranges(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
     offset = 100
     assert parmap(lambda v: v + offset, range(20), 4) == list(range(100, 120))
+
+
+# ------------------------------------------------------------------ lopq.model, formats
+def test_generated_protobuf_module_is_importable_and_reads_the_fixture():
+    from lopq.lopq_model_pb2 import LOPQModelParams, Matrix, Vector
+    params = LOPQModelParams()
+    params.ParseFromString(shared_file("compat", "random_test_model.lopq").read_bytes())
+    assert (params.D, params.V, params.M) == (8, 5, 4)
+    assert len(params.Cs) == 2 and list(params.Cs[0].shape) == [5, 4]
+    assert Matrix().DESCRIPTOR.name == "Matrix" and Vector().DESCRIPTOR.name == "Vector"
+
+
+def test_mat_files_in_the_references_layout_and_ours(tmp_path):
+    pytest.importorskip("scipy")
+    from scipy.io import loadmat, savemat
+    model = LOPQModel.load_proto(str(shared_file("compat", "random_test_model.lopq")))
+    path = tmp_path / "model.mat"
+    model.export_mat(str(path))
+    saved = loadmat(str(path))
+    S = model.subquantizer_clusters
+    assert saved["subs"].shape == (2, model.M // 2, S, model.D // model.M)
+    flat = tmp_path / "flat.mat"  # lopq 0.1 wrote (M, S, D/M)
+    savemat(str(flat), {"Cs": model.Cs, "Rs": model.Rs, "mus": model.mus,
+                        "subs": model.codebooks, "V": model.V, "M": model.M})
+    for p in (path, flat):
+        again = LOPQModel.load_mat(str(p))
+        assert (again.V, again.M, again.subquantizer_clusters) == (model.V, model.M, S)
+        for a, b in zip(again.parameters, model.parameters):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_module_level_training_functions_have_the_references_layout():
+    from lopq.model import (
+        compute_local_rotations,
+        train,
+        train_coarse,
+        train_subquantizers,
+    )
+    rng = np.random.RandomState(0)
+    X = (rng.standard_normal((400, 8)) * [4, 3, 2, 1, 1, 1, 1, 1]).astype(np.float32)
+    C = train_coarse(X[:, :4], 5, 10, 1, 0)  # positional: V, iters, n_init, random_state
+    assert C.shape == (5, 4)
+    R, mu, assignments, residuals = compute_local_rotations(X[:, :4], C, 2)
+    assert R.shape == (5, 4, 4) and mu.shape == (5, 4) and assignments.shape == (400,)
+    np.testing.assert_allclose(residuals, X[:, :4] - C[assignments], atol=1e-6)
+    np.testing.assert_allclose(R[0] @ R[0].T, np.eye(4), atol=1e-6)
+    books = train_subquantizers(X, 4, 16, 20, 1, 0)
+    assert isinstance(books, list) and len(books) == 4 and books[0].shape == (16, 2)
+    # The reference's positional order, verbose and n_jobs last.
+    Cs, Rs, mus, subs = train(X, 3, 4, 16, None, 10, 20, 1, 1.0, 0, False, 1)
+    assert len(Cs) == 2 and Cs[0].shape == (3, 4) and Rs[1].shape == (3, 4, 4)
+    assert mus[0].shape == (3, 4) and len(subs) == 2 and len(subs[0]) == 2
+    assert subs[1][0].shape == (16, 2)
+    model = LOPQModel(parameters=(Cs, Rs, mus, subs))
+    assert (model.V, model.M, model.subquantizer_clusters) == (3, 4, 16)
+    again = train(X, 3, 4, 16, (Cs, Rs, mus, None), n_init=1, random_state=0)
+    np.testing.assert_array_equal(again[1][0], Rs[0])  # given parameters are kept
