@@ -293,3 +293,59 @@ def test_module_level_training_functions_have_the_references_layout():
     assert (model.V, model.M, model.subquantizer_clusters) == (3, 4, 16)
     again = train(X, 3, 4, 16, (Cs, Rs, mus, None), n_init=1, random_state=0)
     np.testing.assert_array_equal(again[1][0], Rs[0])  # given parameters are kept
+
+
+# ------------------------------------------------------------------ Oxford5k flows
+def test_training_default_refines_rotations_and_0_trains_as_the_reference(oxford):
+    """rotation_refinement_iters=0 reaches the reference's own numbers (its Python 3
+    port measured recall@[1, 10, 100] = [0.499, 0.925, 0.978], exhaustive LOPQ ranking,
+    seeds 40-42); the default (3 rounds) does better, in recall and distortion."""
+    from lopq.eval import rank_by_lopq_distance, recall_at, relative_reconstruction_error
+    train, test, nns = oxford
+    results = {}
+    for iters in (0, 3):
+        recalls, errors = [], []
+        for seed in (40, 41, 42):
+            model = LOPQModel(V=16, M=8).fit(train, n_init=1, random_state=seed,
+                                             rotation_refinement_iters=iters)
+            coarse, fine = model.encode(train)
+            ranked = rank_by_lopq_distance(model, test, coarse, fine, limit=100)
+            recalls.append(recall_at(ranked, nns, (1, 10, 100)))
+            errors.append(relative_reconstruction_error(train, model))
+        results[iters] = np.mean(recalls, axis=0), np.mean(errors)
+    (plain, plain_error), (refined, refined_error) = results[0], results[3]
+    assert np.all(plain >= [0.495, 0.925, 0.978]), plain
+    assert refined[0] >= plain[0] + 0.01 and np.all(refined >= plain), (refined, plain)
+    assert refined_error < 0.95 * plain_error, (refined_error, plain_error)
+
+
+def test_reference_example_flow(oxford):
+    """The reference's scripts/example.py: PCA with eigenvalue_allocation, a model, a
+    refit with more subquantizers from its coarse quantizers, and one with 512
+    subquantizer clusters from its coarse quantizers and rotations."""
+    from lopq.eval import compute_all_neighbors, get_recall
+    from lopq.model import eigenvalue_allocation
+    train, test, _ = oxford
+    data = np.concatenate([train, test]).astype(np.float64)
+    mu = data.mean(axis=0)
+    eigenvalues, P = np.linalg.eigh(np.cov(data.T))
+    P = P[:, eigenvalue_allocation(2, eigenvalues)]
+    train, test = (train - mu) @ P, (test - mu) @ P
+    nns = compute_all_neighbors(test, train)
+    m = LOPQModel(V=16, M=8)
+    m.fit(train, n_init=1, random_state=1)
+    recalls = {}
+    m2 = LOPQModel(V=16, M=16, parameters=(m.Cs, None, None, None))
+    m2.fit(train, n_init=1, random_state=1)
+    m3 = LOPQModel(V=16, M=8, subquantizer_clusters=512, parameters=(m.Cs, m.Rs, m.mus, None))
+    m3.fit(train, n_init=1, random_state=1)
+    assert (m2.M, m2.V, m3.subquantizer_clusters) == (16, 16, 512)
+    np.testing.assert_array_equal(m2.Cs, m.Cs)
+    np.testing.assert_array_equal(m3.Rs, m.Rs)
+    for name, model in (("m", m), ("m2", m2), ("m3", m3)):
+        searcher = LOPQSearcher(model)
+        searcher.add_data(train)
+        recalls[name], _ = get_recall(searcher, test, nns)
+        assert np.all(recalls[name] > [0.45, 0.9, 0.97, 0.97]), (name, recalls[name])
+    # Finer codes (M=16) rank better than 8 bytes; 512 clusters at least as well.
+    assert recalls["m2"][0] > recalls["m"][0] and recalls["m3"][0] >= recalls["m"][0] - 0.01
