@@ -349,3 +349,9 @@ def test_reference_example_flow(oxford):
         assert np.all(recalls[name] > [0.45, 0.9, 0.97, 0.97]), (name, recalls[name])
     # Finer codes (M=16) rank better than 8 bytes; 512 clusters at least as well.
     assert recalls["m2"][0] > recalls["m"][0] and recalls["m3"][0] >= recalls["m"][0] - 0.01
+
+
+def test_package_namespace_as_the_reference():
+    import lopq
+    assert lopq.multisequence is lopq.search.multisequence
+    assert callable(lopq.utils.load_xvecs) and lopq.model.LOPQModel is LOPQModel
