@@ -3,13 +3,16 @@
     spark-submit --files model.lopq spark/compute_codes.py --data DATA --output OUT \
         --model_proto model.lopq
 
-Writes text part files of ``id<TAB>[[c0, c1], [f0, ..., fM-1]]``.
+Writes text part files of ``id<TAB>[[c0, c1], [f0, ..., fM-1]]`` (the reference's
+format), or with ``--output_format parquet`` a table of ``id``, ``coarse`` (2 ints) and
+``fine`` (M ints), optionally partitioned by cell (``--partition_by_cell``). From a table
+(``--data x.parquet`` or ``--data_format``), codes are computed on Arrow batches.
 """
 
 import time
 
 from lopq.spark import cli, fs
-from lopq.spark.codes import code_lines
+from lopq.spark.codes import code_lines, code_rows_frame
 from lopq.spark.data import load_blocks
 
 
@@ -20,8 +23,16 @@ def parse_args(argv=None):
     parser.add_argument("--model_pkl", default=None, help="file name of the model pickle")
     parser.add_argument("--model_proto", default=None,
                         help="file name of the model protobuf file")
+    parser.add_argument("--output_format", choices=("text", "parquet"), default="text",
+                        help="text part files (the reference's format) or a Parquet table "
+                             "of id, coarse, fine")
+    parser.add_argument("--partition_by_cell", action="store_true",
+                        help="with --output_format parquet: add a `cell` column "
+                             "(c0 * V + c1) and partition the table by it")
     cli.add_overwrite_argument(parser)
     args = parser.parse_args(argv)
+    if args.partition_by_cell and args.output_format != "parquet":
+        parser.error("--partition_by_cell needs --output_format parquet")
     if args.data is None or args.output is None:
         parser.error("--data and --output are required")
     if args.model_pkl is None and args.model_proto is None:
@@ -40,16 +51,62 @@ def main(argv=None):
         if model.codebooks is None or model.Rs is None or model.Cs is None:
             raise cli.UsageError("the model is not fully trained (it lacks coarse "
                                  "quantizers, rotations or subquantizers)")
-        blocks, n, D = load_blocks(sc, args.data, args.sampling_ratio, args.seed,
-                                   args.data_udf, with_ids=True,
-                                   skip_bad_records=args.skip_bad_records)
-        if D != model.D:
-            raise cli.UsageError(f"the model is for D={model.D} but --data has vectors of "
-                                 f"dimension {D}")
-        sc.setJobDescription("lopq compute_codes: encode and write")
-        fs.save_text_atomically(sc, code_lines(sc, blocks, model), args.output,
-                                args.overwrite)
+        options = cli.data_options(args, with_ids=True)
+        if args.output_format == "parquet" and options["data_format"] != "text" \
+                and not args.data_udf:
+            n = table_to_table(sc, args, options, model)
+        else:
+            blocks, n, D = load_blocks(sc, args.data, **options)
+            if D != model.D:
+                raise cli.UsageError(f"the model is for D={model.D} but --data has vectors "
+                                     f"of dimension {D}")
+            sc.setJobDescription("lopq compute_codes: encode and write")
+            if args.output_format == "text":
+                fs.save_text_atomically(sc, code_lines(sc, blocks, model), args.output,
+                                        args.overwrite)
+            else:
+                fs.save_frame_atomically(sc, code_rows_frame(sc, blocks, model,
+                                                             args.partition_by_cell),
+                                         args.output, args.overwrite,
+                                         "cell" if args.partition_by_cell else None)
         print(f"wrote codes of {n} vectors to {args.output} in {time.time() - started:.1f} s")
+
+
+def table_to_table(sc, args, options, model):
+    """Parquet (or any table) in, Parquet out: codes on Arrow batches, no Python row
+    objects. Returns the number of rows written."""
+    from pyspark.sql import SparkSession
+
+    from lopq.spark.codes import encode_frame
+    from lopq.spark.data import DataError, read_table
+    spark = SparkSession.builder.getOrCreate()
+    df = read_table(spark, sc, args.data, options["data_format"])
+    if args.id_col not in df.columns:
+        raise DataError(f"--id_col {args.id_col!r}: no such column in --data {args.data} "
+                        f"(columns: {', '.join(df.columns)})")
+    if args.sampling_ratio < 1.0:
+        df = df.sample(False, args.sampling_ratio, args.seed)
+    encoded, skipped = encode_frame(
+        df.select(args.id_col, args.vector_col), model, args.vector_col,
+        keep=[args.id_col], id_col=args.id_col,
+        cell_col="cell" if args.partition_by_cell else None,
+        skip_bad_records=args.skip_bad_records)
+    if args.id_col != "id":
+        encoded = encoded.withColumnRenamed(args.id_col, "id")
+    written = []
+
+    def count_rows(tmp):
+        written.append(spark.read.parquet(tmp).count())
+        if not written[0]:
+            raise DataError(f"no vectors in --data {args.data}"
+                            + (" after sampling" if args.sampling_ratio < 1 else ""))
+
+    sc.setJobDescription("lopq compute_codes: encode Arrow batches and write Parquet")
+    fs.save_frame_atomically(sc, encoded, args.output, args.overwrite,
+                             "cell" if args.partition_by_cell else None, count_rows)
+    if skipped.value:
+        print(f"skipped {skipped.value} malformed record(s) in --data {args.data}")
+    return written[0]
 
 
 if __name__ == "__main__":

@@ -113,8 +113,7 @@ def main(argv=None):
             fs.check_output_path(sc, path, args.overwrite, flag)
         model = cli.load_model(sc, args.existing_model_pkl, args.existing_model_proto)
         validate_arguments(args, model)
-        blocks, n, D = load_blocks(sc, args.data, args.sampling_ratio, args.seed,
-                                   args.data_udf, skip_bad_records=args.skip_bad_records)
+        blocks, n, D = load_blocks(sc, args.data, **cli.data_options(args))
         if model is not None and model.D is not None and model.D != D:
             raise cli.UsageError(f"the existing model is for D={model.D} but --data has "
                                  f"vectors of dimension {D}")

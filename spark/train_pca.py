@@ -34,8 +34,7 @@ def main(argv=None):
     cli.configure_logging()
     with cli.spark_context("lopq train_pca") as sc:
         fs.check_output_path(sc, args.output, args.overwrite, "--output")
-        blocks, n, D = load_blocks(sc, args.data, args.sampling_ratio, args.seed,
-                                   args.data_udf, skip_bad_records=args.skip_bad_records)
+        blocks, n, D = load_blocks(sc, args.data, **cli.data_options(args))
         params = pca_statistics(sc, blocks, args.agg_depth)
         fs.write_bytes(sc, args.output, pickle.dumps(params, protocol=4), args.overwrite)
         print(f"PCA of {n} vectors of dimension {D} written to {args.output}")

@@ -37,9 +37,26 @@ def add_data_arguments(parser, sample_help="proportion of data to sample for tra
                              "training data")
     parser.add_argument("--seed", type=int, default=None, help="optional random seed")
     parser.add_argument("--sampling_ratio", type=ratio, default=1.0, help=sample_help)
+    parser.add_argument("--data_format", default="text",
+                        help="text (the default: id<TAB>base64(pickle(ndarray)) lines) or a "
+                             "Spark data source: parquet, orc, json, ...")
+    parser.add_argument("--vector_col", default="features",
+                        help="column of vectors in a table: array<float>, array<double> or "
+                             "an ML Vector")
+    parser.add_argument("--id_col", default="id", help="column of record ids in a table")
     parser.add_argument("--skip_bad_records", action="store_true",
                         help="drop malformed input records (counted in a warning) "
                              "instead of failing")
+
+
+def data_options(args, with_ids=False):
+    """The `load_blocks` keyword arguments of the data flags."""
+    data_format = args.data_format
+    if data_format == "text" and str(args.data).rstrip("/").endswith(".parquet"):
+        data_format = "parquet"  # a table by its name
+    return dict(sampling_ratio=args.sampling_ratio, seed=args.seed, data_udf=args.data_udf,
+                with_ids=with_ids, skip_bad_records=args.skip_bad_records,
+                data_format=data_format, vector_col=args.vector_col, id_col=args.id_col)
 
 
 def add_overwrite_argument(parser):

@@ -184,18 +184,23 @@ def _merge_reports(a, b):
 
 
 def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
-                with_ids=False, skip_bad_records=False, block_rows=BLOCK_ROWS):
+                with_ids=False, skip_bad_records=False, block_rows=BLOCK_ROWS,
+                data_format="text", vector_col="features", id_col="id"):
     """Load vectors into a cached RDD of blocks and check them once.
 
     Args:
         sc: SparkContext or SparkSession (the caller's; never replaced).
-        data_path: ``--data`` (default format: ``id<TAB>base64(pickle(ndarray))`` lines,
-            plain or compressed text, a file, a folder or a glob).
+        data_path: ``--data``: with ``data_format="text"`` (default), lines of
+            ``id<TAB>base64(pickle(ndarray))``, plain or compressed, a file, a folder or
+            a glob; otherwise a table Spark reads with that format (parquet, orc, json,
+            ...).
         sampling_ratio, seed: ``--sampling_ratio`` in (0, 1], ``--seed``.
-        data_udf: module name of a UDF, or None for the default format.
+        data_udf: module name of a UDF, or None.
         with_ids: keep record ids (compute_codes).
         skip_bad_records: drop malformed records (and vectors whose dimension differs
             from the most common one), logging their count, instead of failing.
+        data_format, vector_col, id_col: ``--data_format``, ``--vector_col``,
+            ``--id_col`` for tables.
 
     Returns:
         (blocks RDD of ``(ids, X)`` with X (b, D) float32, n rows, D).
@@ -204,15 +209,13 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
         DataError naming the flag, the file and the record: malformed records, mixed
         dimensions, a missing or empty input, no vectors after sampling.
     """
-    from pyspark import RDD, StorageLevel
+    from pyspark import RDD
 
     from . import fs
-    from .errors import python_cause
     from .session import as_context
     sc = as_context(sc)
     if not 0.0 < sampling_ratio <= 1.0:
         raise DataError(f"--sampling_ratio must be in (0, 1], got {sampling_ratio}")
-    parallelism = sc.defaultParallelism
     where = f"--data {data_path}" + (f" (--data_udf {data_udf})" if data_udf else "")
     if data_udf:
         udf = load_udf(data_udf)
@@ -225,29 +228,86 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
             raise DataError(f"--data_udf {data_udf!r}: udf() returned a "
                             f"{type(source).__name__}, expected an RDD of "
                             + ("(id, numpy array) pairs" if with_ids else "numpy arrays"))
-        records = source.mapPartitionsWithIndex(_udf_records(with_ids))
+        records = _resized(sc, source.mapPartitionsWithIndex(_udf_records(with_ids)))
+        parsed = records.mapPartitions(
+            lambda items: _blocks_from_records(items, with_ids, block_rows))
         describe = _describe_udf_record
+    elif data_format != "text":
+        from pyspark.sql import SparkSession
+        df = read_table(SparkSession.builder.getOrCreate(), sc, data_path, data_format)
+        # Ids name bad records in messages; compute_codes needs them.
+        ids = id_col if with_ids or id_col in df.columns else None
+        return load_frame_blocks(sc, df, vector_col, ids, sampling_ratio, seed,
+                                 skip_bad_records, where, with_ids=with_ids)
     else:
         try:
             fs.input_files(sc, data_path)
         except FileNotFoundError as err:
             raise DataError(str(err)) from None
-        lines = sc.textFile(data_path, minPartitions=parallelism)
+        lines = sc.textFile(data_path, minPartitions=sc.defaultParallelism)
         describe = _describe_text_record(_text_split_locations(lines))
-        records = lines.mapPartitionsWithIndex(_parse_split(sampling_ratio, seed))
+        records = _resized(sc, lines.mapPartitionsWithIndex(_parse_split(sampling_ratio,
+                                                                         seed)))
+        parsed = records.mapPartitions(
+            lambda items: _blocks_from_records(items, with_ids, block_rows))
+    return checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio)
+
+
+def read_table(spark, sc, data_path, data_format):
+    """``spark.read.format(data_format).load(data_path)``, with one-line errors."""
+    from . import fs
+    try:
+        fs.input_files(sc, data_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(str(err)) from None
+    try:
+        return spark.read.format(data_format).load(data_path)
+    except Exception as err:  # noqa: BLE001 - Spark's reader: one line, with the flag
+        raise DataError(f"--data {data_path} cannot be read as --data_format "
+                        f"{data_format}: {_first_line(err)}") from None
+
+
+def load_frame_blocks(sc, df, vector_col="features", id_col=None, sampling_ratio=1.0,
+                      seed=None, skip_bad_records=False, where=None, with_ids=None):
+    """`load_blocks` for a DataFrame: Arrow batches of ``vector_col`` (and ``id_col``)
+    as cached float32 blocks. Returns (blocks RDD of ``(ids, X)``, n, D)."""
+    from .frames import describe_frame_record, frame_block_source
+    from .session import as_context
+    sc = as_context(sc)
+    with_ids = id_col is not None if with_ids is None else with_ids
+    parsed = _resized(sc, frame_block_source(df, vector_col, id_col, with_ids,
+                                             sampling_ratio, seed))
+    where = where or "the DataFrame"
+    return checked_blocks(sc, parsed, describe_frame_record(vector_col, id_col or "id"),
+                          f"{where} (column {vector_col!r})", skip_bad_records,
+                          sampling_ratio)
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _resized(sc, records):
+    parallelism = sc.defaultParallelism
     if records.getNumPartitions() < parallelism:
-        records = records.repartition(parallelism)
-    elif records.getNumPartitions() > PARTITIONS_PER_CORE * parallelism:
+        return records.repartition(parallelism)
+    if records.getNumPartitions() > PARTITIONS_PER_CORE * parallelism:
         # Every pass pays a per-task cost; tasks stream their blocks, so big partitions
         # cost no memory in the Python workers.
-        records = records.coalesce(PARTITIONS_PER_CORE * parallelism)
+        return records.coalesce(PARTITIONS_PER_CORE * parallelism)
+    return records
 
-    def to_blocks(items):
-        return _blocks_from_records(items, with_ids, block_rows)
 
-    # Spill to local disk rather than re-parse the input on every pass when the cache
+def checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio=1.0):
+    """Cache ``parsed`` blocks ``(ids, X, report)``, add up their reports, and either
+    raise a DataError naming the bad records or return (blocks ``(ids, X)``, n, D)."""
+    from pyspark import StorageLevel
+
+    from .errors import python_cause
+    # Spill to local disk rather than re-read the input on every pass when the cache
     # does not fit in memory.
-    parsed = records.mapPartitions(to_blocks).persist(StorageLevel.MEMORY_AND_DISK)
+    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
     sc.setJobDescription("lopq: load and check data")
     try:
         bad, examples, dims = parsed.map(lambda b: b[2]).filter(

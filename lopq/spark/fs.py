@@ -141,3 +141,24 @@ def save_text_atomically(sc, rdd, path, overwrite=False):
         _discard(fs, tmp)
         raise
     _commit(fs, tmp, p, path, overwrite)
+
+
+def save_frame_atomically(sc, df, path, overwrite=False, partition_by=None, check=None):
+    """Write ``df`` as Parquet into a temporary folder, renamed to ``path`` on success.
+
+    ``check(tmp_path)``, if given, runs before the rename and may raise to discard the
+    output (e.g. nothing was written).
+    """
+    fs, p = _jvm_path(sc, path)
+    tmp = _tmp_sibling(p, sc)
+    try:
+        writer = df.write
+        if partition_by:
+            writer = writer.partitionBy(partition_by)
+        writer.parquet(tmp.toString())
+        if check is not None:
+            check(tmp.toString())
+    except BaseException:
+        _discard(fs, tmp)
+        raise
+    _commit(fs, tmp, p, path, overwrite)
