@@ -81,6 +81,8 @@ def table_to_table(sc, args, options, model):
     from lopq.spark.data import DataError, read_table
     spark = SparkSession.builder.getOrCreate()
     df = read_table(spark, sc, args.data, options["data_format"])
+    from lopq.spark.frames import vector_column
+    vector_column(df, args.vector_col)  # a missing or non-vector column, said in one line
     if args.id_col not in df.columns:
         raise DataError(f"--id_col {args.id_col!r}: no such column in --data {args.data} "
                         f"(columns: {', '.join(df.columns)})")

@@ -1,0 +1,240 @@
+"""LOPQ as a ``pyspark.ml`` Estimator and Model, for DataFrames and Pipelines.
+
+    from lopq.spark.ml import LOPQ
+    lopq = LOPQ(featuresCol="features", V=16, M=8, seed=1)
+    fitted = lopq.fit(df)              # df: array<float>, array<double> or Vector column
+    coded = fitted.transform(df)       # + coarse array<int> (2), fine array<int> (M)
+    fitted.model                       # the core lopq.LOPQModel
+    fitted.save("lopq-model/")         # keeps model.lopq inside the folder
+
+`LOPQ.fit` runs the same training as ``spark/train_model.py`` (`lopq.spark.train_model`
+on the same cached blocks), so the same table and seed give the same model; `transform`
+encodes Arrow batches with the compiled kernels.
+"""
+
+from pyspark import keyword_only
+from pyspark.ml import Estimator, Model
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import HasFeaturesCol, HasSeed
+from pyspark.ml.util import (
+    DefaultParamsReadable,
+    DefaultParamsReader,
+    DefaultParamsWritable,
+    DefaultParamsWriter,
+    MLReadable,
+    MLReader,
+    MLWritable,
+    MLWriter,
+)
+
+from ..model import LOPQModel
+
+#: The file that holds the core model inside a saved LOPQSparkModel folder.
+MODEL_FILE = "model.lopq"
+
+
+class _LOPQParams(HasFeaturesCol, HasSeed):
+    V = Param(Params._dummy(), "V", "coarse clusters per split (V^2 cells)",
+              typeConverter=TypeConverters.toInt)
+    M = Param(Params._dummy(), "M", "subquantizers (bytes per code when S <= 256); even, "
+              "divides the dimension", typeConverter=TypeConverters.toInt)
+    subquantizerClusters = Param(Params._dummy(), "subquantizerClusters",
+                                 "clusters per subquantizer (S)",
+                                 typeConverter=TypeConverters.toInt)
+    coarseIters = Param(Params._dummy(), "coarseIters",
+                        "Lloyd iterations of the coarse k-means", TypeConverters.toInt)
+    localIters = Param(Params._dummy(), "localIters",
+                       "Lloyd iterations of the subquantizer k-means", TypeConverters.toInt)
+    rotationRefinementIters = Param(Params._dummy(), "rotationRefinementIters",
+                                    "rounds of local rotation refinement (0: the "
+                                    "reference's training)", TypeConverters.toInt)
+    samplingRatio = Param(Params._dummy(), "samplingRatio",
+                          "fraction of rows to train on, in (0, 1]", TypeConverters.toFloat)
+    subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
+                                      "fraction of rows to train the subquantizers on",
+                                      TypeConverters.toFloat)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._setDefault(subquantizerClusters=256, coarseIters=10, localIters=20,
+                         rotationRefinementIters=3, samplingRatio=1.0,
+                         subquantizerSamplingRatio=1.0)
+
+    def getV(self):
+        return self.getOrDefault(self.V)
+
+    def getM(self):
+        return self.getOrDefault(self.M)
+
+    def getSubquantizerClusters(self):
+        return self.getOrDefault(self.subquantizerClusters)
+
+    def getCoarseIters(self):
+        return self.getOrDefault(self.coarseIters)
+
+    def getLocalIters(self):
+        return self.getOrDefault(self.localIters)
+
+    def getRotationRefinementIters(self):
+        return self.getOrDefault(self.rotationRefinementIters)
+
+    def getSamplingRatio(self):
+        return self.getOrDefault(self.samplingRatio)
+
+    def getSubquantizerSamplingRatio(self):
+        return self.getOrDefault(self.subquantizerSamplingRatio)
+
+
+class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable):
+    """Estimator: trains an LOPQ model (steps 0, 1, 2) on a DataFrame's vector column."""
+
+    @keyword_only
+    def __init__(self, *, featuresCol="features", V=None, M=None, subquantizerClusters=256,
+                 coarseIters=10, localIters=20, rotationRefinementIters=3,
+                 samplingRatio=1.0, subquantizerSamplingRatio=1.0, seed=None):
+        super().__init__()
+        self._set(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(self, *, featuresCol="features", V=None, M=None, subquantizerClusters=256,
+                  coarseIters=10, localIters=20, rotationRefinementIters=3,
+                  samplingRatio=1.0, subquantizerSamplingRatio=1.0, seed=None):
+        return self._set(**self._input_kwargs)
+
+    def setFeaturesCol(self, value):
+        return self._set(featuresCol=value)
+
+    def setV(self, value):
+        return self._set(V=value)
+
+    def setM(self, value):
+        return self._set(M=value)
+
+    def setSubquantizerClusters(self, value):
+        return self._set(subquantizerClusters=value)
+
+    def setCoarseIters(self, value):
+        return self._set(coarseIters=value)
+
+    def setLocalIters(self, value):
+        return self._set(localIters=value)
+
+    def setRotationRefinementIters(self, value):
+        return self._set(rotationRefinementIters=value)
+
+    def setSamplingRatio(self, value):
+        return self._set(samplingRatio=value)
+
+    def setSubquantizerSamplingRatio(self, value):
+        return self._set(subquantizerSamplingRatio=value)
+
+    def setSeed(self, value):
+        return self._set(seed=value)
+
+    def _fit(self, dataset):
+        from .data import load_frame_blocks
+        from .training import train_model
+        for param in (self.V, self.M):
+            if not self.isDefined(param) or self.getOrDefault(param) is None:
+                raise ValueError(f"LOPQ needs {param.name}: LOPQ({param.name}=...)")
+        V, M = self.getV(), self.getM()
+        ratio = self.getSamplingRatio()
+        if not 0.0 < ratio <= 1.0 or not 0.0 < self.getSubquantizerSamplingRatio() <= 1.0:
+            raise ValueError("samplingRatio and subquantizerSamplingRatio must be in (0, 1]")
+        seed = self.getOrDefault(self.seed) if self.isDefined(self.seed) else None
+        spark = dataset.sparkSession
+        blocks, n, D = load_frame_blocks(spark, dataset, self.getFeaturesCol(), None, ratio,
+                                         seed, where="the DataFrame")
+        if D % 2 or D % M:
+            raise ValueError(f"the dimension D={D} of column {self.getFeaturesCol()!r} "
+                             f"must be even and divisible by M={M}")
+        if V > n:
+            raise ValueError(f"V={V} is more than the {n} vectors of the DataFrame")
+        model = train_model(spark, blocks, V, M, self.getSubquantizerClusters(), (0, 1, 2),
+                            None, seed, self.getSubquantizerSamplingRatio(),
+                            self.getCoarseIters(), self.getLocalIters(), 2,
+                            self.getRotationRefinementIters(), n)
+        return self._copyValues(LOPQSparkModel(model))
+
+
+class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
+    """A fitted LOPQ model: ``transform`` appends ``coarse`` (array<int>, 2 values) and
+    ``fine`` (array<int>, M values) columns and keeps every input column.
+
+    Attributes:
+        model: the core `lopq.LOPQModel` (export it with ``model.export_proto``).
+    """
+
+    coarseCol = Param(Params._dummy(), "coarseCol", "output column of the coarse codes",
+                      typeConverter=TypeConverters.toString)
+    fineCol = Param(Params._dummy(), "fineCol", "output column of the fine codes",
+                    typeConverter=TypeConverters.toString)
+
+    def __init__(self, model=None):
+        super().__init__()
+        self.model = model
+        self._setDefault(coarseCol="coarse", fineCol="fine")
+
+    def getCoarseCol(self):
+        return self.getOrDefault(self.coarseCol)
+
+    def getFineCol(self):
+        return self.getOrDefault(self.fineCol)
+
+    def setCoarseCol(self, value):
+        return self._set(coarseCol=value)
+
+    def setFineCol(self, value):
+        return self._set(fineCol=value)
+
+    def setFeaturesCol(self, value):
+        return self._set(featuresCol=value)
+
+    def _transform(self, dataset):
+        from .codes import encode_frame
+        encoded, _ = encode_frame(dataset, self.model, self.getFeaturesCol(),
+                                  coarse_col=self.getCoarseCol(), fine_col=self.getFineCol())
+        return encoded
+
+    def copy(self, extra=None):
+        copied = super().copy(extra)
+        copied.model = self.model
+        return copied
+
+    def write(self):
+        return _ModelWriter(self)
+
+    @classmethod
+    def read(cls):
+        return _ModelReader(cls)
+
+    def __repr__(self):
+        return f"LOPQSparkModel({self.model!r})"
+
+
+class _ModelWriter(MLWriter):
+    def __init__(self, instance):
+        super().__init__()
+        self.instance = instance
+
+    def saveImpl(self, path):
+        from . import fs
+        DefaultParamsWriter.saveMetadata(self.instance, path, self.sc)
+        fs.write_bytes(self.sc, f"{path.rstrip('/')}/{MODEL_FILE}",
+                       self.instance.model.to_proto_bytes(), overwrite=True)
+
+
+class _ModelReader(MLReader):
+    def __init__(self, cls):
+        super().__init__()
+        self.cls = cls
+
+    def load(self, path):
+        from . import fs
+        metadata = DefaultParamsReader.loadMetadata(path, self.sc)
+        model_path = f"{path.rstrip('/')}/{MODEL_FILE}"
+        model = LOPQModel.from_proto_bytes(fs.read_bytes(self.sc, model_path), model_path)
+        instance = self.cls(model)
+        DefaultParamsReader.getAndSetParams(instance, metadata)
+        instance._resetUid(metadata["uid"])
+        return instance
