@@ -541,6 +541,67 @@ def _cluster_against_local(res, quick, tmp, oxford_path):
             res.add("spark", f"compute_codes.py wall time, synthetic {n} x 128", wall, "s",
                     V=256, M=16, master=_master_name(master),
                     vectors_per_s_per_core=round(n / wall / 2))
+    _tables_against_text(res, n, data, model_path, tmp)
+
+
+def _write_parquet(X, path):
+    """``id string, features array<float>`` rows, written with pyarrow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n, d = X.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    features = pa.ListArray.from_arrays(offsets, pa.array(X.ravel(), pa.float32()))
+    ids = pa.array([str(i) for i in range(n)])
+    pq.write_table(pa.table({"id": ids, "features": features}), str(path),
+                   row_group_size=100_000)
+
+
+def _job_seconds(out):
+    import re
+    match = re.search(r"wrote codes of \d+ vectors to \S+ in ([\d.]+) s", out)
+    return float(match.group(1))
+
+
+def _tables_against_text(res, n, text_path, model_path, tmp):
+    """compute_codes from Parquet (Arrow batches) against from text, and
+    LOPQSparkModel.transform + Parquet write, per core of local[2], next to
+    single-machine encode on one thread."""
+    from lopq import LOPQModel
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        print("  pyarrow is not installed: no Parquet rows")
+        return
+    X = synthetic(n, seed=11)  # the rows of text_path (see _cluster_against_local)
+    parquet = Path(tmp) / "codes_input.parquet"
+    _write_parquet(X, parquet)
+    model = LOPQModel.load_proto(str(model_path))
+    params = dict(V=model.V, M=model.M, n=n, master="local[2]")
+    rates = {}
+    for name, data, extra in (("text in, text out", text_path, []),
+                              ("Parquet in, Parquet out (Arrow)", parquet,
+                               ["--output_format", "parquet"])):
+        out = Path(tmp) / f"codes-{time.time_ns()}"
+        wall, stdout = _spark_submit(ROOT / "spark" / "compute_codes.py", "--data", data,
+                                     "--output", out, "--model_proto", model_path, *extra)
+        seconds = _job_seconds(stdout)
+        rates[name] = n / seconds / 2
+        res.add("spark", f"compute_codes.py {name}: rows/s per core", rates[name], "rows/s",
+                job_seconds=round(seconds, 2), wall_seconds=round(wall, 2), **params)
+    res.add("spark", "compute_codes.py Parquet over text", rates["Parquet in, Parquet out "
+                                                                 "(Arrow)"]
+            / rates["text in, text out"], "x", **params)
+    out = Path(tmp) / f"transform-{time.time_ns()}"
+    wall, stdout = _spark_submit(HERE / "spark_transform.py", "--data", parquet, "--model",
+                                 model_path, "--output", out)
+    seconds = float([x for x in stdout.splitlines() if x.startswith("TRANSFORM_SECONDS")][0]
+                    .split()[1])
+    res.add("spark", "LOPQSparkModel.transform + Parquet write: rows/s per core",
+            n / seconds / 2, "rows/s", job_seconds=round(seconds, 2), **params)
+    set_threads(1)
+    t, _ = best_of(lambda: model.encode(X), 2)
+    res.add("spark", "single-machine LOPQModel.encode, 1 thread: rows/s", n / t, "rows/s",
+            **params)
 
 
 def _master_name(master):

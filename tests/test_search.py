@@ -312,3 +312,23 @@ def test_empty_and_single_item_searchers(model_and_data):
     assert [r.id for r in results] == ["only"]
     ids, dists = searcher.search_batch(X[1:2], quota=5, limit=3)[0]
     assert list(ids) == ["only"] and dists.shape == (1,)
+
+
+def test_index_folder_with_a_pickle_that_runs_code_is_refused(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    X = make_clustered(300, 8, seed=4)
+    model = LOPQModel(V=2, M=2, subquantizer_clusters=8).fit(X, n_init=1, random_state=0)
+    searcher = LOPQSearcher(model)
+    searcher.add_data(X, ids=[f"k{i}" for i in range(len(X))])
+    searcher.save(tmp_path / "index")
+    assert LOPQSearcher.load(tmp_path / "index").size == len(X)  # string ids load
+    (tmp_path / "index" / "ids.pkl").write_bytes(pickle.dumps([Evil()] * len(X)))
+    with pytest.raises(ValueError, match="posix.system.*not allowed"):
+        LOPQSearcher.load(tmp_path / "index")
+    assert not (tmp_path / "pwned").exists()
