@@ -341,18 +341,8 @@ class LOPQSearcher(LOPQSearcherBase):
         return rows[order], dists[order], visited
 
     def search(self, x, quota=10, limit=None, with_dists=False):
-        """Nearest items of query x by LOPQ distance among the cells needed for ``quota``.
-
-        Args:
-            x: (D,) query.
-            quota: items to retrieve (whole cells in multi-sequence order).
-            limit: results to return; None returns at most ``quota`` (the reference's
-                ``limit = quota``), though whole cells may retrieve more.
-
-        Returns:
-            (results, visited): results ranked by distance as ``Result(id, code)`` or,
-            with ``with_dists``, ``Result(id, code, dist)``; visited cells.
-        """
+        """`LOPQSearcherBase.search` (same arguments and results) on the flat arrays, with
+        the compiled query path when it is built."""
         from .model import LOPQCode
         x = self._query(x)
         rows, dists, visited = self._ranked(x, quota, quota if limit is None else limit)

@@ -25,6 +25,20 @@ def load_driver(name):
     return module
 
 
+def run_driver(name, argv, capsys):
+    """``spark/<name>.py argv`` in-process through `cli.run`, as ``python spark/...``
+    runs it: (exit code, captured (out, err))."""
+    from lopq.spark import cli
+    module = load_driver(name)
+    capsys.readouterr()
+    try:
+        cli.run(module.main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr()
+
+
 def spark_submit_path():
     import pyspark
     return str(Path(pyspark.__file__).parent / "bin" / "spark-submit")

@@ -12,11 +12,10 @@ import pickle
 
 import numpy as np
 import pytest
-from spark_helpers import load_driver
+from spark_helpers import load_driver, run_driver
 
 from lopq import LOPQModel
 from lopq.formats import encode_vector_line
-from lopq.spark import cli
 
 pytestmark = pytest.mark.spark
 pytest.importorskip("pyspark")
@@ -59,14 +58,8 @@ def driver_args(driver, data, out, model_file):
 
 def run(driver, argv, capsys):
     """(exit code, stderr) of ``spark/<driver>.py argv`` run in-process."""
-    module = load_driver(driver)
-    capsys.readouterr()
-    try:
-        cli.run(module.main, argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    code, streams = run_driver(driver, argv, capsys)
+    return code, streams.err
 
 
 def assert_one_line_error(code, err, *fragments):

@@ -3,10 +3,9 @@ compute_codes on Parquet; all on the shared local SparkContext."""
 
 import numpy as np
 import pytest
-from spark_helpers import load_driver
+from spark_helpers import run_driver
 
 from lopq import LOPQModel
-from lopq.spark import cli
 
 pytestmark = pytest.mark.spark
 pytest.importorskip("pyspark")
@@ -127,17 +126,6 @@ def test_fit_errors_name_the_column(spark):
         LOPQ(V=2, M=2).fit(empty)
 
 
-def run(driver, argv, capsys):
-    module = load_driver(driver)
-    capsys.readouterr()
-    try:
-        cli.run(module.main, argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr()
-
-
 def test_compute_codes_parquet_in_parquet_out(spark, fitted_pipeline, oxford_frame, tmp_path,
                                               capsys):
     import pyarrow.parquet as pq
@@ -148,7 +136,7 @@ def test_compute_codes_parquet_in_parquet_out(spark, fitted_pipeline, oxford_fra
     model = fitted_pipeline.stages[-1].model
     model.export_proto(str(tmp_path / "m.lopq"))
     out = tmp_path / "codes"
-    code, streams = run("compute_codes", [
+    code, streams = run_driver("compute_codes", [
         "--data", str(data), "--vector_col", "emb", "--id_col", "key", "--output", str(out),
         "--model_proto", str(tmp_path / "m.lopq"), "--output_format", "parquet",
         "--partition_by_cell"], capsys)
@@ -173,12 +161,12 @@ def test_compute_codes_parquet_errors_leave_no_output(spark, fitted_pipeline, tm
     out = tmp_path / "codes"
     args = ["--data", str(data), "--output", str(out), "--model_proto",
             str(tmp_path / "m.lopq"), "--output_format", "parquet"]
-    code, streams = run("compute_codes", args, capsys)
+    code, streams = run_driver("compute_codes", args, capsys)
     assert code != 0 and "row with id r2" in streams.err and "NaN" in streams.err
     assert not out.exists()
-    code, streams = run("compute_codes", args + ["--vector_col", "nope"], capsys)
+    code, streams = run_driver("compute_codes", args + ["--vector_col", "nope"], capsys)
     assert code != 0 and "'nope': no such column" in streams.err
-    code, streams = run("compute_codes", args + ["--skip_bad_records"], capsys)
+    code, streams = run_driver("compute_codes", args + ["--skip_bad_records"], capsys)
     assert code == 0 and "skipped 1 malformed" in streams.out
     import pyarrow.parquet as pq
     assert sorted(pq.read_table(str(out)).to_pydict()["id"]) == ["r0", "r1", "r3"]
@@ -190,7 +178,7 @@ def test_train_model_reads_parquet_and_equals_the_estimator(spark, oxford_frame,
     data = tmp_path / "train.parquet"
     df.write.parquet(str(data))
     out = tmp_path / "m.lopq"
-    code, streams = run("train_model", ["--data", str(data), "--V", "16", "--M", "8",
+    code, streams = run_driver("train_model", ["--data", str(data), "--V", "16", "--M", "8",
                                         "--seed", "3", "--model_proto", str(out)], capsys)
     assert code == 0, streams.err
     from lopq.spark.ml import LOPQ
