@@ -88,27 +88,25 @@ def table_to_table(sc, args, options, model):
                         f"(columns: {', '.join(df.columns)})")
     if args.sampling_ratio < 1.0:
         df = df.sample(False, args.sampling_ratio, args.seed)
-    encoded, skipped = encode_frame(
+    encoded, (skipped, written) = encode_frame(
         df.select(args.id_col, args.vector_col), model, args.vector_col,
         keep=[args.id_col], id_col=args.id_col,
         cell_col="cell" if args.partition_by_cell else None,
         skip_bad_records=args.skip_bad_records)
     if args.id_col != "id":
         encoded = encoded.withColumnRenamed(args.id_col, "id")
-    written = []
 
-    def count_rows(tmp):
-        written.append(spark.read.parquet(tmp).count())
-        if not written[0]:
+    def refuse_empty(tmp):
+        if not written.value:
             raise DataError(f"no vectors in --data {args.data}"
                             + (" after sampling" if args.sampling_ratio < 1 else ""))
 
     sc.setJobDescription("lopq compute_codes: encode Arrow batches and write Parquet")
     fs.save_frame_atomically(sc, encoded, args.output, args.overwrite,
-                             "cell" if args.partition_by_cell else None, count_rows)
+                             "cell" if args.partition_by_cell else None, refuse_empty)
     if skipped.value:
         print(f"skipped {skipped.value} malformed record(s) in --data {args.data}")
-    return written[0]
+    return written.value
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _list_array(values, width):
 
 
 def _encode_batches(model_bc, vector_col, shown_col, id_col, keep, coarse_col, fine_col,
-                    cell_col, skip_bad_records, skipped):
+                    cell_col, skip_bad_records, skipped, encoded_rows):
     """mapInArrow function: each batch with its codes appended as list<int> columns."""
     def run(batches):
         import numpy as np
@@ -92,6 +92,7 @@ def _encode_batches(model_bc, vector_col, shown_col, id_col, keep, coarse_col, f
             else:
                 order, X = np.empty(0, dtype=np.int64), np.empty((0, model.D), np.float32)
             coarse, fine = model.encode(X)
+            encoded_rows.add(X.shape[0])
             taken = batch.take(pa.array(order))
             columns = [taken.column(names.index(c)) for c in keep]
             columns += [_list_array(coarse, 2), _list_array(fine, model.M)]
@@ -120,8 +121,8 @@ def encode_frame(df, model, vector_col="features", keep=None, coarse_col="coarse
             length than the model's D) instead of failing on the first.
 
     Returns:
-        (DataFrame of ``keep + [coarse_col, fine_col(, cell_col)]``, accumulator of the
-        rows dropped; it is filled once an action has run).
+        (DataFrame of ``keep + [coarse_col, fine_col(, cell_col)]``, accumulators
+        ``(dropped rows, encoded rows)``, filled once an action has run).
     """
     from pyspark.sql.types import ArrayType, IntegerType, StructField, StructType
 
@@ -148,8 +149,9 @@ def encode_frame(df, model, vector_col="features", keep=None, coarse_col="coarse
         fields.append(StructField(cell_col, IntegerType(), False))
     spark_context = df.sparkSession.sparkContext
     skipped = spark_context.accumulator(0)
+    encoded_rows = spark_context.accumulator(0)
     model_bc = spark_context.broadcast(model)
     encoded = source.mapInArrow(
         _encode_batches(model_bc, vector_col, shown_col, id_col, keep, coarse_col, fine_col,
-                        cell_col, skip_bad_records, skipped), StructType(fields))
-    return encoded, skipped
+                        cell_col, skip_bad_records, skipped, encoded_rows), StructType(fields))
+    return encoded, (skipped, encoded_rows)
