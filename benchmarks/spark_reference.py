@@ -7,9 +7,7 @@ projection. Run with spark-submit; prints one JSON line of per-step wall times.
 """
 
 import argparse
-import base64
 import json
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -38,8 +36,9 @@ def main():
     sc.setLogLevel("WARN")
     times = {}
 
-    def decode(line):
-        return pickle.loads(base64.b64decode(line.split("\t", 1)[1]), encoding="latin1")
+    def decode(line):  # the safe decoder: a data line never runs code
+        from lopq.formats import decode_vector_line
+        return decode_vector_line(line)[1]
 
     start = time.time()
     data = sc.textFile(args.data, minPartitions=sc.defaultParallelism).map(decode).cache()
