@@ -1,0 +1,39 @@
+"""Empty-cluster repair in the single-machine and the Spark k-means: a centre that no
+point chooses is moved onto one of the points farthest from their centres."""
+
+import numpy as np
+import pytest
+
+from lopq.kmeans import lloyd
+
+
+def two_clusters_and_an_outlier():
+    rng = np.random.RandomState(0)
+    X = np.concatenate([rng.normal(0, 0.1, (100, 2)), rng.normal(10, 0.1, (100, 2)),
+                        [[30.0, -30.0]]]).astype(np.float32)
+    init = np.array([[0, 0], [10, 10], [1000, 1000]], dtype=np.float32)  # the last: empty
+    return X, init
+
+
+def test_single_machine_lloyd_moves_an_empty_centre_onto_the_farthest_point():
+    X, init = two_clusters_and_an_outlier()
+    centers, labels, inertia, _ = lloyd(X, init, max_iter=1, tol=0.0, final_assignment=True)
+    np.testing.assert_array_equal(centers[2], X[-1])  # the outlier: farthest from its centre
+    assert np.isfinite(centers).all() and np.bincount(labels, minlength=3).min() >= 1
+    _, labels, repaired_inertia, _ = lloyd(X, init, max_iter=10, tol=0.0)
+    assert (labels[-1], np.bincount(labels)[2]) == (2, 1)
+    _, _, two_inertia, _ = lloyd(X, init[:2], max_iter=10, tol=0.0)
+    assert repaired_inertia < two_inertia
+
+
+@pytest.mark.spark
+def test_spark_kmeans_moves_an_empty_centre_onto_the_farthest_point(sc):
+    from lopq.spark.kmeans import kmeans_column_groups
+    X, init = two_clusters_and_an_outlier()
+    blocks = sc.parallelize([(None, X[:120]), (None, X[120:])], 2)
+    centers = kmeans_column_groups(sc, blocks, 1, 3, 1, init=init[None])
+    np.testing.assert_array_equal(centers[0, 2], X[-1])
+    centers = kmeans_column_groups(sc, blocks, 1, 3, 10, init=init[None])
+    assert np.isfinite(centers).all()
+    nearest = ((X[:, None, :] - centers[0][None]) ** 2).sum(-1).argmin(1)
+    assert np.bincount(nearest, minlength=3).tolist() == [100, 100, 1]
