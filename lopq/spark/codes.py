@@ -141,8 +141,7 @@ def encode_frame(df, model, vector_col="features", keep=None, coarse_col="coarse
     needed = list(dict.fromkeys(keep + [vector_col] + ([id_col] if id_col in df.columns
                                                           else [])))
     source = source.select(*needed)
-    fields = [f for f in source.schema.fields if f.name in keep]
-    fields = [next(f for f in fields if f.name == name) for name in keep]
+    fields = [source.schema[name] for name in keep]
     fields += [StructField(coarse_col, ArrayType(IntegerType(), False), False),
                StructField(fine_col, ArrayType(IntegerType(), False), False)]
     if cell_col:
