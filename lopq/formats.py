@@ -269,6 +269,9 @@ def decode_vector_line(line):
     import binascii
     key, sep, payload = line.rstrip("\r\n").partition("\t")
     if not sep:
+        if line.startswith("PAR1"):  # Parquet's magic number
+            raise ValueError("this is a Parquet file, not text lines: pass "
+                             "--data_format parquet")
         raise ValueError("no TAB between id and data")
     try:
         raw = base64.b64decode(payload.strip(), validate=True)

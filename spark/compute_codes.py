@@ -74,11 +74,24 @@ def main(argv=None):
 
 def table_to_table(sc, args, options, model):
     """Parquet (or any table) in, Parquet out: codes on Arrow batches, no Python row
-    objects. Returns the number of rows written."""
+    objects; local Parquet files are read by the executors directly (lopq.spark.parquet).
+    Returns the number of rows written."""
     from pyspark.sql import SparkSession
 
     from lopq.spark.codes import encode_frame
     from lopq.spark.data import DataError, read_table
+    from lopq.spark.parquet import encode_parquet_files, row_groups
+    if options["data_format"] == "parquet" and args.sampling_ratio == 1.0 \
+            and not args.partition_by_cell and fs.local_path(sc, args.output):
+        units = row_groups(sc, args.data, args.vector_col, args.id_col)
+        if units is not None:
+            sc.setJobDescription("lopq compute_codes: encode Parquet row groups")
+            written, skipped = encode_parquet_files(
+                sc, units, model, args.output, args.overwrite, args.vector_col,
+                args.id_col, args.skip_bad_records, f"--data {args.data}")
+            if skipped:
+                print(f"skipped {skipped} malformed record(s) in --data {args.data}")
+            return written
     spark = SparkSession.builder.getOrCreate()
     df = read_table(spark, sc, args.data, options["data_format"])
     from lopq.spark.frames import vector_column

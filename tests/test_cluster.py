@@ -161,6 +161,31 @@ def test_compute_codes_runs_on_the_cluster(cluster, cluster_model, data, tmp_pat
     assert_codes_equal_encode(model, X, ids, codes)
 
 
+def test_compute_codes_from_parquet_runs_on_the_cluster(cluster, cluster_model, data,
+                                                        tmp_path):
+    """Parquet in, Parquet out: the executors read the row groups and write the parts."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    _, model = cluster_model
+    _, ids, X, _ = data
+    path = tmp_path / "data.parquet"
+    n, d = X.shape
+    vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * d, d, np.int32)),
+                                       pa.array(X.ravel()))
+    pq.write_table(pa.table({"id": ids, "features": vectors}), str(path),
+                   row_group_size=n // 4 + 1)
+    out = tmp_path / "codes"
+    model_file = tmp_path / "model.lopq"
+    model.export_proto(str(model_file))
+    output = on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
+                        "--model_proto", model_file, "--output_format", "parquet")
+    assert "executors read them with pyarrow" in output
+    rows = pq.read_table(str(out)).to_pydict()
+    codes = {key: (c, f) for key, c, f in zip(rows["id"], rows["coarse"], rows["fine"])}
+    assert len(codes) == len(rows["id"]) == N_ROWS
+    assert_codes_equal_encode(model, X, ids, codes)
+
+
 def test_py_files_zip_reaches_the_executors(cluster, data, tmp_path):
     """Executors without lopq on their path import it from a --py-files zip."""
     path, _, _, _ = data

@@ -60,48 +60,72 @@ def _list_array(values, width):
     return pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.int32).ravel()))
 
 
+def encode_arrow_batch(batch, model, vector_col, keep, code_names, shown_col=None,
+                       id_col=None, cell_col=None, skip_bad_records=False):
+    """LOPQ codes of one Arrow record batch: its ``keep`` columns with the codes appended.
+
+    Args:
+        batch: ``pyarrow.RecordBatch`` holding ``vector_col`` (list of float or double)
+            and the ``keep`` columns.
+        model: a complete `LOPQModel`.
+        code_names: names of the appended ``list<int32>`` columns (coarse: 2 values,
+            fine: M values).
+        shown_col, id_col: how errors name the column and the bad row.
+        cell_col: if given, also an ``int32`` column of the cell ``c0 * V + c1``.
+        skip_bad_records: drop rows that cannot be encoded (null, empty, NaN/inf, another
+            length than the model's D) instead of raising ValueError on the first.
+
+    Returns:
+        (``pyarrow.RecordBatch`` of the encoded rows in input order, rows dropped).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from .frames import arrow_matrix
+    names = batch.schema.names
+    groups, bad, _ = arrow_matrix(batch.column(names.index(vector_col)))
+    good = [(r, X) for r, X in groups if X.shape[1] == model.D]
+    wrong = [(int(r[0]), f"vector of length {X.shape[1]}, the model is for D={model.D}")
+             for r, X in groups if X.shape[1] != model.D]
+    problems = bad + wrong
+    if problems and not skip_bad_records:
+        row, reason = problems[0]
+        where = (f"row with {id_col} {batch.column(names.index(id_col))[row]}"
+                 if id_col in names else f"row {row} of an Arrow batch")
+        raise ValueError(f"column {shown_col or vector_col!r}, {where}: {reason} (pass "
+                         "--skip_bad_records to drop such rows)")
+    if len(good) == 1 and good[0][1].shape[0] == batch.num_rows:
+        X, taken = good[0][1], batch  # every row is good: nothing to reorder
+    elif good:
+        order = np.concatenate([r for r, _ in good])
+        X = np.concatenate([X for _, X in good])
+        sort = np.argsort(order, kind="stable")  # keep the input row order
+        X, taken = X[sort], batch.take(pa.array(order[sort]))
+    else:
+        X, taken = np.empty((0, model.D), np.float32), batch.slice(0, 0)
+    coarse, fine = model.encode(X)
+    columns = [taken.column(names.index(c)) for c in keep]
+    columns += [_list_array(coarse, 2), _list_array(fine, model.M)]
+    out_names = list(keep) + list(code_names)
+    if cell_col:
+        columns.append(pa.array((coarse[:, 0].astype(np.int64) * model.V
+                                 + coarse[:, 1]).astype(np.int32)))
+        out_names.append(cell_col)
+    return pa.RecordBatch.from_arrays(columns, out_names), batch.num_rows - X.shape[0]
+
+
 def _encode_batches(model_bc, vector_col, shown_col, id_col, keep, coarse_col, fine_col,
                     cell_col, skip_bad_records, skipped, encoded_rows):
     """mapInArrow function: each batch with its codes appended as list<int> columns."""
     def run(batches):
-        import numpy as np
-        import pyarrow as pa
-
-        from .frames import arrow_matrix
         model = model_bc.value
         for batch in batches:
-            names = batch.schema.names
-            groups, bad, _ = arrow_matrix(batch.column(names.index(vector_col)))
-            rows = [r for r, X in groups if X.shape[1] == model.D]
-            wrong = [(int(r[0]), f"vector of length {X.shape[1]}, the model is for "
-                      f"D={model.D}") for r, X in groups if X.shape[1] != model.D]
-            problems = bad + wrong
-            if problems:
-                if not skip_bad_records:
-                    row, reason = problems[0]
-                    where = (f"row with {id_col} {batch.column(names.index(id_col))[row]}"
-                             if id_col in names else f"row {row} of an Arrow batch")
-                    raise ValueError(f"column {shown_col!r}, {where}: {reason} (pass "
-                                     "--skip_bad_records to drop such rows)")
-                skipped.add(batch.num_rows - sum(len(r) for r in rows))
-            if rows:
-                order = np.concatenate(rows)
-                X = np.concatenate([X for r, X in groups if X.shape[1] == model.D])
-                sort = np.argsort(order, kind="stable")  # keep the input row order
-                order, X = order[sort], X[sort]
-            else:
-                order, X = np.empty(0, dtype=np.int64), np.empty((0, model.D), np.float32)
-            coarse, fine = model.encode(X)
-            encoded_rows.add(X.shape[0])
-            taken = batch.take(pa.array(order))
-            columns = [taken.column(names.index(c)) for c in keep]
-            columns += [_list_array(coarse, 2), _list_array(fine, model.M)]
-            out_names = list(keep) + [coarse_col, fine_col]
-            if cell_col:
-                columns.append(pa.array((coarse[:, 0].astype(np.int64) * model.V
-                                         + coarse[:, 1]).astype(np.int32)))
-                out_names.append(cell_col)
-            yield pa.RecordBatch.from_arrays(columns, out_names)
+            out, dropped = encode_arrow_batch(batch, model, vector_col, keep,
+                                              (coarse_col, fine_col), shown_col, id_col,
+                                              cell_col, skip_bad_records)
+            skipped.add(dropped)
+            encoded_rows.add(out.num_rows)
+            yield out
     return run
 
 

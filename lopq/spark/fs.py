@@ -2,6 +2,7 @@
 ``hdfs://``, ``s3a://``), written to a temporary name and renamed: a failed job leaves
 no partial output."""
 
+import contextlib
 import os
 import uuid
 
@@ -63,19 +64,14 @@ def write_bytes(sc, path, data, overwrite=False):
     parent = p.getParent()
     if parent is not None and not fs.exists(parent):
         fs.mkdirs(parent)
-    tmp = _tmp_sibling(p, sc)
-    try:
-        out = fs.create(tmp, True)
+    with atomic_output(sc, path, overwrite) as tmp:
+        out = fs.create(sc._jvm.org.apache.hadoop.fs.Path(tmp), True)
         try:
             chunk = 1 << 20
             for start in range(0, len(data), chunk):
                 out.write(bytearray(data[start:start + chunk]))
         finally:
             out.close()
-    except BaseException:
-        _discard(fs, tmp)
-        raise
-    _commit(fs, tmp, p, path, overwrite)
 
 
 def _discard(fs, tmp):
@@ -131,16 +127,33 @@ def read_bytes(sc, path):
         stream.close()
 
 
-def save_text_atomically(sc, rdd, path, overwrite=False):
-    """``rdd.saveAsTextFile`` into a temporary folder, renamed to ``path`` on success."""
+@contextlib.contextmanager
+def atomic_output(sc, path, overwrite=False):
+    """Yields a temporary sibling path (a string) to write ``path``'s content into; on a
+    clean exit it is renamed onto ``path`` (replacing it only when ``overwrite``), on an
+    exception it is removed."""
     fs, p = _jvm_path(sc, path)
     tmp = _tmp_sibling(p, sc)
     try:
-        rdd.saveAsTextFile(tmp.toString())
+        yield tmp.toString()
     except BaseException:
         _discard(fs, tmp)
         raise
     _commit(fs, tmp, p, path, overwrite)
+
+
+def local_path(sc, path):
+    """The local file-system path of ``path`` (a plain path or a ``file:`` URI), or
+    None when it lives on another file system (HDFS, S3...)."""
+    fs, p = _jvm_path(sc, path)
+    uri = fs.makeQualified(p).toUri()
+    return uri.getPath() if uri.getScheme() == "file" else None
+
+
+def save_text_atomically(sc, rdd, path, overwrite=False):
+    """``rdd.saveAsTextFile`` into a temporary folder, renamed to ``path`` on success."""
+    with atomic_output(sc, path, overwrite) as tmp:
+        rdd.saveAsTextFile(tmp)
 
 
 def save_frame_atomically(sc, df, path, overwrite=False, partition_by=None, check=None):
@@ -149,16 +162,10 @@ def save_frame_atomically(sc, df, path, overwrite=False, partition_by=None, chec
     ``check(tmp_path)``, if given, runs before the rename and may raise to discard the
     output (e.g. nothing was written).
     """
-    fs, p = _jvm_path(sc, path)
-    tmp = _tmp_sibling(p, sc)
-    try:
+    with atomic_output(sc, path, overwrite) as tmp:
         writer = df.write
         if partition_by:
             writer = writer.partitionBy(partition_by)
-        writer.parquet(tmp.toString())
+        writer.parquet(tmp)
         if check is not None:
-            check(tmp.toString())
-    except BaseException:
-        _discard(fs, tmp)
-        raise
-    _commit(fs, tmp, p, path, overwrite)
+            check(tmp)

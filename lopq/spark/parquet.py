@@ -1,0 +1,150 @@
+"""Parquet in, Parquet out, with the rows never crossing the JVM.
+
+`compute_codes.py --output_format parquet` on Parquet files that executors can open
+(local or shared file systems): Spark schedules one task per row group; each task reads
+its row group with pyarrow, encodes the Arrow batches and writes one Parquet part file.
+Going through a DataFrame instead (``mapInArrow``) makes Spark decode the vectors into
+its rows and convert them back to Arrow, which costs more than the encoding itself
+(benchmarks/run.py --only spark). Anything else (other file systems, other formats,
+sampling, partitioned output, ML Vector columns) takes the DataFrame path.
+"""
+
+import logging
+import os
+import uuid
+
+from . import fs
+from .data import DataError
+
+log = logging.getLogger(__name__)
+
+
+#: Rows per Arrow batch read from a row group.
+BATCH_ROWS = 8192
+
+
+class RowGroup:
+    """One task's input: row group ``group`` of the Parquet file ``path``."""
+
+    __slots__ = ("index", "path", "group", "rows")
+
+    def __init__(self, index, path, group, rows):
+        self.index, self.path, self.group, self.rows = index, path, group, rows
+
+
+def _is_vector_type(arrow_type):
+    import pyarrow as pa
+    return (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)) and \
+        (pa.types.is_float32(arrow_type.value_type) or pa.types.is_float64(arrow_type.value_type))
+
+
+def row_groups(sc, data_path, vector_col, id_col):
+    """The row groups of the Parquet files at ``data_path`` when every file is local (or
+    on a shared mount), holds ``id_col`` and a list-of-float ``vector_col``, and all agree
+    on their types; else None (the caller reads the data through Spark, which also gives
+    the errors for missing or mistyped columns)."""
+    import pyarrow.parquet as pq
+    units, types = [], None
+    for uri, _ in fs.input_files(sc, data_path):
+        path = fs.local_path(sc, uri)
+        if path is None:
+            return None
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception:  # noqa: BLE001 - not Parquet: let Spark's reader say so
+            return None
+        schema = meta.schema.to_arrow_schema()
+        if vector_col not in schema.names or id_col not in schema.names:
+            return None
+        file_types = (schema.field(vector_col).type, schema.field(id_col).type)
+        if not _is_vector_type(file_types[0]) or types not in (None, file_types):
+            return None
+        types = file_types
+        units += [RowGroup(len(units) + g, path, g, meta.row_group(g).num_rows)
+                  for g in range(meta.num_row_groups)]
+    return units
+
+
+def _encode_row_groups(model_bc, out_dir, vector_col, id_col, skip_bad_records):
+    """Task function: encode each row group, write ``part-<index>.snappy.parquet``.
+    Yields ``(rows written, rows dropped)`` per row group."""
+    def run(units):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .codes import encode_arrow_batch
+        model = model_bc.value
+        for unit in units:
+            reader = pq.ParquetFile(unit.path)
+            encoded, dropped = [], 0
+            # Small batches, one thread: a task has one core, and batches that stay in
+            # cache keep two tasks on two cores from slowing each other (measured).
+            for batch in reader.iter_batches(BATCH_ROWS, row_groups=[unit.group],
+                                             columns=[id_col, vector_col],
+                                             use_threads=False):
+                out, skipped = encode_arrow_batch(batch, model, vector_col, [id_col],
+                                                  ("coarse", "fine"), vector_col, id_col,
+                                                  skip_bad_records=skip_bad_records)
+                encoded.append(out.rename_columns(["id", "coarse", "fine"]))
+                dropped += skipped
+            rows = sum(b.num_rows for b in encoded)
+            if rows:
+                final = os.path.join(out_dir, f"part-{unit.index:05d}.snappy.parquet")
+                # A hidden name while writing, then a rename: a retried or speculative
+                # attempt replaces the part file instead of adding a second one.
+                partial = os.path.join(out_dir, f".{unit.index:05d}-{uuid.uuid4().hex}.tmp")
+                pq.write_table(pa.Table.from_batches(encoded), partial, compression="snappy")
+                os.replace(partial, final)
+            yield rows, dropped
+    return run
+
+
+#: Rows per task at most: a failed task is redone at this granularity.
+TASK_ROWS = 2_000_000
+
+
+def _tasks(units, cores):
+    """Row groups dealt into tasks: as few tasks as cores (each task costs a Spark
+    round trip and a part of the cores' balance), more when a task would get over
+    TASK_ROWS rows. Largest row groups first onto the least loaded task, and the
+    tasks ordered largest first, so that the last ones to start are the short ones."""
+    import heapq
+    count = max(1, min(len(units), max(cores, -(-sum(u.rows for u in units) // TASK_ROWS))))
+    heap = [(0, i, []) for i in range(count)]
+    for unit in sorted(units, key=lambda u: -u.rows):
+        rows, i, task = heapq.heappop(heap)
+        task.append(unit)
+        heapq.heappush(heap, (rows + unit.rows, i, task))
+    return [task for _, _, task in sorted(heap, key=lambda t: (-t[0], t[1])) if task]
+
+
+def encode_parquet_files(sc, units, model, output, overwrite, vector_col, id_col,
+                         skip_bad_records=False, where="--data"):
+    """Codes of the rows of ``units`` (from `row_groups`) as a Parquet table of ``id``,
+    ``coarse`` and ``fine`` at ``output`` (written atomically). Returns
+    ``(rows written, rows dropped)``."""
+    out_dir = fs.local_path(sc, output)
+    if out_dir is None:
+        raise ValueError(f"--output {output} is not on a local file system")
+    total = sum(u.rows for u in units)
+    files = len({u.path for u in units})
+    log.info("encoding %d rows in %d row groups of %d Parquet file(s); executors read them "
+             "with pyarrow", total, len(units), files)
+    model_bc = sc.broadcast(model)
+    with fs.atomic_output(sc, output, overwrite) as tmp:
+        tmp_dir = fs.local_path(sc, tmp)
+        os.makedirs(tmp_dir)
+        tasks = _tasks(units, sc.defaultParallelism)
+        counts = sc.parallelize(tasks, len(tasks)).flatMap(lambda task: task).mapPartitions(
+            _encode_row_groups(model_bc, tmp_dir, vector_col, id_col,
+                               skip_bad_records)).collect()
+        written = sum(rows for rows, _ in counts)
+        dropped = sum(skipped for _, skipped in counts)
+        if not written:
+            raise DataError(f"no vectors in {where}")
+        for name in os.listdir(tmp_dir):
+            if name.endswith(".tmp"):  # left by a killed task attempt
+                os.remove(os.path.join(tmp_dir, name))
+        open(os.path.join(tmp_dir, "_SUCCESS"), "wb").close()
+    model_bc.unpersist()
+    return written, dropped
