@@ -18,7 +18,7 @@ system-deps:
 	    openjdk-17-jre-headless python3-venv; \
 	fi
 
-$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt lopq/_kernels/_cython.pyx lopq/_kernels/_search.pyx lopq/_kernels/_fused.h
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt lopq/_kernels/_cython.pyx lopq/_kernels/_search.pyx $(wildcard lopq/_kernels/_fused*)
 	$(MAKE) system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -36,6 +36,8 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest -q -ra
+	@# The portable copy of the C loops (what CPUs without AVX2 run), same tests, no Spark.
+	LOPQ_PORTABLE=1 $(PY) -m pytest -q -ra -m "not spark"
 
 bench-deps: venv
 	@# Peers and plots from PyPI; Fashion-MNIST from Debian.

@@ -1,43 +1,26 @@
 """Build lopq and its Cython extension: ``pip install .`` (``.[bench]`` for peers)."""
 
-import os
-import platform
-
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
 
-def _vector_flags():
-    """Target AVX2/FMA when the build machine has them (LOPQ_PORTABLE=1 to build for any
-    x86-64): the fused kernels are 2-3x faster with 8-wide FMA."""
-    if os.environ.get("LOPQ_PORTABLE") == "1" or platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return []
-    if " avx2" not in flags or " fma" not in flags:
-        return []
-    # AVX-512 measured slower here for these kernels: stay at 8-wide.
-    return ["-mavx2", "-mfma"]
+def _kernel_extension(name, pyx):
+    """A Cython module with both copies of the fused kernels: AVX2/FMA and portable,
+    chosen when the module loads (lopq/_kernels/_fused_api.h). No -march flags: the
+    wheel runs on any CPU of its platform."""
+    kernels = "lopq/_kernels/"
+    return Extension(
+        name, [kernels + pyx, kernels + "_fused_avx2.c", kernels + "_fused_portable.c"],
+        include_dirs=[np.get_include(), "lopq/_kernels"],
+        depends=[kernels + h for h in ("_fused.h", "_fused_api.h", "_fused_entries.h",
+                                       "_fused_variant.h")],
+        extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
 
 
-extensions = [
-    Extension("lopq._kernels._cython", ["lopq/_kernels/_cython.pyx"],
-              include_dirs=[np.get_include(), "lopq/_kernels"],
-              depends=["lopq/_kernels/_fused.h"],
-              extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"]
-              + _vector_flags(),
-              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]),
-    Extension("lopq._kernels._search", ["lopq/_kernels/_search.pyx"],
-              include_dirs=[np.get_include(), "lopq/_kernels"],
-              depends=["lopq/_kernels/_fused.h"],
-              extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math"]
-              + _vector_flags(),
-              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]),
-]
+extensions = [_kernel_extension("lopq._kernels._cython", "_cython.pyx"),
+              _kernel_extension("lopq._kernels._search", "_search.pyx")]
 
 setup(
     name="lopq",

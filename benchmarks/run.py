@@ -66,6 +66,8 @@ def environment():
     try:
         import lopq
         info["lopq"] = lopq.__version__
+        from lopq._kernels import _cython
+        info["lopq_c_loops"] = _cython.ISA  # "avx2", or "portable" (LOPQ_PORTABLE=1)
     except ImportError:
         pass
     for mod in ("faiss", "pyspark", "scipy"):

@@ -213,3 +213,38 @@ def test_numba_parallel_variant_equals_serial(rng):
         outs.append((labels, sq))
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+def _cpu_has_avx2_fma():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "avx2" in flags and "fma" in flags
+
+
+def _isa_in_subprocess(portable):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "LOPQ_PORTABLE"}
+    if portable:
+        env["LOPQ_PORTABLE"] = "1"
+    out = subprocess.run([sys.executable, "-c", "from lopq._kernels import _cython, _search; "
+                          "print(_cython.ISA, _search.ISA)"], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out
+
+
+def test_the_fused_loops_pick_their_copy_at_run_time():
+    """One build runs AVX2/FMA where the CPU has both, the portable copy elsewhere or
+    when LOPQ_PORTABLE=1 (so one machine tests both)."""
+    pytest.importorskip("lopq._kernels._cython")
+    has = _cpu_has_avx2_fma()
+    if has is None:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    assert _isa_in_subprocess(portable=True) == ["portable", "portable"]
+    expected = "avx2" if has else "portable"
+    assert _isa_in_subprocess(portable=False) == [expected, expected]

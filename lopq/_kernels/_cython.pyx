@@ -6,11 +6,13 @@ IN / OUT. Float32 only: the dispatcher converts inputs once at the boundary.
 """
 
 
+import os
+
 import numpy as np
 
-cdef extern from "_fused.h" nogil:
-    int LOPQ_FUSED_FAST
+cdef extern from "_fused_api.h" nogil:
     int LOPQ_W
+    int lopq_select_isa(int allow_avx2)
     int lopq_assign_fused(const float *X, Py_ssize_t n, Py_ssize_t d, Py_ssize_t row_stride,
                           const float *CTm2, Py_ssize_t kp, const float *c_sqnorm,
                           const float *C, int *labels, Py_ssize_t label_stride, float *sqdist)
@@ -24,8 +26,9 @@ cdef extern from "_fused.h" nogil:
                            float *sqdist)
 
 
-#: True when the fused loops were built for 8-wide vectors (AVX2); else prefer sgemm.
-FUSED_FAST = bool(LOPQ_FUSED_FAST)
+#: The copy of the fused loops this process runs: "avx2" where the CPU has AVX2 and FMA,
+#: else (or with the environment variable LOPQ_PORTABLE=1) "portable".
+ISA = "avx2" if lopq_select_isa(os.environ.get("LOPQ_PORTABLE", "") != "1") else "portable"
 #: Floats per vector register: column counts given to the fused loops are padded to this.
 VECTOR_WIDTH = LOPQ_W
 

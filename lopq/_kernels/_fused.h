@@ -3,8 +3,8 @@
  * and a query's distance tables for search (`lopq_query_table`).
  *
  * One micro-kernel serves every product here: `lopq_block_scores` computes
- * init[c] + sum_t x_r[t] * CT[t, c] for LOPQ_ROWS rows at once, LOPQ_W columns per vector
- * (GCC/Clang vector extensions: 8-wide AVX when built with -mavx2), so each column load
+ * init[c] + sum_t x_r[t] * CT[t, c] for LOPQ_ROWS rows at once, LOPQ_VW columns per vector
+ * (GCC/Clang vector extensions: 8-wide AVX in _fused_avx2.c), so each column load
  * of CT feeds LOPQ_ROWS FMAs. Nearest-centroid search stores the scores |c|^2 - 2 x.c of a
  * row block in a small buffer while keeping a vector running minimum, then takes the
  * first column equal to that minimum: the lowest index wins exact ties, as np.argmin.
@@ -12,7 +12,7 @@
  * a one-row loop with a per-lane index blend.
  *
  * Callers pass CT already multiplied by -2 (exact in floating point) and the column
- * count padded to a multiple of LOPQ_W (padding columns: CT 0, norm NaN:
+ * count padded to a multiple of LOPQ_VW (padding columns: CT 0, norm NaN:
  * a NaN score never becomes the minimum nor equals it, so padding is never chosen, even
  * for a row whose real scores are all NaN; that row gets column 0, as np.argmin gives).
  */
@@ -21,23 +21,26 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* 1 when the vector extensions map to real 8-wide registers; otherwise the callers
- * prefer the sgemm path (measured 10x slower here without AVX). */
-#if defined(__AVX2__)
-#define LOPQ_FUSED_FAST 1
+#include "_fused_entries.h" /* LOPQ_W */
+#if defined(__AVX__)
 #include <immintrin.h>
-#else
-#define LOPQ_FUSED_FAST 0
 #endif
 
-/* LOPQ_W floats per vector: 8, even where AVX-512 is enabled (it then only adds
- * registers: 16-wide measured slower here). LOPQ_ROWS rows share each load. */
-#define LOPQ_W 8
+/* LOPQ_VW floats per vector of this copy: 8 with AVX (one ymm register), else 4 (one
+ * SSE/NEON register: 8-wide generic vectors there spill the register tiles, measured 25x
+ * slower). Callers pad to LOPQ_W = 8, a multiple of both. */
+#if defined(__AVX__)
+#define LOPQ_VW 8
+#else
+#define LOPQ_VW 4
+#endif
+
+/* LOPQ_ROWS rows share each load of LOPQ_VW floats. */
 #define LOPQ_ROWS 4
 #define LOPQ_COLS 2
 #define LOPQ_PREFETCH_ROWS 16
-typedef float lopq_vf __attribute__((vector_size(LOPQ_W * 4)));
-typedef int lopq_vi __attribute__((vector_size(LOPQ_W * 4)));
+typedef float lopq_vf __attribute__((vector_size(LOPQ_VW * 4)));
+typedef int lopq_vi __attribute__((vector_size(LOPQ_VW * 4)));
 
 static inline lopq_vf lopq_load(const float *p) {
     lopq_vf v;
@@ -65,23 +68,23 @@ static inline float lopq_hmin(lopq_vf v) {
     return _mm_cvtss_f32(m);
 #else
     float best = v[0];
-    for (int l = 1; l < LOPQ_W; l++) best = v[l] < best ? v[l] : best;
+    for (int l = 1; l < LOPQ_VW; l++) best = v[l] < best ? v[l] : best;
     return best;
 #endif
 }
 
-/* First column of scores[0:k] equal to `value` (k a multiple of LOPQ_W); 0 if none
+/* First column of scores[0:k] equal to `value` (k a multiple of LOPQ_VW); 0 if none
  * (only when every score is NaN). */
 static inline int lopq_first_equal(const float *scores, ptrdiff_t k, float value) {
     lopq_vf target;
-    for (int l = 0; l < LOPQ_W; l++) target[l] = value;
-    for (ptrdiff_t c = 0; c < k; c += LOPQ_W) {
+    for (int l = 0; l < LOPQ_VW; l++) target[l] = value;
+    for (ptrdiff_t c = 0; c < k; c += LOPQ_VW) {
         const lopq_vi eq = lopq_load(scores + c) == target;
 #if defined(__AVX2__)
         const int mask = _mm256_movemask_ps((__m256)eq);
         if (mask) return (int)c + __builtin_ctz(mask);
 #else
-        for (int l = 0; l < LOPQ_W; l++)
+        for (int l = 0; l < LOPQ_VW; l++)
             if (eq[l]) return (int)c + l;
 #endif
     }
@@ -89,7 +92,7 @@ static inline int lopq_first_equal(const float *scores, ptrdiff_t k, float value
 }
 
 /* out[r * k + c] = init[c] + sum_{t < d} rows[r][t] * CT[t * k + c] for r < LOPQ_ROWS and
- * c < k (k a multiple of LOPQ_W; init NULL means 0). When minima is not NULL, also
+ * c < k (k a multiple of LOPQ_VW; init NULL means 0). When minima is not NULL, also
  * minima[r] = min over c of out[r * k + c]. */
 static inline __attribute__((always_inline)) void lopq_block_scores(
     const float *const *rows, const ptrdiff_t d,  /* IN LOPQ_ROWS row pointers, length d */
@@ -100,19 +103,19 @@ static inline __attribute__((always_inline)) void lopq_block_scores(
 {
     lopq_vf run_min[LOPQ_ROWS];
     for (int r = 0; r < LOPQ_ROWS; r++)
-        for (int l = 0; l < LOPQ_W; l++) run_min[r][l] = INFINITY;
+        for (int l = 0; l < LOPQ_VW; l++) run_min[r][l] = INFINITY;
     ptrdiff_t cb = 0;
     /* LOPQ_COLS column vectors per step: each broadcast row value feeds LOPQ_COLS FMAs,
      * and LOPQ_COLS x LOPQ_ROWS independent accumulators hide the FMA latency. */
-    for (; cb + LOPQ_COLS * LOPQ_W <= k; cb += LOPQ_COLS * LOPQ_W) {
+    for (; cb + LOPQ_COLS * LOPQ_VW <= k; cb += LOPQ_COLS * LOPQ_VW) {
         lopq_vf acc[LOPQ_COLS][LOPQ_ROWS];
         for (int u = 0; u < LOPQ_COLS; u++) {
-            const lopq_vf start = init ? lopq_load(init + cb + u * LOPQ_W) : (lopq_vf){0};
+            const lopq_vf start = init ? lopq_load(init + cb + u * LOPQ_VW) : (lopq_vf){0};
             for (int r = 0; r < LOPQ_ROWS; r++) acc[u][r] = start;
         }
         for (ptrdiff_t t = 0; t < d; t++) {
             lopq_vf column[LOPQ_COLS];
-            for (int u = 0; u < LOPQ_COLS; u++) column[u] = lopq_load(CT + t * k + cb + u * LOPQ_W);
+            for (int u = 0; u < LOPQ_COLS; u++) column[u] = lopq_load(CT + t * k + cb + u * LOPQ_VW);
             for (int r = 0; r < LOPQ_ROWS; r++) {
                 const float xt = rows[r][t];
                 for (int u = 0; u < LOPQ_COLS; u++) acc[u][r] += xt * column[u];
@@ -120,11 +123,11 @@ static inline __attribute__((always_inline)) void lopq_block_scores(
         }
         for (int r = 0; r < LOPQ_ROWS; r++)
             for (int u = 0; u < LOPQ_COLS; u++) {
-                lopq_store(out + r * k + cb + u * LOPQ_W, acc[u][r]);
+                lopq_store(out + r * k + cb + u * LOPQ_VW, acc[u][r]);
                 if (minima) run_min[r] = lopq_min(acc[u][r], run_min[r]);
             }
     }
-    for (; cb < k; cb += LOPQ_W) {
+    for (; cb < k; cb += LOPQ_VW) {
         lopq_vf acc[LOPQ_ROWS];
         const lopq_vf start = init ? lopq_load(init + cb) : (lopq_vf){0};
         for (int r = 0; r < LOPQ_ROWS; r++) acc[r] = start;
@@ -168,7 +171,7 @@ static inline void lopq_block_nearest_any(const float *const *rows, ptrdiff_t d,
 }
 
 /* Nearest centroid of every row. CTm2 is -2 C^T padded to kp columns (multiple of
- * LOPQ_W); C (k, d) unpadded gives the exact squared distance when sqdist is not NULL.
+ * LOPQ_VW); C (k, d) unpadded gives the exact squared distance when sqdist is not NULL.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 static inline int lopq_assign_fused(
     const float *X, ptrdiff_t n, ptrdiff_t d, ptrdiff_t row_stride, /* IN rows          */
@@ -267,14 +270,14 @@ static inline int lopq_argmin_scores(
     const float *C,                                /* IN (k, d) centroids         */
     int *labels, float *sqdist)                    /* OUT (b,), (b,)              */
 {
-    const ptrdiff_t kv = k - k % LOPQ_W;
-    float *scores = malloc(sizeof(float) * (kv + LOPQ_W));
+    const ptrdiff_t kv = k - k % LOPQ_VW;
+    float *scores = malloc(sizeof(float) * (kv + LOPQ_VW));
     if (!scores) return -1;
     for (ptrdiff_t i = 0; i < b; i++) {
         const float *g = G + i * k;
         lopq_vf run_min;
-        for (int l = 0; l < LOPQ_W; l++) run_min[l] = INFINITY;
-        for (ptrdiff_t c = 0; c < kv; c += LOPQ_W) {
+        for (int l = 0; l < LOPQ_VW; l++) run_min[l] = INFINITY;
+        for (ptrdiff_t c = 0; c < kv; c += LOPQ_VW) {
             const lopq_vf s = lopq_load(c_sqnorm + c) - 2.0f * lopq_load(g + c);
             lopq_store(scores + c, s);
             run_min = lopq_min(s, run_min);
@@ -302,9 +305,9 @@ static inline int lopq_argmin_scores(
  * FMA latency while each stays in one register. */
 #define LOPQ_TABLE_BLOCKS 4
 
-/* out[u * LOPQ_W + l] (u < nb) = sum over t < d, in t order, of
- *   coef[t] * src[t * stride + u * LOPQ_W + l]              (sqdiff 0: a matrix-vector product)
- *   (coef[t] - src[t * stride + u * LOPQ_W + l])^2          (sqdiff 1: squared distances)
+/* out[u * LOPQ_VW + l] (u < nb) = sum over t < d, in t order, of
+ *   coef[t] * src[t * stride + u * LOPQ_VW + l]              (sqdiff 0: a matrix-vector product)
+ *   (coef[t] - src[t * stride + u * LOPQ_VW + l])^2          (sqdiff 1: squared distances)
  * sqdiff is a constant at every call, so the inlined loop carries no branch. */
 static inline __attribute__((always_inline)) void lopq_column_block(
     const float *src, ptrdiff_t stride, const float *coef, ptrdiff_t d, int nb, int sqdiff,
@@ -315,7 +318,7 @@ static inline __attribute__((always_inline)) void lopq_column_block(
     for (ptrdiff_t t = 0; t < d; t++) {
         const float ct = coef[t];
         for (int u = 0; u < nb; u++) {
-            const lopq_vf v = lopq_load(src + t * stride + u * LOPQ_W);
+            const lopq_vf v = lopq_load(src + t * stride + u * LOPQ_VW);
             if (sqdiff) {
                 const lopq_vf diff = ct - v;
                 acc[u] += diff * diff;
@@ -324,13 +327,13 @@ static inline __attribute__((always_inline)) void lopq_column_block(
             }
         }
     }
-    for (int u = 0; u < nb; u++) lopq_store(out + u * LOPQ_W, acc[u]);
+    for (int u = 0; u < nb; u++) lopq_store(out + u * LOPQ_VW, acc[u]);
 }
 
 /* LOPQ distance table of a query in the frame of coarse cluster c of one split:
  * px = R[c] @ (x - C[c] - mu[c]) and table[j * S + s] = sum_t (px[j*ds + t] -
  * books[j, s, t])^2, each sum taken in t order as the plain loops do. Register blocks of
- * LOPQ_TABLE_BLOCKS x LOPQ_W outputs accumulate over the whole sum before one store
+ * LOPQ_TABLE_BLOCKS x LOPQ_VW outputs accumulate over the whole sum before one store
  * (the plain loops reloaded and stored px / table for every term). r, px: (h,) scratch. */
 static inline void lopq_query_table(
     const float *x, const float *centroid, const float *mu,  /* IN (h,) each           */
@@ -338,25 +341,25 @@ static inline void lopq_query_table(
     const float *booksT, int half_m, ptrdiff_t S,  /* IN (half_m, ds, S) codebooks^T   */
     float *r, float *px, float *table)       /* scratch (h,), (h,); OUT (half_m, S)     */
 {
-    const ptrdiff_t ds = h / half_m, step = LOPQ_TABLE_BLOCKS * LOPQ_W;
+    const ptrdiff_t ds = h / half_m, step = LOPQ_TABLE_BLOCKS * LOPQ_VW;
     ptrdiff_t a, s, full;
     for (ptrdiff_t b = 0; b < h; b++) r[b] = x[b] - centroid[b] - mu[b];
-    full = h - h % LOPQ_W;
+    full = h - h % LOPQ_VW;
     for (a = 0; a + step <= full; a += step)
         lopq_column_block(RT + a, h, r, h, LOPQ_TABLE_BLOCKS, 0, px + a);
-    for (; a < full; a += LOPQ_W) lopq_column_block(RT + a, h, r, h, 1, 0, px + a);
+    for (; a < full; a += LOPQ_VW) lopq_column_block(RT + a, h, r, h, 1, 0, px + a);
     for (; a < h; a++) {
         float acc = 0;
         for (ptrdiff_t b = 0; b < h; b++) acc += RT[b * h + a] * r[b];
         px[a] = acc;
     }
-    full = S - S % LOPQ_W;
+    full = S - S % LOPQ_VW;
     for (int j = 0; j < half_m; j++) {
         const float *books = booksT + (ptrdiff_t)j * ds * S, *p = px + (ptrdiff_t)j * ds;
         float *tab = table + (ptrdiff_t)j * S;
         for (s = 0; s + step <= full; s += step)
             lopq_column_block(books + s, S, p, ds, LOPQ_TABLE_BLOCKS, 1, tab + s);
-        for (; s < full; s += LOPQ_W) lopq_column_block(books + s, S, p, ds, 1, 1, tab + s);
+        for (; s < full; s += LOPQ_VW) lopq_column_block(books + s, S, p, ds, 1, 1, tab + s);
         for (; s < S; s++) {
             float acc = 0;
             for (ptrdiff_t t = 0; t < ds; t++) {

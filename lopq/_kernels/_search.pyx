@@ -10,15 +10,21 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.math cimport INFINITY
 from libc.string cimport memcpy, memset
 
+import os
+
 import numpy as np
 
 cdef extern from *:
     void __builtin_prefetch(const void *addr) nogil
 
-cdef extern from "_fused.h" nogil:
+cdef extern from "_fused_api.h" nogil:
+    int lopq_select_isa(int allow_avx2)
     void lopq_query_table(const float *x, const float *centroid, const float *mu,
                           const float *RT, Py_ssize_t h, const float *booksT, int half_m,
                           Py_ssize_t S, float *r, float *px, float *table)
+
+#: The copy of the fused loops this module runs (see _cython.ISA).
+ISA = "avx2" if lopq_select_isa(os.environ.get("LOPQ_PORTABLE", "") != "1") else "portable"
 
 ctypedef fused code_t:
     unsigned char

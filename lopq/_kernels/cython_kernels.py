@@ -11,11 +11,17 @@ import numpy as np
 from . import _cython, reference
 from .reference import code_dtype
 
-#: Up to this dimension, distances are a fused C loop (measured faster than sgemm) ...
-SMALL_D = 32
-#: ... and above it too while -2 C^T (d x k floats) stays this small (fits in L2): measured
-#: 14 ms against 17 ms for sgemm at d=64, k=64 on 100k rows, but 2x slower at k=1024.
-FUSED_MAX_FLOATS = 32768
+#: Which copy of the fused loops runs: "avx2" (8-wide FMA) or "portable" (4-wide; forced
+#: by LOPQ_PORTABLE=1).
+ISA = _cython.ISA
+#: Up to this dimension, distances are a fused C loop (measured faster than sgemm on 100k
+#: rows, k=256: with AVX2 up to d=32; on the portable path 20 ms against 26 ms at d=8,
+#: even at d=16, 53 ms against 33 ms at d=32) ...
+SMALL_D = 32 if ISA == "avx2" else 16
+#: ... and, with AVX2, above it too while -2 C^T (d x k floats) stays this small (fits in
+#: L2): measured 14 ms against 17 ms for sgemm at d=64, k=64 on 100k rows, but 2x slower
+#: at k=1024. The portable loops lose to sgemm there (28 ms against 14 ms).
+FUSED_MAX_FLOATS = 32768 if ISA == "avx2" else 0
 BLOCK_ROWS = 1024
 
 
@@ -26,7 +32,7 @@ def assign(X, C):
     n, d = X.shape
     labels = np.empty(n, dtype=np.int32)
     sqdist = np.empty(n, dtype=np.float32)
-    if _cython.FUSED_FAST and (d <= SMALL_D or d * C.shape[0] <= FUSED_MAX_FLOATS):
+    if d <= SMALL_D or d * C.shape[0] <= FUSED_MAX_FLOATS:
         CTm2, padded_sqnorm = score_columns(C)
         _cython.assign_fused(X, CTm2, padded_sqnorm, C, labels, sqdist)
         return labels, sqdist
@@ -43,7 +49,7 @@ def assign(X, C):
 def encode_fine(P, codebooks):
     """Subquantizer codes; see `reference.encode_fine`. Fused C loop per subquantizer."""
     m, S, ds = codebooks.shape
-    if ds > SMALL_D or not _cython.FUSED_FAST:
+    if ds > SMALL_D:
         return _encode_fine_gemm(P, codebooks)
     CBTm2, padded_sqnorm = score_columns(codebooks)
     codes = np.empty((P.shape[0], m), dtype=np.int32)
@@ -56,11 +62,11 @@ def encode_split(X, C, R, mu, codebooks):
 
     One C loop per split does residual, rotation and all subquantizers for each row
     block of a cluster, so neither residuals nor projections exist as (n, h) arrays.
-    Subvectors longer than SMALL_D (or a build without AVX2) take this module's kernels
+    Subvectors longer than SMALL_D take this module's kernels
     one after the other instead.
     """
     m, S, ds = codebooks.shape
-    if ds > SMALL_D or not _cython.FUSED_FAST:
+    if ds > SMALL_D:
         return reference.encode_split(np.ascontiguousarray(X), C, R, mu, codebooks,
                                       assign=assign, project_residuals=project_residuals,
                                       encode_fine=encode_fine)
