@@ -37,7 +37,7 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest -q -ra
 	@# The portable copy of the C loops (what CPUs without AVX2 run), same tests, no Spark.
-	LOPQ_PORTABLE=1 $(PY) -m pytest -q -ra -m "not spark"
+	LOPQ_PORTABLE=1 $(PY) -m pytest -q -ra -m "not spark and not slow"
 
 bench-deps: venv
 	@# Peers and plots from PyPI; Fashion-MNIST from Debian.

@@ -33,13 +33,16 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lopq", "lopq.*"]),
     ext_modules=cythonize(extensions, language_level=3),
-    install_requires=["numpy>=1.24", "numba>=0.59", "protobuf>=4.21", "cython>=3.0",
-                      "pyspark>=3.5"],
+    # What the core needs at run time. Cython is a build requirement (pyproject.toml);
+    # PySpark is an extra: clusters bring their own Spark, and a pip pyspark beside it
+    # could shadow the cluster's version.
+    install_requires=["numpy>=1.24", "numba>=0.59", "protobuf>=4.21"],
     extras_require={
+        "spark": ["pyspark>=3.5", "pyarrow>=11", "pandas>=2.2,<3"],
         "mat": ["scipy"],
         "lmdb": ["lmdb"],
         "bench": ["faiss-cpu", "threadpoolctl", "matplotlib", "scipy"],
-        "test": ["pytest", "ruff", "scipy", "lmdb"],
+        "test": ["pytest", "ruff", "scipy", "lmdb", "build"],
     },
     zip_safe=False,
 )

@@ -4,7 +4,13 @@ Importable by executors: install lopq on the nodes (recommended) or ship it with
 ``spark-submit --py-files lopq.zip``.
 """
 
-from .codes import code_lines
+try:
+    import pyspark  # noqa: F401
+except ImportError:
+    raise ImportError("lopq.spark needs PySpark: pip install 'lopq[spark]' (or put your "
+                      "cluster's own pyspark on PYTHONPATH)") from None
+
+from .codes import code_lines  # noqa: E402
 from .data import DataError, load_blocks
 from .kmeans import kmeans_column_groups
 from .training import (
