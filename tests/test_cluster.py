@@ -87,6 +87,12 @@ def assert_ran_on_cluster(cluster, app_id, workers=(1, 2)):
     assert set(workers) <= set(ran), f"executors ran tasks on workers {ran} only"
 
 
+def executor_backends(cluster, app_id):
+    """The `lopq executor: kernel backend ...` lines the executors of ``app_id`` logged."""
+    return [line for texts in cluster.executor_logs(app_id).values() for text in texts
+            for line in text.splitlines() if line.startswith("lopq executor:")]
+
+
 def assert_as_good_as(model, undisturbed, X, queries):
     """A model trained through a fault ranks held-out queries as well as the undisturbed
     run's (recall@10 within RECALL_SLACK)."""
@@ -156,6 +162,10 @@ def test_compute_codes_runs_on_the_cluster(cluster, cluster_model, data, tmp_pat
     output = on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
                         "--model_pkl", pkl)
     assert f"wrote codes of {N_ROWS} vectors" in output
+    # (a) lopq installed in the executors' Python: the compiled backend, said once per
+    # Python worker in each executor's log.
+    backends = executor_backends(cluster, application_id(output))
+    assert backends and all("kernel backend cython (C loops " in line for line in backends)
     codes = read_codes(out)
     assert len(codes) == N_ROWS
     assert_codes_equal_encode(model, X, ids, codes)
@@ -213,6 +223,41 @@ def test_py_files_zip_reaches_the_executors(cluster, data, tmp_path):
     assert_ran_on_cluster(cluster, application_id(proc.stdout + proc.stderr))
     probe_line = [line for line in proc.stdout.splitlines() if line.startswith("PROBE")][0]
     assert "lopq.zip" in probe_line and "[0, 1, 2]" in probe_line, probe_line
+    # (c) the executors say they run numba from the zip, and how to get the compiled one.
+    backends = executor_backends(cluster, application_id(proc.stdout + proc.stderr))
+    assert backends and all("kernel backend numba" in line and "lopq.zip" in line
+                            and "--archives" in line for line in backends), backends
+
+
+def test_packed_environment_reaches_the_executors(cluster, cluster_model, data, tmp_path):
+    """(b) Executors whose Python lacks lopq run it, compiled, from a venv-pack archive
+    shipped with --archives env.tar.gz#environment (Spark's Python package management)."""
+    pytest.importorskip("venv_pack")
+    import sys
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True,
+                   capture_output=True)
+    env_dir = tmp_path / "packed"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q",
+                    *map(str, wheels.glob("lopq-*.whl"))], check=True, capture_output=True)
+    archive = tmp_path / "env.tar.gz"
+    subprocess.run([sys.executable, "-m", "venv_pack", "-p", str(env_dir), "-o", str(archive)],
+                   check=True, capture_output=True)
+    pkl, model = cluster_model
+    path, ids, X, _ = data
+    out = tmp_path / "codes"
+    env = spark_env(PYSPARK_PYTHON="./environment/bin/python", PYTHONPATH="")
+    proc = spark_submit("compute_codes.py", "--data", path, "--output", out, "--model_pkl",
+                        pkl, master=cluster.master_url, env=env,
+                        spark_args=["--archives", f"{archive}#environment"])
+    app_id = application_id(proc.stdout + proc.stderr)
+    assert_ran_on_cluster(cluster, app_id)
+    backends = executor_backends(cluster, app_id)
+    assert backends and all("kernel backend cython" in line and
+                            "/environment/lib/" in line for line in backends), backends
+    assert_codes_equal_encode(model, X, ids, read_codes(out))
 
 
 # --------------------------------------------------------------------- faults

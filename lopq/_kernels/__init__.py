@@ -10,6 +10,7 @@ non-contiguous, read-only) and hand the backend float32 C-contiguous arrays.
 
 import importlib
 import os
+import sys
 
 import numpy as np
 
@@ -46,11 +47,40 @@ def get_backend(name=None):
         raise ValueError(f"unknown kernel backend {name!r}: choose one of {', '.join(BACKENDS)} "
                          "(argument backend= or environment variable LOPQ_KERNELS)")
     try:
-        return importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
     except ImportError as err:
         raise ImportError(f"kernel backend {name!r} is not available ({err}); "
                           "install lopq with `pip install .` to build it, "
                           "or set LOPQ_KERNELS=numba") from err
+    if not _announced:
+        _announce_in_spark_task(name)
+    return module
+
+
+_announced = False
+
+
+def _announce_in_spark_task(name):
+    """Once per Python worker of a Spark executor, one line on stderr (the executor's
+    log): the backend its tasks run, where lopq came from, and on numba how to get the
+    compiled one."""
+    global _announced
+    if "pyspark" not in sys.modules:
+        return
+    from pyspark import TaskContext
+    if TaskContext.get() is None:  # the driver, or a library user's own process
+        return
+    _announced = True
+    import lopq
+    line = f"lopq executor: kernel backend {name}"
+    if name == "cython":
+        from . import _cython
+        line += f" (C loops {_cython.ISA})"
+    line += f", lopq from {os.path.dirname(lopq.__file__)}"
+    if name == "numba" and not os.environ.get("LOPQ_KERNELS"):
+        line += ("; for the compiled cython backend install lopq on the nodes or ship a "
+                 "packed environment with --archives (README: Deployment), not --py-files")
+    print(line, file=sys.stderr, flush=True)
 
 
 def rows32(X):
