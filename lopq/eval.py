@@ -176,7 +176,7 @@ def get_subquantizer_distortion(data, model):
         its code assumed M = 8, this works for every M).
     """
     X = kernels.rows32(data)
-    _, projected = model._coarse_and_projection(X)
+    _, projected = model.project_rows(X)
     fine = kernels.encode_fine(projected, model.codebooks)
     rec = kernels.decode_fine(fine, model.codebooks)
     ds = model.D // model.M

@@ -313,6 +313,26 @@ def parse_code_line(line):
 _BRACKETS = str.maketrans("[]", "  ")
 
 
+def merge_code_parts(parts, source="codes"):
+    """One index's worth of codes from `parse_code_lines` results (one per part file).
+
+    Returns:
+        ids (list: ints where the text is an integer, else str), coarse (n, 2) and fine
+        (n, M) int64. Raises ValueError when there are no codes, or parts of different M.
+    """
+    parts = [part for part in parts if part[0]]
+    if not parts:
+        raise ValueError(f"{source} holds no code lines")
+    widths = sorted({part[2].shape[1] for part in parts})
+    if len(widths) > 1:
+        raise ValueError(f"{source}: the part files hold codes of {widths} fine codes "
+                         "each; they come from different models")
+    ids = [int(key) if key.lstrip("-").isdigit() else key
+           for part in parts for key in part[0]]
+    return (ids, np.concatenate([part[1] for part in parts]),
+            np.concatenate([part[2] for part in parts]))
+
+
 def parse_code_lines(lines, source="codes"):
     """Parse many `compute_codes` lines at once (blank lines skipped).
 

@@ -167,7 +167,9 @@ class LOPQModel:
                 raise ValueError(f"parameter {name} has shape {value.shape}, expected "
                                  f"{expected[name]} for V={V}, M={M}, D={D}")
 
-    def _require(self, *names):
+    def require_parameters(self, *names):
+        """Raise ValueError unless the model has these parameters (e.g. ``"Cs", "Rs",
+        "mus", "codebooks"``): one line telling to fit or load a complete model."""
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
             raise ValueError(f"the model has no {', '.join(missing)} yet: fit it or load "
@@ -225,7 +227,7 @@ class LOPQModel:
         Returns:
             coarse: (n, 2) int32 coarse codes; fine: (n, M) uint8 (S <= 256) or uint16.
         """
-        self._require("Cs", "Rs", "mus", "codebooks")
+        self.require_parameters("Cs", "Rs", "mus", "codebooks")
         X = check_rows(X, self.D, "vectors", min_rows=0)
         n, h, half_m = X.shape[0], X.shape[1] // 2, self.M // 2
         coarse = np.empty((n, 2), dtype=np.int32)
@@ -237,7 +239,19 @@ class LOPQModel:
                                      self.subquantizers[split], backend)
         return coarse, fine
 
-    def _coarse_and_projection(self, X, backend=None, coarse=None):
+    def project_rows(self, X, coarse=None, backend=None):
+        """Coarse codes and locally rotated residuals of many rows at once.
+
+        Args:
+            X: (n, D) float32 rows.
+            coarse: (n, 2) int coarse codes to project against (default: the nearest
+                coarse centroids, computed here).
+
+        Returns:
+            coarse (n, 2) int32 and projected (n, D) float32: per split,
+            ``R_c (x - C_c - mu_c)`` of the split's cluster c.
+        """
+        self.require_parameters("Cs", "Rs", "mus")
         h = X.shape[1] // 2
         if coarse is None:
             coarse = np.empty((X.shape[0], 2), dtype=np.int32)
@@ -253,7 +267,7 @@ class LOPQModel:
 
     def decode(self, codes):
         """Reconstruct vectors from ``(coarse (n, 2), fine (n, M))``: (n, D) float32."""
-        self._require("Cs", "Rs", "mus", "codebooks")
+        self.require_parameters("Cs", "Rs", "mus", "codebooks")
         coarse, fine = (np.atleast_2d(np.asarray(c)) for c in codes)
         self._check_codes(coarse, fine)
         h = self.D // 2
@@ -287,7 +301,7 @@ class LOPQModel:
 
     def predict_coarse(self, x):
         """Coarse codes ``(c0, c1)`` of one vector."""
-        self._require("Cs")
+        self.require_parameters("Cs")
         x = self._one(x)
         h = self.D // 2
         return tuple(int(kernels.assign(x[:, s * h:(s + 1) * h], self.Cs[s])[0][0])
@@ -295,19 +309,19 @@ class LOPQModel:
 
     def predict_fine(self, x, coarse_codes=None):
         """Fine codes ``(f0, ..., fM-1)`` of one vector (coarse codes computed if None)."""
-        self._require("Cs", "Rs", "mus", "codebooks")
+        self.require_parameters("Cs", "Rs", "mus", "codebooks")
         projected = self.project(x, coarse_codes)
         codes = kernels.encode_fine(projected, self.codebooks)
         return tuple(int(f) for f in codes[0])
 
     def project(self, x, coarse_codes=None, coarse_split=None):
         """Projected residual of one vector: (D,) float32, or (D/2,) for ``coarse_split``."""
-        self._require("Cs", "Rs", "mus")
+        self.require_parameters("Cs", "Rs", "mus")
         x = self._one(x)
         if coarse_codes is None:
             coarse_codes = self.predict_coarse(x)
         coarse = np.asarray(coarse_codes, dtype=np.int32).reshape(1, 2)
-        _, projected = self._coarse_and_projection(x, coarse=coarse)
+        _, projected = self.project_rows(x, coarse=coarse)
         if coarse_split is None:
             return projected[0]
         h = self.D // 2
@@ -324,7 +338,7 @@ class LOPQModel:
         Returns:
             list of M (or M/2 for one ``coarse_split``) arrays (S,) float32.
         """
-        self._require("Cs", "Rs", "mus", "codebooks")
+        self.require_parameters("Cs", "Rs", "mus", "codebooks")
         px = self.project(x, coarse_codes, coarse_split)
         books = self.codebooks if coarse_split is None else self.subquantizers[coarse_split]
         tables = kernels.adc_tables(px.reshape(1, -1), books)[0]
@@ -384,7 +398,7 @@ class LOPQModel:
         layout: Cs (2, V, D/2), Rs (2, V, D/2, D/2), mus (2, V, D/2), subs
         (2, M/2, S, D/M), V, M."""
         from scipy.io import savemat
-        self._require("Cs", "Rs", "mus", "codebooks")
+        self.require_parameters("Cs", "Rs", "mus", "codebooks")
         savemat(filename, {"Cs": self.Cs, "Rs": self.Rs, "mus": self.mus,
                            "subs": self.subquantizers, "V": self.V, "M": self.M})
 

@@ -24,15 +24,11 @@ from . import _kernels as kernels
 from .formats import safe_load_pickle
 from .model import LOPQModel, check_rows
 
-try:  # the compiled query path; the numpy path below computes the same
-    from ._kernels import _search as _compiled
-except ImportError:  # pragma: no cover - e.g. lopq shipped as a zip
-    _compiled = None
-
 INDEX_FORMAT = "lopq-index"
 INDEX_VERSION = 1
 
 Result = namedtuple("Result", ["id", "code"])
+# Named "Result" as the reference names its with_dists results (their repr matches).
 ResultWithDist = namedtuple("Result", ["id", "code", "dist"])
 
 
@@ -178,7 +174,7 @@ class LOPQSearcher(LOPQSearcherBase):
     """
 
     def __init__(self, model):
-        model._require("Cs", "Rs", "mus", "codebooks")
+        model.require_parameters("Cs", "Rs", "mus", "codebooks")
         self.model = model
         V, M = model.V, model.M
         self._pending = []  # (ids list, coarse (n,2), fine (n,M)) not yet merged
@@ -308,11 +304,12 @@ class LOPQSearcher(LOPQSearcherBase):
         if quota is None or quota <= 0:
             raise ValueError(f"quota must be a positive number of items, got {quota!r}")
         self._merge_pending()
-        if _compiled is not None and self.fine.dtype in (np.uint8, np.uint16):
+        compiled = kernels.compiled_search()
+        if compiled is not None and self.fine.dtype in (np.uint8, np.uint16):
             m = self.model
             CsT, RTs, booksT = self._transposed()
-            return _compiled.search_one(x, m.Cs, CsT, RTs, m.mus, booksT,
-                                        self.cell_offsets, self.fine, int(quota))
+            return compiled.search_one(x, m.Cs, CsT, RTs, m.mus, booksT,
+                                       self.cell_offsets, self.fine, int(quota))
         ranges, visited = self._retrieve_ranges(x, quota)
         rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
                 if ranges else np.empty(0, dtype=np.int64))
@@ -375,7 +372,8 @@ class LOPQSearcher(LOPQSearcherBase):
         if quota is None or quota <= 0:
             raise ValueError(f"quota must be a positive number of items, got {quota!r}")
         threads = max(1, min(threads or os.cpu_count() or 1, len(Q)))
-        if (_compiled is None or limit is None or self.fine.dtype not in (np.uint8, np.uint16)
+        compiled = kernels.compiled_search()
+        if (compiled is None or limit is None or self.fine.dtype not in (np.uint8, np.uint16)
                 or len(self.ids) == 0):
             def one(x):
                 rows, dists, _ = self._ranked(x, quota, limit)
@@ -393,7 +391,7 @@ class LOPQSearcher(LOPQSearcherBase):
 
         def chunk(bounds):
             lo, hi = bounds
-            _compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT, self.cell_offsets,
+            compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT, self.cell_offsets,
                                   self.fine, int(quota), int(limit), rows[lo:hi],
                                   dists[lo:hi], visited[lo:hi])
 
@@ -471,53 +469,26 @@ class LOPQSearcher(LOPQSearcherBase):
         return searcher
 
     @classmethod
-    def from_codes(cls, model, path, sc=None):
+    def from_codes(cls, model, path):
         """Build an index from `compute_codes` output (text part files of
-        ``id<TAB>[[c0, c1], [f0, ...]]``) without the original vectors.
+        ``id<TAB>[[c0, c1], [f0, ...]]``) on the local file system, without the original
+        vectors. For HDFS/S3 paths, parsed by the executors, see
+        `lopq.spark.codes.searcher_from_codes`.
 
         Args:
-            path: a folder of part files or one file; a Hadoop/``s3a://`` path needs
-                ``sc`` (a SparkContext or SparkSession) to read it. With ``sc`` the
-                executors parse their partitions and only the code arrays reach the
-                driver.
+            path: a folder of ``part-*`` files or one file.
 
         Raises:
-            ValueError: naming the file (or partition), line and text of a bad line, or
-                part files whose codes come from models of different M.
+            ValueError: naming the file, line and text of a bad line, or part files whose
+                codes come from models of different M.
         """
-        from .formats import parse_code_lines
-        source = str(path)
-        if sc is not None:
-            from .spark.errors import python_cause
-            from .spark.session import as_context
-            sc = as_context(sc)
-            # Executors parse their partitions; the driver receives arrays, not text.
-            try:
-                parts = sc.textFile(source).mapPartitionsWithIndex(
-                    lambda i, lines: [parse_code_lines(lines, f"{source} (partition {i})")]
-                ).collect()
-            except Exception as err:  # noqa: BLE001 - a bad line fails a Spark task
-                cause = python_cause(err)
-                if cause is None:
-                    raise
-                raise ValueError(cause) from None
-        else:
-            p = Path(path)
-            files = sorted(p.glob("part-*")) if p.is_dir() else [p]
-            if not files:
-                raise ValueError(f"no part files in {path}")
-            parts = [parse_code_lines(f.read_text().splitlines(), str(f)) for f in files]
-        parts = [part for part in parts if part[0]]
-        if not parts:
-            raise ValueError(f"{path} holds no code lines")
-        widths = sorted({part[2].shape[1] for part in parts})
-        if len(widths) > 1:
-            raise ValueError(f"{path}: the part files hold codes of {widths} fine codes "
-                             "each; they come from different models")
-        keys = [key for part in parts for key in part[0]]
-        coarse = np.concatenate([part[1] for part in parts])
-        fine = np.concatenate([part[2] for part in parts])
-        ids = [int(key) if key.lstrip("-").isdigit() else key for key in keys]
+        from .formats import merge_code_parts, parse_code_lines
+        p = Path(path)
+        files = sorted(p.glob("part-*")) if p.is_dir() else [p]
+        if not files:
+            raise ValueError(f"no part files in {path}")
+        parts = [parse_code_lines(f.read_text().splitlines(), str(f)) for f in files]
+        ids, coarse, fine = merge_code_parts(parts, path)
         searcher = cls(model)
         searcher.add_codes((coarse, fine), ids)
         return searcher
@@ -545,7 +516,7 @@ class LOPQSearcherLMDB(LOPQSearcherBase):
         except ImportError:
             raise ImportError("LOPQSearcherLMDB needs the lmdb package: pip install lmdb") \
                 from None
-        model._require("Cs", "Rs", "mus", "codebooks")
+        model.require_parameters("Cs", "Rs", "mus", "codebooks")
         if model.V > 65536:
             raise ValueError(f"LOPQSearcherLMDB stores cells as uint16: V={model.V} is "
                              "above 65536")

@@ -59,8 +59,8 @@ def test_searcher_equals_plain_numpy_definition(model_and_data, compiled, quota,
                                                 monkeypatch):
     model, X = model_and_data
     if not compiled:
-        monkeypatch.setattr(search_module, "_compiled", None)
-    elif search_module._compiled is None:
+        monkeypatch.setattr(search_module.kernels, "compiled_search", lambda: None)
+    elif search_module.kernels.compiled_search() is None:
         pytest.skip("compiled search extension not built")
     coarse, fine = model.encode(X)
     searcher = LOPQSearcher(model)
@@ -77,13 +77,13 @@ def test_searcher_equals_plain_numpy_definition(model_and_data, compiled, quota,
 
 
 def test_compiled_and_python_paths_visit_the_same_cells(model_and_data, monkeypatch):
-    if search_module._compiled is None:
+    if search_module.kernels.compiled_search() is None:
         pytest.skip("compiled search extension not built")
     model, X = model_and_data
     searcher = LOPQSearcher(model)
     searcher.add_data(X)
     fast = [searcher.search(x, quota=300) for x in X[:20]]
-    monkeypatch.setattr(search_module, "_compiled", None)
+    monkeypatch.setattr(search_module.kernels, "compiled_search", lambda: None)
     slow = [searcher.search(x, quota=300) for x in X[:20]]
     for (a, va), (b, vb) in zip(fast, slow):
         assert va == vb and [r.id for r in a] == [r.id for r in b]
@@ -94,7 +94,7 @@ def test_compiled_traversal_order_equals_python_with_exact_ties(V, monkeypatch):
     """Retrieval order (not only the ranked results) of the compiled path equals the
     Python multi-sequence, across its short (insertion) and long (radix) coarse sorts, with
     duplicated centroids giving exactly tied coarse distances."""
-    if search_module._compiled is None:
+    if search_module.kernels.compiled_search() is None:
         pytest.skip("compiled search extension not built")
     rng = np.random.RandomState(V)
     D, M, S = 8, 2, 16
@@ -118,7 +118,7 @@ def test_compiled_traversal_order_equals_python_with_exact_ties(V, monkeypatch):
         for x in queries.astype(np.float32):
             rows_c, dists_c, visited_c = searcher._retrieve_scored(x, quota)
             with monkeypatch.context() as patch:
-                patch.setattr(search_module, "_compiled", None)
+                patch.setattr(search_module.kernels, "compiled_search", lambda: None)
                 rows_p, dists_p, visited_p = searcher._retrieve_scored(x, quota)
             assert visited_c == visited_p
             np.testing.assert_array_equal(rows_c, rows_p)
@@ -131,7 +131,7 @@ def test_compiled_distance_tables_on_every_block_shape(D, M, S, monkeypatch):
     """Search distances equal |x - reconstruction|^2 when the rotations are orthogonal,
     for half dimensions and codebook sizes that hit the full register blocks, single
     blocks and scalar remainders of the compiled table kernel, and uint16 codes."""
-    if search_module._compiled is None:
+    if search_module.kernels.compiled_search() is None:
         pytest.skip("compiled search extension not built")
     rng = np.random.RandomState(D + M + S)
     V, h = 3, D // 2
@@ -332,3 +332,20 @@ def test_index_folder_with_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="posix.system.*not allowed"):
         LOPQSearcher.load(tmp_path / "index")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_numpy_backend_switch_covers_the_compiled_query_path(monkeypatch, rng):
+    """LOPQ_KERNELS=numpy runs search without compiled code, with the same results."""
+    from lopq import _kernels
+    X = rng.randn(2000, 16).astype(np.float32)
+    model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    searcher = LOPQSearcher(model)
+    searcher.add_data(X)
+    want = [searcher.search(q, quota=100, limit=10, with_dists=True)[0] for q in X[:20]]
+    monkeypatch.setenv("LOPQ_KERNELS", "numpy")
+    assert _kernels.compiled_search() is None
+    got = [searcher.search(q, quota=100, limit=10, with_dists=True)[0] for q in X[:20]]
+    for a, b in zip(got, want):
+        assert [r.id for r in a] == [r.id for r in b]
+        np.testing.assert_allclose([r.dist for r in a], [r.dist for r in b], rtol=1e-4,
+                                   atol=1e-5)

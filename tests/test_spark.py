@@ -259,8 +259,8 @@ def test_an_output_is_required(train_model, capsys):
 
 
 def test_index_from_codes_parsed_on_executors(sc, tmp_path):
-    from lopq import LOPQSearcher
     from lopq.formats import format_code_line
+    from lopq.spark.codes import searcher_from_codes
     X = make_clustered(400, 8, seed=2)
     model = LOPQModel(V=2, M=2, subquantizer_clusters=8).fit(X, n_init=1, random_state=0)
     coarse, fine = model.encode(X)
@@ -269,16 +269,16 @@ def test_index_from_codes_parsed_on_executors(sc, tmp_path):
     for part, rows in enumerate((range(0, 150), range(150, 400))):
         (folder / f"part-{part:05d}").write_text("".join(
             format_code_line(f"k{i}", coarse[i], fine[i]) + "\n" for i in rows))
-    searcher = LOPQSearcher.from_codes(model, str(folder), sc=sc)
+    searcher = searcher_from_codes(sc, model, str(folder))
     assert searcher.size == 400
     assert searcher.search(X[123], quota=20)[0][0].id == "k123"
     (folder / "part-00002").write_text("k9\t[[0, 1], [2]]\n")
     with pytest.raises(ValueError, match="different models"):
-        LOPQSearcher.from_codes(model, str(folder), sc=sc)
+        searcher_from_codes(sc, model, str(folder))
     (folder / "part-00002").write_text("k9\t[[0, 1], [2, x]]\n")
     bad_line = re.escape(repr("k9\t[[0, 1], [2, x]]"))
     with pytest.raises(ValueError, match=rf"partition \d+\): code line 1 is not .*{bad_line}"):
-        LOPQSearcher.from_codes(model, str(folder), sc=sc)
+        searcher_from_codes(sc, model, str(folder))
 
 
 # ----------------------------------------------------------------- whose Spark it is

@@ -57,6 +57,18 @@ def get_backend(name=None):
     return module
 
 
+def compiled_search():
+    """The compiled query path (`_search`) when the default backend is ``cython`` and it
+    is built, else None (search then runs its numpy path, which computes the same)."""
+    if default_backend() != "cython":
+        return None
+    try:
+        from . import _search
+    except ImportError:  # e.g. lopq imported from a zip
+        return None
+    return _search
+
+
 _announced = False
 
 

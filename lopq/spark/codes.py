@@ -51,6 +51,35 @@ def code_rows_frame(sc, blocks, model, with_cell=False):
     return spark.createDataFrame(blocks.mapPartitions(rows), StructType(fields))
 
 
+def searcher_from_codes(sc, model, path, searcher_class=None):
+    """A searcher (default `lopq.LOPQSearcher`) over `compute_codes` text output at any
+    Hadoop path: the executors parse their partitions and only code arrays reach the
+    driver.
+
+    Raises:
+        ValueError: naming the partition, line and text of a bad line, or parts whose
+            codes come from models of different M.
+    """
+    from ..formats import merge_code_parts, parse_code_lines
+    from ..search import LOPQSearcher
+    from .errors import python_cause
+    sc = as_context(sc)
+    source = str(path)
+    try:
+        parts = sc.textFile(source).mapPartitionsWithIndex(
+            lambda i, lines: [parse_code_lines(lines, f"{source} (partition {i})")]
+        ).collect()
+    except Exception as err:  # noqa: BLE001 - a bad line fails a Spark task
+        cause = python_cause(err)
+        if cause is None:
+            raise
+        raise ValueError(cause) from None
+    ids, coarse, fine = merge_code_parts(parts, source)
+    searcher = (searcher_class or LOPQSearcher)(model)
+    searcher.add_codes((coarse, fine), ids)
+    return searcher
+
+
 def _list_array(values, width):
     """An Arrow ``list<int32>`` column of ``values`` (n, width)."""
     import numpy as np
@@ -151,7 +180,7 @@ def encode_frame(df, model, vector_col="features", keep=None, coarse_col="coarse
     from pyspark.sql.types import ArrayType, IntegerType, StructField, StructType
 
     from .frames import vector_column
-    model._require("Cs", "Rs", "mus", "codebooks")
+    model.require_parameters("Cs", "Rs", "mus", "codebooks")
     keep = list(df.columns if keep is None else keep)
     # An ML Vector column is read through an array<float> copy; the original is kept.
     shown_col = vector_col

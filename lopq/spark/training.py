@@ -85,7 +85,7 @@ def _projection_partition(model_bc, fraction, seed):
                 X = X[rng.random_sample(X.shape[0]) < fraction]
                 if X.shape[0] == 0:
                     continue
-            _, projected = model._coarse_and_projection(X)
+            _, projected = model.project_rows(X)
             yield ids, projected
     return partition
 
