@@ -1,16 +1,21 @@
-"""Single-machine k-means on the kernels: greedy k-means++ init, Lloyd, empty-cluster repair.
+"""k-means: greedy k-means++ init and one Lloyd loop with empty-cluster repair.
 
-The same loop drives the distributed k-means in `lopq.spark.kmeans`: only the
-"assign and sum" step differs (a kernel here, a Spark pass there).
+`lloyd_loop` is the only Lloyd iteration in lopq. It drives an *assignment pass*: a
+function that, given centres, returns per-cluster sums and counts, the objective and a way
+to fetch the rows farthest from their centres (`LloydStep`). `lloyd` runs it with the
+kernels over an in-memory array; `lopq.spark.kmeans` runs it with one Spark job per pass;
+the codebook step of the rotation refinement (`lopq.training`) uses its update rule,
+`update_centers`.
 """
 
 import logging
 import math
+import time
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _kernels as kernels
-from ._kernels._jit import njit
 
 logger = logging.getLogger(__name__)
 
@@ -27,66 +32,7 @@ def check_random_state(seed):
     raise ValueError(f"random_state must be None, an int or a numpy RandomState, got {seed!r}")
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def _sqdist_to_point(XT, p, out):
-    # XT (d, n) IN transposed rows, so the inner loop runs (vectorised) over rows
-    d, n = XT.shape
-    for i in range(n):
-        out[i] = 0.0
-    for j in range(d):
-        pj = p[j]
-        for i in range(n):
-            diff = XT[j, i] - pj
-            out[i] += diff * diff
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _potential(closest, candidate):
-    pot = 0.0
-    for i in range(closest.shape[0]):
-        pot += min(closest[i], candidate[i])
-    return pot
-
-
-@njit(cache=True, nogil=True)
-def _kmeanspp_kernel(X, XT, k, first, uniforms, centers):
-    # X (n, d) IN float32 and XT its transpose; first IN index of the first centre;
-    # uniforms (k-1, trials) IN in [0, 1); centers (k, d) OUT. Greedy k-means++: of
-    # `trials` candidates drawn with probability proportional to D(x)^2, keep the one
-    # that lowers the potential most.
-    n, d = X.shape
-    trials = uniforms.shape[1]
-    closest = np.empty(n, dtype=np.float32)
-    _sqdist_to_point(XT, X[first], closest)
-    centers[0] = X[first]
-    cand_dist = np.empty((trials, n), dtype=np.float32)
-    cumulative = np.empty(n, dtype=np.float64)
-    for c in range(1, k):
-        total = 0.0
-        for i in range(n):
-            total += closest[i]
-            cumulative[i] = total
-        best_trial = 0
-        best_pot = np.inf
-        best_idx = 0
-        for t in range(trials):
-            if total > 0.0:
-                idx = np.searchsorted(cumulative, uniforms[c - 1, t] * total)
-                idx = min(idx, n - 1)
-            else:  # every point already is a centre: any point will do
-                idx = int(uniforms[c - 1, t] * n)
-            _sqdist_to_point(XT, X[idx], cand_dist[t])
-            pot = _potential(closest, cand_dist[t])
-            if pot < best_pot:
-                best_pot = pot
-                best_trial = t
-                best_idx = idx
-        centers[c] = X[best_idx]
-        for i in range(n):
-            closest[i] = min(closest[i], cand_dist[best_trial, i])
-
-
-def kmeanspp_init(X, k, rng):
+def kmeanspp_init(X, k, rng, backend=None):
     """Greedy k-means++ seeding (2 + ln k candidates per centre).
 
     Args:
@@ -101,34 +47,104 @@ def kmeanspp_init(X, k, rng):
     trials = 2 + int(math.log(k))
     first = rng.randint(n)
     uniforms = rng.random_sample((max(k - 1, 0), trials))
-    centers = np.empty((k, X.shape[1]), dtype=np.float32)
-    _kmeanspp_kernel(X, np.ascontiguousarray(X.T), k, first, uniforms, centers)
-    return centers
+    return kernels.kmeanspp(X, first, uniforms, backend)
 
 
-def repair_empty_clusters(centers, counts, X, sqdist):
-    """Move each empty centre onto one of the points farthest from their centre.
+class LloydStep(NamedTuple):
+    """What one assignment pass reports for G independent column groups of k centres.
+
+    Attributes:
+        sums: (G, k, dg) float64 per-cluster sums of the assigned rows.
+        counts: (G, k) int64 rows per cluster.
+        objective: (G,) float64 sums of squared distances to the assigned centres.
+        farthest: G callables, ``count -> (m <= count, dg)`` rows, farthest from their
+            centre first (the candidates for empty clusters).
+    """
+    sums: np.ndarray
+    counts: np.ndarray
+    objective: np.ndarray
+    farthest: list
+
+
+def no_farthest_rows(count):
+    """A `LloydStep.farthest` entry for passes that do not track distances: empty
+    clusters then keep their centre."""
+    return np.empty((0, 0), dtype=np.float32)
+
+
+def update_centers(centers, step, spare_rows=None, rng=None):
+    """The Lloyd update: each centre moves to the mean of its rows; an empty one moves onto
+    the next of the farthest rows, then onto random ``spare_rows`` (s, G * dg) when given,
+    else stays.
 
     Args:
-        centers: (k, d) float32, updated in place.
-        counts: (k,) int64 points per centre, updated in place.
-        X: (n, d) float32 the points of the last assignment.
-        sqdist: (n,) float32 their distances to their centres.
+        centers: (G, k, dg) float32 centres of the pass.
+        step: the pass's `LloydStep`.
 
     Returns:
-        number of centres repaired.
+        new (G, k, dg) float32 centres, number of empty clusters.
     """
-    empty = np.flatnonzero(counts == 0)
-    if empty.size == 0:
-        return 0
-    farthest = np.argsort(sqdist, kind="stable")[::-1][:empty.size]
-    centers[empty[:farthest.size]] = X[farthest]
-    counts[empty[:farthest.size]] = 1
-    return int(empty.size)
+    G, k, dg = centers.shape
+    new = centers.copy()
+    empties = 0
+    for g in range(G):
+        filled = step.counts[g] > 0
+        new[g][filled] = (step.sums[g][filled] / step.counts[g][filled, None])
+        empty = np.flatnonzero(~filled)
+        if empty.size == 0:
+            continue
+        empties += empty.size
+        far = step.farthest[g](empty.size)
+        if len(far):
+            new[g][empty[:len(far)]] = far
+        rest = empty[len(far):]
+        if rest.size and spare_rows is not None and len(spare_rows):
+            picks = spare_rows[rng.randint(len(spare_rows), size=rest.size)]
+            new[g][rest] = picks[:, g * dg:(g + 1) * dg]
+    return new.astype(np.float32, copy=False), empties
+
+
+def lloyd_loop(assignment_pass, centers, max_iter, abs_tol, label="", spare_rows=None,
+               rng=None, log_level=logging.DEBUG):
+    """Lloyd iterations of G column groups until ``max_iter``, or until no cluster was
+    empty and every group's squared centre shift is <= its ``abs_tol``.
+
+    Args:
+        assignment_pass: ``(G, k, dg) centres -> LloydStep``.
+        centers: (G, k, dg) float32 starting centres.
+        abs_tol: (G,) or scalar tolerance on the squared shift.
+        spare_rows, rng: see `update_centers`.
+
+    Returns:
+        centres (G, k, dg) float32, the last pass's `LloydStep` (of the centres before the
+        last update), iterations run.
+    """
+    centers = np.ascontiguousarray(centers, dtype=np.float32)
+    abs_tol = np.broadcast_to(np.asarray(abs_tol, dtype=np.float64), centers.shape[:1])
+    step, it = None, 0
+    for it in range(1, max_iter + 1):
+        start = time.time()
+        step = assignment_pass(centers)
+        new_centers, repaired = update_centers(centers, step, spare_rows, rng)
+        shift = ((new_centers.astype(np.float64) - centers) ** 2).sum(axis=(1, 2))
+        centers = new_centers
+        logger.log(log_level, "k-means%s: Lloyd iteration %d/%d: objective %.6g, shift "
+                   "%.3g, repaired %d empty, %.2f s", label, it, max_iter,
+                   float(step.objective.sum()), float(shift.max()), repaired,
+                   time.time() - start)
+        if not repaired and np.all(shift <= abs_tol):
+            logger.log(log_level, "k-means%s converged after %d iterations", label, it)
+            break
+    return centers, step, it
 
 
 def lloyd(X, centers, max_iter, tol, backend=None, label="", final_assignment=True):
-    """Lloyd iterations from ``centers`` until ``max_iter`` or the centre shift <= tol.
+    """Lloyd iterations on in-memory rows from ``centers`` (`lloyd_loop` with the
+    kernels as the assignment pass).
+
+    Args:
+        X: (n, d) float32 rows; centers: (k, d) starting centres.
+        tol: absolute tolerance on the squared centre shift.
 
     Returns:
         centers (k, d) float32, labels (n,) int32, inertia float (sum of squared
@@ -137,23 +153,24 @@ def lloyd(X, centers, max_iter, tol, backend=None, label="", final_assignment=Tr
         assignment, before its update.
     """
     k = centers.shape[0]
-    centers = centers.astype(np.float32, copy=True)
-    it = 0
-    for it in range(1, max_iter + 1):
-        labels, sqdist = kernels.assign(X, centers, backend)
+    last = {}
+
+    def assignment_pass(C):
+        labels, sqdist = kernels.assign(X, C[0], backend)
         sums, counts = kernels.cluster_sums(X, labels, k, backend)
-        new_centers = centers.copy()
-        filled = counts > 0
-        new_centers[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
-        repaired = repair_empty_clusters(new_centers, counts, X, sqdist)
-        shift = float(((new_centers - centers) ** 2).sum())
-        centers = new_centers
-        logger.debug("k-means%s iteration %d: objective %.6g, shift %.3g, repaired %d",
-                     label, it, float(sqdist.sum(dtype=np.float64)), shift, repaired)
-        if shift <= tol and not repaired:
-            break
+        last.update(labels=labels, sqdist=sqdist)
+
+        def farthest(count):
+            return X[np.argsort(sqdist, kind="stable")[::-1][:count]]
+        return LloydStep(sums[None], counts[None],
+                         np.array([sqdist.sum(dtype=np.float64)]), [farthest])
+
+    C, _, it = lloyd_loop(assignment_pass, centers[None], max_iter, tol, label)
+    centers = C[0]
     if final_assignment:
         labels, sqdist = kernels.assign(X, centers, backend)
+    else:
+        labels, sqdist = last["labels"], last["sqdist"]
     return centers, labels, float(sqdist.sum(dtype=np.float64)), it
 
 
@@ -191,7 +208,7 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
         if n > INIT_POINTS_PER_CLUSTER * k:
             idx = np.sort(rng.choice(n, INIT_POINTS_PER_CLUSTER * k, replace=False))
             sample = X[idx]
-        init = kmeanspp_init(sample, k, rng)
+        init = kmeanspp_init(sample, k, rng, backend)
         centers, labels, inertia, iters = lloyd(X, init, max_iter, abs_tol, backend, label,
                                                 final_assignment=return_labels or n_init > 1)
         logger.info("k-means%s (k=%d, n=%d) run %d: inertia %.6g after %d iterations",

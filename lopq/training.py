@@ -11,8 +11,7 @@ import logging
 import numpy as np
 
 from . import _kernels as kernels
-from ._kernels.reference import group_rows
-from .kmeans import check_random_state, kmeans
+from .kmeans import LloydStep, check_random_state, kmeans, no_farthest_rows, update_centers
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +65,7 @@ def accumulate_covariance_estimators(data, C, backend=None):
         else float32 through the compiled kernels.
     """
     if np.result_type(np.asarray(data).dtype, np.asarray(C).dtype, np.float32) == np.float64:
-        from ._kernels import reference
-        data64 = np.ascontiguousarray(data, dtype=np.float64)
-        C64 = np.ascontiguousarray(C, dtype=np.float64)
-        assignments, _ = reference.assign(data64, C64)
-        residuals = data64 - C64[assignments]
-        A, sums, counts = reference.accumulate_covariance(residuals, assignments, C64.shape[0])
-        return A, sums, counts, assignments, residuals
+        return kernels.covariance_statistics_float64(data, C)
     data = kernels.rows32(data)
     C = kernels.rows32(C)
     assignments, _ = kernels.assign(data, C, backend)
@@ -204,22 +197,23 @@ REFINE_POINTS_PER_CENTROID = 64
 
 
 def _update_codebooks(projected, codes, books, backend=None):
-    """Lloyd update of one split's subquantizers from fixed codes; empty centroids keep
-    their place. Returns new (M/2, S, ds) float32 codebooks."""
+    """Lloyd update (`lopq.kmeans.update_centers`) of one split's subquantizers from fixed
+    codes; empty centroids keep their place (encoding does not report distances).
+    Returns new (M/2, S, ds) float32 codebooks."""
     half_m, S, ds = books.shape
-    out = books.copy()
+    sums = np.empty((half_m, S, ds))
+    counts = np.empty((half_m, S), dtype=np.int64)
     for j in range(half_m):
-        sums, counts = kernels.cluster_sums(projected[:, j * ds:(j + 1) * ds], codes[:, j], S,
-                                            backend)
-        filled = counts > 0
-        out[j][filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
-    return out
+        sums[j], counts[j] = kernels.cluster_sums(projected[:, j * ds:(j + 1) * ds],
+                                                  codes[:, j], S, backend)
+    step = LloydStep(sums, counts, np.zeros(half_m), [no_farthest_rows] * half_m)
+    return update_centers(books, step)[0]
 
 
 def _procrustes_rotations(centred, quantized, labels, R):
     """Per cluster, the orthogonal ``R[c] = U V^T`` from ``B = sum q r^T = U S V^T``, which
     minimises ``sum |R r - q|^2`` over its rows; clusters without rows keep R[c]."""
-    order, offsets = group_rows(labels, R.shape[0])
+    order, offsets = kernels.group_rows(labels, R.shape[0])
     q, r = quantized[order], centred[order]
     out = R.copy()
     for c in np.flatnonzero(np.diff(offsets)):

@@ -248,3 +248,22 @@ def test_the_fused_loops_pick_their_copy_at_run_time():
     assert _isa_in_subprocess(portable=True) == ["portable", "portable"]
     expected = "avx2" if has else "portable"
     assert _isa_in_subprocess(portable=False) == [expected, expected]
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("n,k", [(1, 1), (500, 8), (64, 64)])  # one row; every row a centre
+def test_kmeanspp_matches_reference(backend, n, k, rng):
+    """Well-separated blobs: every draw is unambiguous, so the seeds agree exactly; and
+    the centres are rows of X, one per blob (what k-means++ is for)."""
+    blobs = 100.0 * rng.randn(k, 6).astype(np.float32)
+    X = (blobs[np.arange(n) % k] + 0.01 * rng.randn(n, 6)).astype(np.float32)
+    uniforms = rng.random_sample((k - 1, 2 + int(np.log(k))))
+    got = K.kmeanspp(X, 0, uniforms, backend=backend)
+    want = K.kmeanspp(X, 0, uniforms, backend="numpy")
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (k, 6) and got.dtype == np.float32
+    rows = {tuple(r) for r in X}
+    assert all(tuple(c) in rows for c in got)
+    if n >= k:
+        nearest_blob = np.argmin(((got[:, None, :] - blobs[None]) ** 2).sum(-1), axis=1)
+        assert sorted(nearest_blob) == list(range(k))

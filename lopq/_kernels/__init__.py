@@ -164,6 +164,30 @@ def accumulate_covariance(residuals, labels, V, backend=None):
     return get_backend(backend).accumulate_covariance(rows32(residuals), _labels32(labels), V)
 
 
+def covariance_statistics_float64(data, C):
+    """Nearest centroids and residual statistics in float64, with the numpy reference
+    (the reference implementation's precision, for float64 callers): A (V, d, d) summed
+    residual outer products, sums (V, d), counts (V,) int64, assignments (n,) int32,
+    residuals (n, d) float64."""
+    data64 = np.ascontiguousarray(data, dtype=np.float64)
+    C64 = np.ascontiguousarray(C, dtype=np.float64)
+    assignments, _ = reference.assign(data64, C64)
+    residuals = data64 - C64[assignments]
+    A, sums, counts = reference.accumulate_covariance(residuals, assignments, C64.shape[0])
+    return A, sums, counts, assignments, residuals
+
+
+def group_rows(labels, k):
+    """Rows grouped by label: (order (n,) int64 stable, offsets (k + 1,) int64)."""
+    return reference.group_rows(labels, k)
+
+
+def kmeanspp(X, first, uniforms, backend=None):
+    """Greedy k-means++ centres (k, d) float32 of rows X; see `reference.kmeanspp`."""
+    return get_backend(backend).kmeanspp(rows32(X), int(first),
+                                         np.ascontiguousarray(uniforms, dtype=np.float64))
+
+
 def cluster_sums(X, labels, k, backend=None):
     """Per-cluster (sums (k,d) float64, counts (k,) int64)."""
     return get_backend(backend).cluster_sums(rows32(X), _labels32(labels), k)

@@ -151,3 +151,10 @@ def adc_scan(table, codes):
     else:
         out[:] = table[np.arange(table.shape[0])[None, :], codes].sum(axis=1)
     return out
+
+
+def kmeanspp(X, first, uniforms):
+    """Greedy k-means++ centres; see `reference.kmeanspp` (the numba loop: it runs on a
+    sample of at most 32 rows per centre, and C would gain nothing measurable)."""
+    from .numba_kernels import kmeanspp as compiled
+    return compiled(X, first, uniforms)

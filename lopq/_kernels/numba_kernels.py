@@ -218,3 +218,70 @@ def adc_scan(table, codes):
     out = np.empty(codes.shape[0], dtype=np.float32)
     _adc_scan_kernel(table, codes, out)
     return out
+
+
+@njit(**_OPTS)
+def _sqdist_to_point(XT, p, out):
+    # XT (d, n) IN transposed rows, so the inner loop runs (vectorised) over rows
+    d, n = XT.shape
+    for i in range(n):
+        out[i] = 0.0
+    for j in range(d):
+        pj = p[j]
+        for i in range(n):
+            diff = XT[j, i] - pj
+            out[i] += diff * diff
+
+
+@njit(**_OPTS)
+def _potential(closest, candidate):
+    pot = 0.0
+    for i in range(closest.shape[0]):
+        pot += min(closest[i], candidate[i])
+    return pot
+
+
+@njit(cache=True, nogil=True)
+def _kmeanspp_kernel(X, XT, k, first, uniforms, centers):
+    # X (n, d) IN float32 and XT its transpose; first IN index of the first centre;
+    # uniforms (k-1, trials) IN in [0, 1); centers (k, d) OUT. Greedy k-means++: of
+    # `trials` candidates drawn with probability proportional to D(x)^2, keep the one
+    # that lowers the potential most.
+    n, d = X.shape
+    trials = uniforms.shape[1]
+    closest = np.empty(n, dtype=np.float32)
+    _sqdist_to_point(XT, X[first], closest)
+    centers[0] = X[first]
+    cand_dist = np.empty((trials, n), dtype=np.float32)
+    cumulative = np.empty(n, dtype=np.float64)
+    for c in range(1, k):
+        total = 0.0
+        for i in range(n):
+            total += closest[i]
+            cumulative[i] = total
+        best_trial = 0
+        best_pot = np.inf
+        best_idx = 0
+        for t in range(trials):
+            if total > 0.0:
+                idx = np.searchsorted(cumulative, uniforms[c - 1, t] * total)
+                idx = min(idx, n - 1)
+            else:  # every point already is a centre: any point will do
+                idx = int(uniforms[c - 1, t] * n)
+            _sqdist_to_point(XT, X[idx], cand_dist[t])
+            pot = _potential(closest, cand_dist[t])
+            if pot < best_pot:
+                best_pot = pot
+                best_trial = t
+                best_idx = idx
+        centers[c] = X[best_idx]
+        for i in range(n):
+            closest[i] = min(closest[i], cand_dist[best_trial, i])
+
+
+def kmeanspp(X, first, uniforms):
+    """Greedy k-means++ centres; see `reference.kmeanspp`."""
+    centers = np.empty((uniforms.shape[0] + 1, X.shape[1]), dtype=np.float32)
+    _kmeanspp_kernel(X, np.ascontiguousarray(X.T), centers.shape[0], first, uniforms,
+                     centers)
+    return centers

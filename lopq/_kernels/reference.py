@@ -209,6 +209,41 @@ def project_grouped(X, labels, C, R, mu):
     return P, order
 
 
+def kmeanspp(X, first, uniforms):
+    """Greedy k-means++ seeding: each next centre is, of ``trials`` candidates drawn with
+    probability proportional to the squared distance to the nearest centre so far, the
+    one that lowers the potential (sum of those distances) most.
+
+    Args:
+        X: (n, d) float32 rows.
+        first: index of the first centre.
+        uniforms: (k - 1, trials) float64 in [0, 1): the draws, one row per next centre
+            (``u * total`` located in the cumulative distances; every row a centre
+            already: ``int(u * n)``).
+
+    Returns:
+        (k, d) float32 centres (rows of X).
+    """
+    n = X.shape[0]
+    centers = np.empty((uniforms.shape[0] + 1, X.shape[1]), dtype=np.float32)
+    centers[0] = X[first]
+    closest = ((X - X[first]) ** 2).sum(axis=1, dtype=np.float32)
+    for c in range(1, centers.shape[0]):
+        cumulative = np.cumsum(closest, dtype=np.float64)
+        total = cumulative[-1]
+        if total > 0:
+            picks = np.minimum(np.searchsorted(cumulative, uniforms[c - 1] * total), n - 1)
+        else:
+            picks = (uniforms[c - 1] * n).astype(np.int64)
+        candidates = ((X[None, :, :] - X[picks][:, None, :]) ** 2).sum(axis=2,
+                                                                       dtype=np.float32)
+        potentials = np.minimum(closest[None, :], candidates).sum(axis=1, dtype=np.float64)
+        best = int(np.argmin(potentials))
+        centers[c] = X[picks[best]]
+        closest = np.minimum(closest, candidates[best])
+    return centers
+
+
 def code_dtype(num_clusters):
     """Smallest unsigned dtype that holds codes in [0, num_clusters)."""
     if num_clusters <= 256:

@@ -1,19 +1,19 @@
 """Distributed k-means over column groups of cached row blocks.
 
-One Lloyd iteration is one Spark job: the centres are broadcast, every partition runs the
-assignment kernel on its blocks and returns per-cluster sums, counts, its objective and
-its farthest points (for empty-cluster repair); ``treeAggregate`` adds them up and the
-driver finishes the step. Several independent k-means problems on disjoint column groups
-(the two coarse splits, or all M subquantizers) run in the same passes.
+One Lloyd iteration is one Spark job, driven by `lopq.kmeans.lloyd_loop`: the centres
+are shipped to the tasks, every partition runs the assignment kernel on its blocks and
+returns per-cluster sums, counts, its objective and its farthest points (for empty-cluster
+repair); ``treeAggregate`` adds them up and the driver finishes the step. Several
+independent k-means problems on disjoint column groups (the two coarse splits, or all M
+subquantizers) run in the same passes.
 """
 
 import logging
-import time
 
 import numpy as np
 
 from .. import _kernels as kernels
-from ..kmeans import INIT_POINTS_PER_CLUSTER, kmeanspp_init
+from ..kmeans import INIT_POINTS_PER_CLUSTER, LloydStep, kmeanspp_init, lloyd_loop
 from .session import as_context
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ REPAIR_CANDIDATES = 8
 CLOSURE_BYTES = 4 << 20
 
 
-class _Shipped:
+class ClosureOrBroadcast:
     """A value shipped to tasks: in the closure when small, as a broadcast when large.
     Exposes ``.value`` and ``.unpersist()`` like a broadcast."""
 
@@ -158,37 +158,31 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
 
 def _lloyd_iterations(sc, blocks, centers, max_iter, abs_tol, depth, label, backend, rng,
                       sample):
+    """`lopq.kmeans.lloyd_loop` with one Spark job per assignment pass."""
     n_groups, k, dg = centers.shape
-    for it in range(1, max_iter + 1):
-        start = time.time()
-        description = f"lopq k-means{label}: Lloyd iteration {it}/{max_iter}"
-        sc.setJobDescription(description)
-        centers_bc = _Shipped(sc, centers)
+    passes = []
+
+    def assignment_pass(C):
+        passes.append(len(passes) + 1)
+        sc.setJobDescription(f"lopq k-means{label}: Lloyd iteration {passes[-1]}/{max_iter}")
+        shipped = ClosureOrBroadcast(sc, C)
         sums, counts, objective, far = blocks.mapPartitions(
-            _lloyd_partition(centers_bc, backend)).treeAggregate(
+            _lloyd_partition(shipped, backend)).treeAggregate(
                 (np.zeros((n_groups, k, dg)), np.zeros((n_groups, k), dtype=np.int64),
                  np.zeros(n_groups), [[] for _ in range(n_groups)]),
                 _merge, _merge, depth=depth)
-        centers_bc.unpersist()
-        new_centers = centers.copy()
-        repaired = 0
-        for g in range(n_groups):
-            filled = counts[g] > 0
-            new_centers[g][filled] = (sums[g][filled] / counts[g][filled, None])
-            empty = np.flatnonzero(~filled)
-            for j, cluster in enumerate(empty):
-                # Farthest points first; then random sample rows.
-                if j < len(far[g]):
-                    new_centers[g][cluster] = far[g][j][1]
-                elif sample.shape[1] == n_groups * dg:
-                    new_centers[g][cluster] = sample[rng.randint(len(sample)),
-                                                     g * dg:(g + 1) * dg]
-            repaired += empty.size
-        shift = ((new_centers - centers) ** 2).sum(axis=(1, 2))
-        centers = new_centers.astype(np.float32)
-        logger.info("%s: objective %.6g, repaired %d empty, %.2f s", description,
-                    float(objective.sum()), repaired, time.time() - start)
-        if not repaired and np.all(shift <= abs_tol):
-            logger.info("k-means%s converged after %d iterations", label, it)
-            break
+        shipped.unpersist()
+        return LloydStep(sums, counts, objective, [_rows_of(candidates) for candidates in far])
+
+    spare = sample if sample.shape[1] == n_groups * dg else None
+    centers, _, _ = lloyd_loop(assignment_pass, centers, max_iter, abs_tol, label,
+                               spare_rows=spare, rng=rng, log_level=logging.INFO)
     return centers
+
+
+def _rows_of(candidates):
+    """`LloydStep.farthest` for merged ``[(sqdist, row), ...]`` candidates (farthest
+    first)."""
+    def farthest(count):
+        return np.array([row for _, row in candidates[:count]], dtype=np.float32)
+    return farthest
