@@ -188,7 +188,8 @@ class LOPQModel:
         """Fit the missing parameters on ``data`` (n, D); existing ones are reused.
 
         Keyword arguments are the reference's; ``n_jobs`` is accepted for compatibility
-        (kernels use numba's thread count, ``NUMBA_NUM_THREADS``). When rotations and
+        and ignored (the kernels run on the calling thread; numpy's BLAS may use its
+        own threads). When rotations and
         subquantizers are both trained here, ``rotation_refinement_iters`` rounds of local
         rotation refinement follow (see `lopq.training.refine_local_rotations`; 0 gives
         exactly the reference's training). Returns self.

@@ -65,8 +65,9 @@ def parse_args(argv=None):
 
 
 def validate_arguments(args, model):
-    """Fill V / M from the existing model and reject inconsistent requests (the
-    reference's rules). Returns the model's parameters that remain valid."""
+    """Fill V, M (and subquantizer_clusters when step 2 is not run) in ``args`` from
+    the existing model, and raise UsageError for inconsistent requests (the reference's
+    rules)."""
     steps = set(args.steps)
     if STEP_COARSE not in steps and (model is None or model.Cs is None):
         raise cli.UsageError("steps without 0 need the coarse quantizers of an existing "

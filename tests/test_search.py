@@ -349,3 +349,18 @@ def test_numpy_backend_switch_covers_the_compiled_query_path(monkeypatch, rng):
         assert [r.id for r in a] == [r.id for r in b]
         np.testing.assert_allclose([r.dist for r in a], [r.dist for r in b], rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_search_batch_equals_search_on_many_queries(model_and_data):
+    """The batched, threaded query path ranks exactly as one query at a time."""
+    model, X = model_and_data[:2]
+    searcher = LOPQSearcher(model)
+    searcher.add_data(X, ids=[f"x{i}" for i in range(len(X))])
+    queries = X[:200] + 0.05 * np.random.RandomState(4).randn(200, X.shape[1]).astype(
+        np.float32)
+    batch = searcher.search_batch(queries, quota=60, limit=7, threads=2)
+    assert len(batch) == len(queries)
+    for q, (ids, dists) in zip(queries, batch):
+        one = searcher.search(q, quota=60, limit=7, with_dists=True)[0]
+        assert list(ids) == [r.id for r in one]
+        np.testing.assert_allclose(dists, [r.dist for r in one], rtol=1e-5, atol=1e-6)

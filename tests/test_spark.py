@@ -337,3 +337,79 @@ def test_library_takes_a_users_session_and_leaves_it_running(sc, small_data, tra
                       "8", "--model_proto", str(tmp_path / "m.lopq")])
     assert SparkSession.getActiveSession() is spark
     assert sc.parallelize([1, 2]).sum() == 3  # neither call stopped it
+
+
+# ------------------------------------------------------- the training flags, one by one
+def lloyd_lines(text, step):
+    return re.findall(rf"{re.escape(step)}: Lloyd iteration (\d+)/(\d+)", text)
+
+
+def test_steps_alone_and_iteration_flags_do_what_they_say(sc, small_data, workdir, capsys):
+    """--steps 0 then --steps 1 (each alone) give what --steps 0,1,2 gives for those
+    parameters; --coarse_iters / --local_iters bound the Lloyd iterations."""
+    from spark_helpers import run_driver
+    path, _ = small_data
+    common = ["--data", str(path), "--V", "4", "--M", "4", "--subquantizer_clusters", "16",
+              "--seed", "5", "--coarse_iters", "2"]
+    full = workdir / "flags-full.pkl"
+    code, streams = run_driver("train_model", [*common, "--local_iters", "3",
+                                               "--rotation_refinement_iters", "0",
+                                               "--model_pkl", str(full)], capsys)
+    assert code == 0, streams.err
+    assert lloyd_lines(streams.err, "coarse (step 0)")[-1] == ("2", "2")
+    assert lloyd_lines(streams.err, "subquantizers (step 2)")[-1][1] == "3"
+    step0 = workdir / "flags-step0.pkl"
+    code, streams = run_driver("train_model", [*common, "--steps", "0", "--model_pkl",
+                                               str(step0)], capsys)
+    assert code == 0, streams.err
+    assert not lloyd_lines(streams.err, "subquantizers (step 2)")
+    with open(full, "rb") as f:
+        want = pickle.load(f)
+    with open(step0, "rb") as f:
+        coarse_only = pickle.load(f)
+    assert coarse_only.Rs is None and coarse_only.codebooks is None
+    np.testing.assert_array_equal(coarse_only.Cs, want.Cs)  # same seed, drawn first
+    step1 = workdir / "flags-step1.pkl"
+    code, streams = run_driver("train_model", ["--data", str(path), "--steps", "1",
+                                               "--existing_model_pkl", str(step0),
+                                               "--model_pkl", str(step1)], capsys)
+    assert code == 0, streams.err
+    with open(step1, "rb") as f:
+        rotations = pickle.load(f)
+    assert rotations.codebooks is None and (rotations.V, rotations.M) == (4, 4)
+    # Rotations come from the data and Cs alone, in the same passes: equal.
+    np.testing.assert_array_equal(rotations.Rs, want.Rs)
+    np.testing.assert_array_equal(rotations.mus, want.mus)
+
+
+def test_sampling_ratios_train_on_a_sample(sc, small_data, workdir, capsys):
+    from spark_helpers import run_driver
+    path, X = small_data
+    n = len(X)
+    code, streams = run_driver("train_model", [
+        "--data", str(path), "--V", "4", "--M", "4", "--subquantizer_clusters", "16",
+        "--seed", "2", "--sampling_ratio", "0.5", "--subquantizer_sampling_ratio", "0.5",
+        "--rotation_refinement_iters", "0", "--model_proto", str(workdir / "s.lopq")],
+        capsys)
+    assert code == 0, streams.err
+    loaded = int(re.search(r"loaded (\d+) vectors", streams.err).group(1))
+    assert abs(loaded - n / 2) < 5 * (n / 4) ** 0.5  # Bernoulli(0.5) rows: within 5 sigma
+    step2 = int(re.search(r"subquantizers \(step 2\): \d+ group\(s\), k=16, n=(\d+)",
+                          streams.err).group(1))
+    assert abs(step2 - loaded / 2) < 5 * (loaded / 4) ** 0.5
+
+
+def test_agg_depth_sums_the_same(sc, small_data):
+    """treeAggregate at any depth (what --agg_depth sets) adds up the same statistics,
+    checked against numpy."""
+    from lopq.spark import load_blocks
+    from lopq.spark.kmeans import column_stats
+    path, X = small_data
+    blocks, n, _ = load_blocks(sc, str(path))
+    for depth in (1, 2, 3):
+        count, sums, sumsq = column_stats(blocks.repartition(8), depth)
+        assert count == n
+        np.testing.assert_allclose(sums, X.astype(np.float64).sum(axis=0), rtol=1e-9)
+        np.testing.assert_allclose(sumsq, (X.astype(np.float64) ** 2).sum(axis=0),
+                                   rtol=1e-9)
+    blocks.unpersist()

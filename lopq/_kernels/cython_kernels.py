@@ -22,7 +22,7 @@ SMALL_D = 32 if ISA == "avx2" else 16
 #: L2): measured 14 ms against 17 ms for sgemm at d=64, k=64 on 100k rows, but 2x slower
 #: at k=1024. The portable loops lose to sgemm there (28 ms against 14 ms).
 FUSED_MAX_FLOATS = 32768 if ISA == "avx2" else 0
-BLOCK_ROWS = 1024
+SGEMM_BLOCK_ROWS = 1024
 
 
 def assign(X, C):
@@ -38,8 +38,8 @@ def assign(X, C):
         return labels, sqdist
     c_sqnorm = np.einsum("ij,ij->i", C, C)
     CT = np.ascontiguousarray(C.T)
-    for start in range(0, n, BLOCK_ROWS):
-        stop = min(n, start + BLOCK_ROWS)
+    for start in range(0, n, SGEMM_BLOCK_ROWS):
+        stop = min(n, start + SGEMM_BLOCK_ROWS)
         block = np.ascontiguousarray(X[start:stop])
         _cython.argmin_scores(block, C, block @ CT, c_sqnorm, labels[start:stop],
                               sqdist[start:stop])

@@ -21,7 +21,7 @@ from ._jit import njit
 _OPTS = dict(cache=True, nogil=True, fastmath=True)
 #: Rows per parallel chunk, and the smallest batch that goes parallel.
 CHUNK_ROWS = 512
-BLOCK_ROWS = 1024
+SGEMM_BLOCK_ROWS = 1024
 
 
 def _dual(func):
@@ -66,12 +66,12 @@ def assign(X, C):
     labels = np.empty(n, dtype=np.int32)
     sqdist = np.empty(n, dtype=np.float32)
     c_sqnorm = np.einsum("ij,ij->i", C, C)
-    kernel = _argmin_scores_parallel if _use_parallel(min(n, BLOCK_ROWS)) \
+    kernel = _argmin_scores_parallel if _use_parallel(min(n, SGEMM_BLOCK_ROWS)) \
         else _argmin_scores_serial
     CT = np.ascontiguousarray(C.T)
-    G = np.empty((min(n, BLOCK_ROWS), C.shape[0]), dtype=np.float32)
-    for start in range(0, n, BLOCK_ROWS):
-        stop = min(n, start + BLOCK_ROWS)
+    G = np.empty((min(n, SGEMM_BLOCK_ROWS), C.shape[0]), dtype=np.float32)
+    for start in range(0, n, SGEMM_BLOCK_ROWS):
+        stop = min(n, start + SGEMM_BLOCK_ROWS)
         g = G[:stop - start]
         np.dot(X[start:stop], CT, out=g)
         kernel(X[start:stop], C, g, c_sqnorm, labels[start:stop], sqdist[start:stop])

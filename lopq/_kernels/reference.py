@@ -11,7 +11,7 @@ distances are ``float32``; accumulators are ``float64``.
 import numpy as np
 
 #: Rows per block in distance computations: bounds the (block, k) temporary.
-BLOCK_ROWS = 4096
+DISTANCE_BLOCK_ROWS = 4096
 
 
 def assign(X, C):
@@ -29,14 +29,14 @@ def assign(X, C):
     labels = np.empty(n, dtype=np.int32)
     sqdist = np.empty(n, dtype=np.float32)
     c_sqnorm = np.einsum("ij,ij->i", C, C)
-    for start in range(0, n, BLOCK_ROWS):
-        block = X[start:start + BLOCK_ROWS]
+    for start in range(0, n, DISTANCE_BLOCK_ROWS):
+        block = X[start:start + DISTANCE_BLOCK_ROWS]
         # |x|^2 is the same for every centroid, so it does not change the argmin.
         scores = c_sqnorm[None, :] - 2.0 * (block @ C.T)
         best = np.argmin(scores, axis=1)
-        labels[start:start + BLOCK_ROWS] = best
+        labels[start:start + DISTANCE_BLOCK_ROWS] = best
         diff = block - C[best]
-        sqdist[start:start + BLOCK_ROWS] = np.einsum("ij,ij->i", diff, diff)
+        sqdist[start:start + DISTANCE_BLOCK_ROWS] = np.einsum("ij,ij->i", diff, diff)
     return labels, sqdist
 
 

@@ -17,12 +17,13 @@ from .training import (
     apply_pca,
     pca_statistics,
     prepare_pca,
-    train_coarse,
+    train_coarse_on_blocks,
     train_model,
-    train_rotations,
-    train_subquantizers,
+    train_rotations_on_blocks,
+    train_subquantizers_on_blocks,
 )
 
 __all__ = ["DataError", "load_blocks", "kmeans_column_groups",
-           "train_model", "train_coarse", "train_rotations", "train_subquantizers",
+           "train_model", "train_coarse_on_blocks", "train_rotations_on_blocks",
+           "train_subquantizers_on_blocks",
            "pca_statistics", "prepare_pca", "apply_pca", "code_lines"]

@@ -16,7 +16,7 @@ from ..formats import decode_vector_line
 logger = logging.getLogger(__name__)
 
 #: Rows per block: big enough for efficient kernels, small enough to bound task memory.
-BLOCK_ROWS = 8192
+ROWS_PER_CACHED_BLOCK = 8192
 #: Partitions per core of the cached blocks (input splits beyond that are coalesced).
 PARTITIONS_PER_CORE = 4
 #: Bad records quoted in an error message.
@@ -184,7 +184,7 @@ def _merge_reports(a, b):
 
 
 def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
-                with_ids=False, skip_bad_records=False, block_rows=BLOCK_ROWS,
+                with_ids=False, skip_bad_records=False, block_rows=ROWS_PER_CACHED_BLOCK,
                 data_format="text", vector_col="features", id_col="id"):
     """Load vectors into a cached RDD of blocks and check them once.
 

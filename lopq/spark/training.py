@@ -22,7 +22,7 @@ from .session import as_context
 logger = logging.getLogger(__name__)
 
 
-def train_coarse(sc, blocks, V, iters=10, seed=None, depth=2, n_rows=None):
+def train_coarse_on_blocks(sc, blocks, V, iters=10, seed=None, depth=2, n_rows=None):
     """Step 0: both coarse quantizers in the same passes. Returns Cs (2, V, D/2)."""
     sc = as_context(sc)
     return kmeans_column_groups(sc, blocks, 2, V, iters, seed=seed, depth=depth,
@@ -48,7 +48,7 @@ def _covariance_partition(Cs_bc):
     return partition
 
 
-def train_rotations(sc, blocks, Cs, M, depth=2):
+def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2):
     """Step 1: per-cluster covariance accumulators aggregated across the cluster, then
     rotations on the driver. Returns Rs (2, V, h, h), mus (2, V, h) float32."""
     sc = as_context(sc)
@@ -90,8 +90,8 @@ def _projection_partition(model_bc, fraction, seed):
     return partition
 
 
-def train_subquantizers(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, sample_ratio=1.0,
-                        seed=None, depth=2):
+def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20,
+                                  sample_ratio=1.0, seed=None, depth=2):
     """Step 2: project the residuals once (cached), then train all M subquantizers in the
     same passes. Returns subs (M, S, D/M) float32."""
     sc = as_context(sc)
@@ -155,15 +155,16 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
     timings = {}
     if 0 in steps:
         start = time.time()
-        Cs = train_coarse(sc, blocks, V, coarse_iters, rng.randint(2 ** 31), depth, n_rows)
+        Cs = train_coarse_on_blocks(sc, blocks, V, coarse_iters, rng.randint(2 ** 31), depth,
+                                    n_rows)
         timings["step 0 (coarse)"] = time.time() - start
     if 1 in steps:
         start = time.time()
-        Rs, mus = train_rotations(sc, blocks, Cs, M, depth)
+        Rs, mus = train_rotations_on_blocks(sc, blocks, Cs, M, depth)
         timings["step 1 (rotations)"] = time.time() - start
     if 2 in steps:
         start = time.time()
-        subs = train_subquantizers(sc, blocks, Cs, Rs, mus, M, S, local_iters,
+        subs = train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S, local_iters,
                                    subquantizer_sampling_ratio, rng.randint(2 ** 31), depth)
         timings["step 2 (subquantizers)"] = time.time() - start
         if 1 in steps and rotation_refinement_iters > 0:
