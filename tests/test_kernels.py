@@ -200,19 +200,21 @@ def test_unknown_backend_is_a_clear_error():
         K.get_backend("fortran")
 
 
-def test_numba_parallel_variant_equals_serial(rng):
+@pytest.mark.parametrize("d", [1, 3, 12, 16, 17])  # unrolled: chunks of 8 + rest; sgemm
+def test_numba_assignment_paths_match_reference(d, rng):
+    """Every shape of the numba nearest-centroid loop (a partial tile, strided rows)
+    against the reference, by distance."""
     from lopq._kernels import numba_kernels as nk
-    X = rng.randn(5000, 8).astype(np.float32)
-    C = rng.randn(256, 8).astype(np.float32)
-    G = X @ C.T
-    outs = []
-    for kernel in (nk._argmin_scores_serial, nk._argmin_scores_parallel):
-        labels = np.empty(5000, np.int32)
-        sq = np.empty(5000, np.float32)
-        kernel(X, C, G, np.einsum("ij,ij->i", C, C), labels, sq)
-        outs.append((labels, sq))
-    np.testing.assert_array_equal(outs[0][0], outs[1][0])
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    n = nk.TILE_ROWS + 3
+    wide = rng.randn(n, 2 * d).astype(np.float32)
+    X = wide[:, :d]  # rows with a stride: read in place
+    C = rng.randn(40, d).astype(np.float32)
+    C[7] = C[3]  # an exact tie: the lower index wins
+    X[5] = C[3]
+    got = nk.assign(X, C)
+    want = reference.assign(np.ascontiguousarray(X), C)
+    assert_same_assignment(X, C, got, want)
+    assert got[0][5] == 3
 
 
 def _cpu_has_avx2_fma():
