@@ -145,7 +145,7 @@ def rank_by_lopq_distance(model, queries, coarse, fine, limit=None):
     Returns:
         (q, limit) int64 item indices, nearest first.
     """
-    queries = kernels.rows32(queries)
+    queries = kernels.as_float32_rows(queries)
     n = coarse.shape[0]
     limit = n if limit is None else min(limit, n)
     h = model.D // 2
@@ -175,7 +175,7 @@ def get_subquantizer_distortion(data, model):
         (M,) float64: split 0's subquantizers, then split 1's (the reference's layout;
         its code assumed M = 8, this works for every M).
     """
-    X = kernels.rows32(data)
+    X = kernels.as_float32_rows(data)
     _, projected = model.project_rows(X)
     fine = kernels.encode_fine(projected, model.codebooks)
     rec = kernels.decode_fine(fine, model.codebooks)
@@ -186,7 +186,7 @@ def get_subquantizer_distortion(data, model):
 
 def relative_reconstruction_error(data, model):
     """``sum |x - decode(encode(x))|^2 / sum |x - mean|^2`` over rows of data."""
-    X = kernels.rows32(data)
+    X = kernels.as_float32_rows(data)
     rec = model.decode(model.encode(X))
     total = ((X - X.mean(axis=0)) ** 2).sum(dtype=np.float64)
     return float(((X - rec) ** 2).sum(dtype=np.float64) / total)

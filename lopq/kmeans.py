@@ -199,7 +199,7 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
     Returns:
         centers (k, d) float32, labels (n,) int32, inertia float.
     """
-    X = kernels.rows32(X)
+    X = kernels.as_float32_rows(X)
     n = X.shape[0]
     if k < 1:
         raise ValueError(f"k-means needs at least one cluster, got k={k}")

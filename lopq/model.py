@@ -53,7 +53,7 @@ def check_rows(X, D=None, name="data", min_rows=1):
         raise ValueError(f"{name} has {X.shape[0]} rows, need at least {min_rows}")
     if D is not None and X.shape[1] != D:
         raise ValueError(f"{name} has dimension {X.shape[1]} but the model expects D={D}")
-    X = kernels.rows32(X)
+    X = kernels.as_float32_rows(X)
     flat = X.ravel()
     # One BLAS dot is finite iff every value is (2x faster than isfinite().all());
     # an overflow of huge but finite values falls through to the exact check.
@@ -270,7 +270,7 @@ class LOPQModel:
         """Reconstruct vectors from ``(coarse (n, 2), fine (n, M))``: (n, D) float32."""
         self.require_parameters("Cs", "Rs", "mus", "codebooks")
         coarse, fine = (np.atleast_2d(np.asarray(c)) for c in codes)
-        self._check_codes(coarse, fine)
+        self.check_codes(coarse, fine)
         h = self.D // 2
         local = kernels.decode_fine(fine, self.codebooks)
         out = np.empty((coarse.shape[0], self.D), dtype=np.float32)
@@ -285,7 +285,9 @@ class LOPQModel:
                               + self.Cs[split][cluster])
         return out
 
-    def _check_codes(self, coarse, fine):
+    def check_codes(self, coarse, fine):
+        """Raise ValueError unless ``coarse`` (n, 2) and ``fine`` (n, M) are codes of
+        this model (shapes and value ranges)."""
         if coarse.shape[1:] != (2,) or fine.shape[1:] != (self.M,) or len(coarse) != len(fine):
             raise ValueError(f"codes must be coarse (n, 2) and fine (n, {self.M}), got "
                              f"{coarse.shape} and {fine.shape}")

@@ -202,7 +202,7 @@ class LOPQSearcher(LOPQSearcherBase):
             fine = np.asarray([c[1] for c in codes]).reshape(len(codes), -1)
         coarse = np.asarray(coarse, dtype=np.int32).reshape(-1, 2)
         fine = np.asarray(fine).reshape(len(coarse), -1)
-        self.model._check_codes(coarse, fine)
+        self.model.check_codes(coarse, fine)
         self._add_arrays(coarse, fine.astype(self.fine.dtype), ids)
 
     def _add_arrays(self, coarse, fine, ids):

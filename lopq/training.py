@@ -66,8 +66,8 @@ def accumulate_covariance_estimators(data, C, backend=None):
     """
     if np.result_type(np.asarray(data).dtype, np.asarray(C).dtype, np.float32) == np.float64:
         return kernels.covariance_statistics_float64(data, C)
-    data = kernels.rows32(data)
-    C = kernels.rows32(C)
+    data = kernels.as_float32_rows(data)
+    C = kernels.as_float32_rows(C)
     assignments, _ = kernels.assign(data, C, backend)
     residuals = data - C[assignments]
     A, sums, counts = kernels.accumulate_covariance(residuals, assignments, C.shape[0], backend)
@@ -114,8 +114,8 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets):
 
 def compute_residuals(data, C, backend=None):
     """Residuals ``data - C[assignment]`` (n, d) float32 and assignments (n,) int32."""
-    data = kernels.rows32(data)
-    C = kernels.rows32(C)
+    data = kernels.as_float32_rows(data)
+    C = kernels.as_float32_rows(C)
     assignments, _ = kernels.assign(data, C, backend)
     return data - C[assignments], assignments
 
@@ -163,7 +163,7 @@ def project_data(data, Cs, Rs, mus, backend=None):
     h = data.shape[1] // 2
     halves = []
     for split in range(2):
-        half = kernels.rows32(data[:, split * h:(split + 1) * h])
+        half = kernels.as_float32_rows(data[:, split * h:(split + 1) * h])
         labels, _ = kernels.assign(half, Cs[split], backend)
         halves.append(kernels.project_residuals(half, labels, Cs[split], Rs[split],
                                                 mus[split], backend))
@@ -251,7 +251,7 @@ def refine_local_rotations(data, Cs, Rs, mus, subs, iters=3, random_state=None,
         sample = data[np.sort(rng.choice(data.shape[0], limit, replace=False))]
     for s in range(2):
         books = subs[s * half_m:(s + 1) * half_m]
-        half = kernels.rows32(sample[:, s * h:(s + 1) * h])
+        half = kernels.as_float32_rows(sample[:, s * h:(s + 1) * h])
         labels, _ = kernels.assign(half, Cs[s], backend)
         centred = half - Cs[s][labels] - mus[s][labels]
         zeros = np.zeros_like(Cs[s])
@@ -263,7 +263,7 @@ def refine_local_rotations(data, Cs, Rs, mus, subs, iters=3, random_state=None,
             quantized = kernels.decode_fine(codes, books)
             Rs[s] = _procrustes_rotations(centred, quantized, labels, Rs[s])
         if sample is not data:  # one Lloyd step of the codebooks on every row
-            half = kernels.rows32(data[:, s * h:(s + 1) * h])
+            half = kernels.as_float32_rows(data[:, s * h:(s + 1) * h])
             labels, _ = kernels.assign(half, Cs[s], backend)
             projected = kernels.project_residuals(half, labels, Cs[s], Rs[s], mus[s],
                                                   backend)

@@ -95,7 +95,7 @@ def _announce_in_spark_task(name):
     print(line, file=sys.stderr, flush=True)
 
 
-def rows32(X):
+def as_float32_rows(X):
     """X as a float32 C-contiguous 2-D array (copying only when needed)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim == 1:
@@ -109,7 +109,7 @@ def _unit_column_stride(X):
     X = np.asarray(X)
     if X.dtype == np.float32 and X.ndim == 2 and X.strides[1] == 4 and X.strides[0] % 4 == 0:
         return X
-    return rows32(X)
+    return as_float32_rows(X)
 
 
 def _labels32(labels):
@@ -119,14 +119,14 @@ def _labels32(labels):
 def assign(X, C, backend=None):
     """Nearest centroid of each row: X (n, d), C (k, d) -> (labels (n,) int32,
     sqdist (n,) float32)."""
-    return get_backend(backend).assign(rows32(X), rows32(C))
+    return get_backend(backend).assign(as_float32_rows(X), as_float32_rows(C))
 
 
 def project_residuals(X, labels, C, R, mu, backend=None):
     """P[i] = R[l] @ (X[i] - C[l] - mu[l]) with l = labels[i]: (n, d) float32."""
     return get_backend(backend).project_residuals(
-        rows32(X), _labels32(labels), rows32(C),
-        np.ascontiguousarray(R, dtype=np.float32), rows32(mu))
+        as_float32_rows(X), _labels32(labels), as_float32_rows(C),
+        np.ascontiguousarray(R, dtype=np.float32), as_float32_rows(mu))
 
 
 def encode_split(X, C, R, mu, codebooks, backend=None):
@@ -143,15 +143,15 @@ def encode_split(X, C, R, mu, codebooks, backend=None):
     # A column slice of the caller's float32 array is passed as it is: the fused encoder
     # reads it in place.
     return get_backend(backend).encode_split(
-        _unit_column_stride(X), rows32(C), np.ascontiguousarray(R, dtype=np.float32),
-        rows32(mu), np.ascontiguousarray(codebooks, dtype=np.float32))
+        _unit_column_stride(X), as_float32_rows(C), np.ascontiguousarray(R, dtype=np.float32),
+        as_float32_rows(mu), np.ascontiguousarray(codebooks, dtype=np.float32))
 
 
 def encode_fine(P, codebooks, backend=None):
     """Subquantizer codes of projected residuals P (n, m*ds) with codebooks (m, S, ds):
     (n, m) uint8 (S <= 256) or uint16."""
     return get_backend(backend).encode_fine(
-        rows32(P), np.ascontiguousarray(codebooks, dtype=np.float32))
+        as_float32_rows(P), np.ascontiguousarray(codebooks, dtype=np.float32))
 
 
 def decode_fine(codes, codebooks):
@@ -161,7 +161,8 @@ def decode_fine(codes, codebooks):
 
 def accumulate_covariance(residuals, labels, V, backend=None):
     """Per-cluster (A (V,d,d) float64, sums (V,d) float64, counts (V,) int64)."""
-    return get_backend(backend).accumulate_covariance(rows32(residuals), _labels32(labels), V)
+    return get_backend(backend).accumulate_covariance(as_float32_rows(residuals),
+                                                      _labels32(labels), V)
 
 
 def covariance_statistics_float64(data, C):
@@ -184,19 +185,19 @@ def group_rows(labels, k):
 
 def kmeanspp(X, first, uniforms, backend=None):
     """Greedy k-means++ centres (k, d) float32 of rows X; see `reference.kmeanspp`."""
-    return get_backend(backend).kmeanspp(rows32(X), int(first),
+    return get_backend(backend).kmeanspp(as_float32_rows(X), int(first),
                                          np.ascontiguousarray(uniforms, dtype=np.float64))
 
 
 def cluster_sums(X, labels, k, backend=None):
     """Per-cluster (sums (k,d) float64, counts (k,) int64)."""
-    return get_backend(backend).cluster_sums(rows32(X), _labels32(labels), k)
+    return get_backend(backend).cluster_sums(as_float32_rows(X), _labels32(labels), k)
 
 
 def adc_tables(P, codebooks, backend=None):
     """Distance tables (q, m, S) float32 of projected queries P (q, m*ds)."""
     return get_backend(backend).adc_tables(
-        rows32(P), np.ascontiguousarray(codebooks, dtype=np.float32))
+        as_float32_rows(P), np.ascontiguousarray(codebooks, dtype=np.float32))
 
 
 def adc_scan(table, codes, backend=None):
