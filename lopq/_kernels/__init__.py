@@ -92,7 +92,8 @@ def _announce_in_spark_task(name):
     if name == "numba" and not os.environ.get("LOPQ_KERNELS"):
         line += ("; for the compiled cython backend install lopq on the nodes or ship a "
                  "packed environment with --archives (README: Deployment), not --py-files")
-    print(line, file=sys.stderr, flush=True)
+    sys.stderr.write(line + "\n")  # one write: workers share the executor's stderr
+    sys.stderr.flush()
 
 
 def as_float32_rows(X):
