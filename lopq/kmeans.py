@@ -218,7 +218,8 @@ def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=Non
         full_iters = max_iter
         if n >= 4 * WARM_START_POINTS_PER_CLUSTER * k and max_iter > FULL_DATA_ITERS:
             # Most of the centres' travel happens on a sample; every row then refines
-            # them (measured: same reconstruction error, 2.4x fewer row visits).
+            # them. Measured: 1.6x faster fit of 100k x 128 rows, k-means objective
+            # +0.5% over six seeds, reconstruction error 0.05800 -> 0.05825.
             idx = np.sort(rng.choice(n, WARM_START_POINTS_PER_CLUSTER * k, replace=False))
             init, _, _, _ = lloyd(X[idx], init, max_iter, abs_tol, backend,
                                   f"{label} (sample)", final_assignment=False)

@@ -54,7 +54,9 @@ def main(argv=None):
         options = cli.data_options(args, with_ids=True)
         if args.output_format == "parquet" and options["data_format"] != "text" \
                 and not args.data_udf:
-            n = table_to_table(sc, args, options, model)
+            n, skipped = table_to_table(sc, args, options, model)
+            if skipped:
+                print(f"skipped {skipped} malformed record(s) in --data {args.data}")
         else:
             blocks, n, D = load_blocks(sc, args.data, **options)
             if D != model.D:
@@ -75,7 +77,7 @@ def main(argv=None):
 def table_to_table(sc, args, options, model):
     """Parquet (or any table) in, Parquet out: codes on Arrow batches, no Python row
     objects; local Parquet files are read by the executors directly (lopq.spark.parquet).
-    Returns the number of rows written."""
+    Returns (rows written, malformed rows skipped)."""
     from pyspark.sql import SparkSession
 
     from lopq.spark.codes import encode_frame
@@ -86,12 +88,9 @@ def table_to_table(sc, args, options, model):
         units = row_groups(sc, args.data, args.vector_col, args.id_col)
         if units is not None:
             sc.setJobDescription("lopq compute_codes: encode Parquet row groups")
-            written, skipped = encode_parquet_files(
+            return encode_parquet_files(
                 sc, units, model, args.output, args.overwrite, args.vector_col,
                 args.id_col, args.skip_bad_records, f"--data {args.data}")
-            if skipped:
-                print(f"skipped {skipped} malformed record(s) in --data {args.data}")
-            return written
     spark = SparkSession.builder.getOrCreate()
     df = read_table(spark, sc, args.data, options["data_format"])
     from lopq.spark.frames import vector_column
@@ -117,9 +116,7 @@ def table_to_table(sc, args, options, model):
     sc.setJobDescription("lopq compute_codes: encode Arrow batches and write Parquet")
     fs.save_frame_atomically(sc, encoded, args.output, args.overwrite,
                              "cell" if args.partition_by_cell else None, refuse_empty)
-    if skipped.value:
-        print(f"skipped {skipped.value} malformed record(s) in --data {args.data}")
-    return written.value
+    return written.value, skipped.value
 
 
 if __name__ == "__main__":

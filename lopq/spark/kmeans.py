@@ -8,6 +8,7 @@ independent k-means problems on disjoint column groups (the two coarse splits, o
 subquantizers) run in the same passes.
 """
 
+import itertools
 import logging
 
 import numpy as np
@@ -160,11 +161,11 @@ def _lloyd_iterations(sc, blocks, centers, max_iter, abs_tol, depth, label, back
                       sample):
     """`lopq.kmeans.lloyd_loop` with one Spark job per assignment pass."""
     n_groups, k, dg = centers.shape
-    passes = []
+    iteration = itertools.count(1)
 
     def assignment_pass(C):
-        passes.append(len(passes) + 1)
-        sc.setJobDescription(f"lopq k-means{label}: Lloyd iteration {passes[-1]}/{max_iter}")
+        sc.setJobDescription(f"lopq k-means{label}: Lloyd iteration {next(iteration)}/"
+                             f"{max_iter}")
         shipped = ClosureOrBroadcast(sc, C)
         sums, counts, objective, far = blocks.mapPartitions(
             _lloyd_partition(shipped, backend)).treeAggregate(

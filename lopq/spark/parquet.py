@@ -1,8 +1,10 @@
 """Parquet in, Parquet out, with the rows never crossing the JVM.
 
 `compute_codes.py --output_format parquet` on Parquet files that executors can open
-(local or shared file systems): Spark schedules one task per row group; each task reads
-its row group with pyarrow, encodes the Arrow batches and writes one Parquet part file.
+(local or shared file systems): the driver lists the row groups from the file footers and
+deals them into one task per core (more when a task would exceed TASK_ROWS rows); each
+task reads its row groups with pyarrow in Arrow batches, encodes them and writes one
+Parquet part file per row group.
 Going through a DataFrame instead (``mapInArrow``) makes Spark decode the vectors into
 its rows and convert them back to Arrow, which costs more than the encoding itself
 (benchmarks/run.py --only spark). Anything else (other file systems, other formats,
@@ -24,7 +26,8 @@ BATCH_ROWS = 8192
 
 
 class RowGroup:
-    """One task's input: row group ``group`` of the Parquet file ``path``."""
+    """Row group ``group`` of the Parquet file ``path`` (``rows`` rows); ``index`` names
+    its part file."""
 
     __slots__ = ("index", "path", "group", "rows")
 
@@ -131,6 +134,15 @@ def encode_parquet_files(sc, units, model, output, overwrite, vector_col, id_col
     log.info("encoding %d rows in %d row groups of %d Parquet file(s); executors read them "
              "with pyarrow", total, len(units), files)
     model_bc = sc.broadcast(model)
+    try:
+        return _write_parts(sc, units, model_bc, output, overwrite, vector_col, id_col,
+                            skip_bad_records, where)
+    finally:
+        model_bc.unpersist()
+
+
+def _write_parts(sc, units, model_bc, output, overwrite, vector_col, id_col,
+                 skip_bad_records, where):
     with fs.atomic_output(sc, output, overwrite) as tmp:
         tmp_dir = fs.local_path(sc, tmp)
         os.makedirs(tmp_dir)
@@ -146,5 +158,4 @@ def encode_parquet_files(sc, units, model, output, overwrite, vector_col, id_col
             if name.endswith(".tmp"):  # left by a killed task attempt
                 os.remove(os.path.join(tmp_dir, name))
         open(os.path.join(tmp_dir, "_SUCCESS"), "wb").close()
-    model_bc.unpersist()
     return written, dropped
