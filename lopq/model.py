@@ -8,6 +8,7 @@ import numpy as np
 from . import _kernels as kernels
 from . import formats
 from .training import (  # noqa: F401 (reference API)
+    ROTATION_SHRINKAGE,
     accumulate_covariance_estimators,
     compute_local_rotations,
     compute_residuals,
@@ -184,15 +185,18 @@ class LOPQModel:
     # ------------------------------------------------------------------ training
     def fit(self, data, kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
             subquantizer_sample_ratio=1.0, random_state=None, verbose=False, n_jobs=None,
-            backend=None, rotation_refinement_iters=3):
+            backend=None, rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE):
         """Fit the missing parameters on ``data`` (n, D); existing ones are reused.
 
         Keyword arguments are the reference's; ``n_jobs`` is accepted for compatibility
         and ignored (the kernels run on the calling thread; numpy's BLAS may use its
         own threads). When rotations and
         subquantizers are both trained here, ``rotation_refinement_iters`` rounds of local
-        rotation refinement follow (see `lopq.training.refine_local_rotations`; 0 gives
-        exactly the reference's training). Returns self.
+        rotation refinement follow (see `lopq.training.refine_local_rotations`).
+        ``rotation_shrinkage`` pseudo-points per dimension pull each local covariance
+        toward the pooled one, so clusters with few rows still get a rotation (see
+        `lopq.training.shrunk_covariances`). ``rotation_refinement_iters=0,
+        rotation_shrinkage=0`` give exactly the reference's training. Returns self.
         """
         D = self.D
         data = check_rows(data, D, "training data")
@@ -214,7 +218,7 @@ class LOPQModel:
             data, self.V, self.M, self.subquantizer_clusters,
             (self.Cs, self.Rs, self.mus, self.codebooks), kmeans_coarse_iters,
             kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state, backend,
-            rotation_refinement_iters)
+            rotation_refinement_iters, rotation_shrinkage)
         self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, subs
         return self
 

@@ -183,6 +183,11 @@ class LOPQSearcher(LOPQSearcherBase):
         self.fine = np.empty((0, M), dtype=kernels.code_dtype(model.subquantizer_clusters))
         self.ids = np.empty(0, dtype=object)
         self._transposed_cache = None
+        self._grouped_cache = None
+        #: Seconds the last `search_batch` spent traversing the multi-index, building
+        #: distance tables and scanning codes (summed over its threads), when it ran the
+        #: grouped compiled path; else None.
+        self.last_batch_profile = None
 
     # ------------------------------------------------------------------ building
     def add_data(self, data, ids=None, num_procs=1):
@@ -326,6 +331,21 @@ class LOPQSearcher(LOPQSearcherBase):
                 np.ascontiguousarray(m.subquantizers.transpose(0, 1, 3, 2)))
         return self._transposed_cache
 
+    def _grouped(self):
+        """What the grouped table kernel reads, computed once: rotations transposed with
+        columns padded to the vector width (2, V, h, hp), and per split ``-2 books^T``
+        (2, M/2, ds, Sp) with the codebooks' squared norms (2, M/2, Sp)."""
+        if self._grouped_cache is None:
+            from ._kernels import cython_kernels
+            m = self.model
+            RT = m.Rs.transpose(0, 1, 3, 2)
+            RTp = np.zeros(RT.shape[:3] + (cython_kernels._padded(RT.shape[3]),),
+                           dtype=np.float32)
+            RTp[..., :RT.shape[3]] = RT
+            CBTm2, sqnorm = cython_kernels.score_columns(m.subquantizers)
+            self._grouped_cache = RTp, CBTm2, sqnorm
+        return self._grouped_cache
+
     def _ranked(self, x, quota, limit):
         rows, dists, visited = self._retrieve_scored(x, quota)
         if limit is not None and limit < len(dists):
@@ -354,8 +374,18 @@ class LOPQSearcher(LOPQSearcherBase):
                 results.append(Result(item_id, code))
         return results, visited
 
+    #: Queries whose distance tables `search_batch` builds together (grouped by the
+    #: coarse clusters they visit, one pass over each cluster's rotation per block).
+    BATCH_BLOCK = 256
+
     def search_batch(self, queries, quota=10, limit=None, threads=None):
         """Search many queries, threaded across cores (the kernel releases the GIL).
+
+        Each thread takes blocks of `BATCH_BLOCK` queries, traverses their multi-index
+        cells, then builds the distance tables of every (query, coarse cluster) pair
+        grouped by cluster, GEMM-style, and scans. Results are those of `search` with
+        the same quota and limit; distances agree to float rounding (the tables here
+        come from the expanded square), so exact near-ties may swap.
 
         Args:
             queries: (q, D) array.
@@ -384,16 +414,20 @@ class LOPQSearcher(LOPQSearcherBase):
                 return list(pool.map(one, Q))
 
         m = self.model
-        CsT, RTs, booksT = self._transposed()
+        CsT = self._transposed()[0]
+        RTp, CBTm2, sqnorm = self._grouped()
         rows = np.empty((len(Q), limit), dtype=np.int64)
         dists = np.empty((len(Q), limit), dtype=np.float32)
         visited = np.empty(len(Q), dtype=np.int32)
+        seconds = np.zeros((threads, 3))
 
         def chunk(bounds):
             lo, hi = bounds
-            compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT, self.cell_offsets,
-                                  self.fine, int(quota), int(limit), rows[lo:hi],
-                                  dists[lo:hi], visited[lo:hi])
+            slot = int(np.searchsorted(edges, lo, side="right")) - 1
+            compiled.search_many_grouped(
+                Q[lo:hi], m.Cs, CsT, RTp, m.mus, CBTm2, sqnorm, m.subquantizer_clusters,
+                self.cell_offsets, self.fine, int(quota), int(limit), self.BATCH_BLOCK,
+                rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot])
 
         edges = np.linspace(0, len(Q), threads + 1).astype(int)
         spans = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
@@ -402,6 +436,8 @@ class LOPQSearcher(LOPQSearcherBase):
         else:
             with ThreadPoolExecutor(len(spans)) as pool:
                 list(pool.map(chunk, spans))
+        self.last_batch_profile = dict(zip(("traversal", "tables", "scan"),
+                                           seconds.sum(axis=0).tolist()))
         out = []
         for r, d in zip(rows, dists):
             keep = r >= 0

@@ -370,3 +370,48 @@ static inline void lopq_query_table(
         }
     }
 }
+
+/* Distance tables of n queries in the frame of one coarse cluster c of a split, from
+ * their residuals res[i] = x_i - C[c] - mu[c] (one GEMM-shaped pass per LOPQ_ROWS rows, so
+ * that R[c] and the codebooks are read once per row block, not once per query):
+ *     p = res[i] @ RT               (RT = R[c]^T, columns padded to hp)
+ *     tables[i][j * S + s] = max(0, |b_js|^2 - 2 p_j . b_js + |p_j|^2)
+ * with CBTm2 = -2 books^T and cb_sqnorm their squared norms (`score_columns`). The
+ * expanded square differs from the one-query loop's sum of squared differences
+ * (lopq_query_table) by float rounding only.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+static inline int lopq_tables_grouped(
+    const float *res, ptrdiff_t n, ptrdiff_t h,   /* IN (n, h) residuals                 */
+    const float *RT, ptrdiff_t hp,                /* IN (h, hp) R[c]^T, padded columns   */
+    const float *CBTm2, ptrdiff_t half_m, ptrdiff_t ds, ptrdiff_t Sp, /* IN (half_m, ds, Sp) */
+    const float *cb_sqnorm,                       /* IN (half_m, Sp)                     */
+    ptrdiff_t S, float *const *tables)            /* OUT n pointers to (half_m, S)       */
+{
+    float *projected = malloc(sizeof(float) * LOPQ_ROWS * (hp + Sp));
+    if (!projected) return -1;
+    float *scratch = projected + LOPQ_ROWS * hp;
+    for (ptrdiff_t i = 0; i < n; i += LOPQ_ROWS) {
+        const float *rows[LOPQ_ROWS];
+        /* A short last block repeats its last row; only real rows are written. */
+        for (int r = 0; r < LOPQ_ROWS; r++) rows[r] = res + (i + r < n ? i + r : n - 1) * h;
+        lopq_block_scores(rows, h, RT, hp, NULL, projected, NULL);
+        for (ptrdiff_t j = 0; j < half_m; j++) {
+            const float *subs[LOPQ_ROWS];
+            for (int r = 0; r < LOPQ_ROWS; r++) subs[r] = projected + r * hp + j * ds;
+            lopq_block_scores(subs, ds, CBTm2 + j * ds * Sp, Sp, cb_sqnorm + j * Sp, scratch,
+                              NULL);
+            for (int r = 0; r < LOPQ_ROWS && i + r < n; r++) {
+                float norm = 0.0f;
+                for (ptrdiff_t t = 0; t < ds; t++) norm += subs[r][t] * subs[r][t];
+                const float *src = scratch + r * Sp;
+                float *tab = tables[i + r] + j * S;
+                for (ptrdiff_t s = 0; s < S; s++) {
+                    const float v = src[s] + norm;
+                    tab[s] = v > 0.0f ? v : 0.0f;
+                }
+            }
+        }
+    }
+    free(projected);
+    return 0;
+}

@@ -34,7 +34,12 @@
           (const float *x, const float *centroid, const float *mu, const float *RT,        \
            ptrdiff_t h, const float *booksT, int half_m, ptrdiff_t S, float *r, float *px, \
            float *table),                                                                  \
-          (x, centroid, mu, RT, h, booksT, half_m, S, r, px, table), )
+          (x, centroid, mu, RT, h, booksT, half_m, S, r, px, table), )                    \
+    ENTRY(int, lopq_tables_grouped,                                                        \
+          (const float *res, ptrdiff_t n, ptrdiff_t h, const float *RT, ptrdiff_t hp,      \
+           const float *CBTm2, ptrdiff_t half_m, ptrdiff_t ds, ptrdiff_t Sp,               \
+           const float *cb_sqnorm, ptrdiff_t S, float *const *tables),                     \
+          (res, n, h, RT, hp, CBTm2, half_m, ds, Sp, cb_sqnorm, S, tables), return)
 
 #define LOPQ_CAT2(a, b) a##_##b
 #define LOPQ_CAT(a, b) LOPQ_CAT2(a, b)
