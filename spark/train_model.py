@@ -11,6 +11,7 @@ import time
 from lopq.spark import cli
 from lopq.spark.data import load_blocks
 from lopq.spark.training import train_model
+from lopq.training import ROTATION_SHRINKAGE
 
 STEP_COARSE, STEP_ROTATION, STEP_SUBQUANT = 0, 1, 2
 
@@ -41,7 +42,12 @@ def parse_args(argv=None):
                         help="Lloyd iterations of the subquantizer k-means (step 2)")
     parser.add_argument("--rotation_refinement_iters", type=int, default=3,
                         help="rounds of local rotation refinement after steps 1 and 2 "
-                             "(0: the reference's training exactly)")
+                             "(0 with --rotation_shrinkage 0: the reference's training "
+                             "exactly)")
+    parser.add_argument("--rotation_shrinkage", type=float, default=ROTATION_SHRINKAGE,
+                        help="pseudo-rows per dimension pulling each local covariance "
+                             "toward the pooled one, so small clusters still get a "
+                             "rotation (0: the reference, identity below D/2 rows)")
     parser.add_argument("--agg_depth", type=int, default=2,
                         help="depth of tree aggregation of the per-iteration statistics")
     cli.add_overwrite_argument(parser)
@@ -61,6 +67,8 @@ def parse_args(argv=None):
     if args.steps == [STEP_COARSE, STEP_SUBQUANT]:
         parser.error("--steps 0,2 skips step 1: rotations depend on the coarse quantizers, "
                      "so retraining them needs step 1 too (use 0,1,2)")
+    if not args.rotation_shrinkage >= 0:
+        parser.error(f"--rotation_shrinkage must be >= 0, got {args.rotation_shrinkage}")
     return args
 
 
@@ -139,7 +147,7 @@ def main(argv=None):
                               args.steps, existing, args.seed,
                               args.subquantizer_sampling_ratio, args.coarse_iters,
                               args.local_iters, args.agg_depth,
-                              args.rotation_refinement_iters, n)
+                              args.rotation_refinement_iters, n, args.rotation_shrinkage)
         cli.save_model(sc, trained, args.model_pkl, args.model_proto, args.overwrite)
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in trained.timings.items())
         print(f"trained {trained} on {n} vectors: {steps}; total {time.time() - started:.1f} s")

@@ -350,3 +350,73 @@ def test_fit_on_each_backend_quantizes_as_well(how, monkeypatch):
     def error(model):
         return float(((X - model.decode(model.encode(X, backend="numpy"))) ** 2).sum())
     assert error(other) <= 1.05 * error(default)
+
+
+# ------------------------------------------------------------ rotations of small clusters
+def _accumulators(groups):
+    """(A, summed residuals, counts) of residual rows grouped by cluster, plainly."""
+    d = groups[0].shape[1] if len(groups[0]) else groups[-1].shape[1]
+    A = np.stack([g.T @ g if len(g) else np.zeros((d, d)) for g in groups])
+    sums = np.stack([g.sum(axis=0) for g in groups])
+    return A, sums, np.array([len(g) for g in groups])
+
+
+def _off_diagonal(R, cov):
+    """Relative off-diagonal mass of R cov R^T: 0 when R's rows are cov's eigenvectors."""
+    rotated = R @ cov @ R.T
+    return np.abs(rotated - np.diag(np.diag(rotated))).sum() / np.abs(rotated).sum()
+
+
+def test_shrinkage_gives_small_and_empty_clusters_the_pooled_rotation():
+    rng = np.random.RandomState(0)
+    d = 8
+    basis = np.linalg.qr(rng.randn(d, d))[0]
+    scales = np.linspace(3.0, 0.3, d)
+    big = (rng.randn(20000, d) * scales) @ basis.T        # well estimated
+    small = (rng.randn(3, d) * scales) @ basis.T + 5.0    # 3 rows < d, offset mean
+    A, sums, counts = _accumulators([big, small, np.zeros((0, d))])
+    truth = basis @ np.diag(scales ** 2) @ basis.T        # every cluster's true covariance
+    R_ref, _ = compute_rotations_from_accumulators(A, sums, counts, 2)  # the reference
+    np.testing.assert_array_equal(R_ref[1], np.eye(d))
+    np.testing.assert_array_equal(R_ref[2], np.eye(d))
+    R, means = compute_rotations_from_accumulators(A, sums, counts, 2, shrinkage=1.0)
+    for i in range(3):
+        np.testing.assert_allclose(R[i] @ R[i].T, np.eye(d), atol=1e-10)
+    unrotated = _off_diagonal(np.eye(d), truth)
+    assert _off_diagonal(R[0], truth) < 0.1 * unrotated  # a big cluster keeps its own
+    assert _off_diagonal(R[2], truth) < 0.1 * unrotated  # empty: the pooled estimate
+    assert _off_diagonal(R[1], truth) < 0.5 * unrotated  # 3 rows: close to it
+    np.testing.assert_allclose(means[1], small.mean(axis=0))
+    np.testing.assert_array_equal(means[2], 0)
+
+
+def test_shrinkage_rejects_negative_strength():
+    A, sums, counts = _accumulators([np.ones((3, 4))])
+    with pytest.raises(ValueError, match="shrinkage"):
+        compute_rotations_from_accumulators(A, sums, counts, 2, shrinkage=-1)
+
+
+def test_fit_with_mostly_small_clusters_says_which_V_would_not(caplog):
+    X = make_clustered(2000, 32, n_clusters=8, seed=3)
+    with caplog.at_level("WARNING", logger="lopq"):
+        LOPQModel(V=200, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    lines = [r.getMessage() for r in caplog.records]
+    lines = [line for line in lines if "most clusters are small" in line]
+    assert len(lines) == 2 and "identity" not in lines[0]  # one line per split
+    suggested = int(lines[0].split("V=")[1].split()[0])
+    assert 1 <= suggested < 200
+
+
+def test_shrinkage_and_refinement_zero_train_as_the_reference_and_the_default_no_worse():
+    """With most clusters below D/2 rows, shrunk rotations quantize better than the
+    reference's identity fallback (relative reconstruction error, independent data)."""
+    from lopq.eval import relative_reconstruction_error
+    X = make_clustered(6000, 64, n_clusters=16, seed=5)
+    train, test = X[:5000], X[5000:]
+    errors = {}
+    for shrinkage in (0.0, 1.0):
+        model = LOPQModel(V=48, M=8, subquantizer_clusters=32).fit(
+            train, n_init=1, random_state=1, rotation_refinement_iters=0,
+            rotation_shrinkage=shrinkage)
+        errors[shrinkage] = relative_reconstruction_error(test, model)
+    assert errors[1.0] < errors[0.0], errors

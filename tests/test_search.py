@@ -364,3 +364,62 @@ def test_search_batch_equals_search_on_many_queries(model_and_data):
         one = searcher.search(q, quota=60, limit=7, with_dists=True)[0]
         assert list(ids) == [r.id for r in one]
         np.testing.assert_allclose(dists, [r.dist for r in one], rtol=1e-5, atol=1e-6)
+
+
+def _grouped_case(D, M, S, V, n, seed):
+    """A model with random orthogonal rotations (no training) and random codes: sizes the
+    compiled loops must handle at their edges (h and S not multiples of the vector width,
+    empty cells, one row)."""
+    rng = np.random.RandomState(seed)
+    h = D // 2
+    Cs = rng.randn(2, V, h).astype(np.float32)
+    Rs = np.linalg.qr(rng.randn(2, V, h, h))[0].astype(np.float32)
+    mus = (0.1 * rng.randn(2, V, h)).astype(np.float32)
+    subs = rng.randn(M, S, D // M).astype(np.float32)
+    model = LOPQModel(V=V, M=M, subquantizer_clusters=S, parameters=(Cs, Rs, mus, subs))
+    coarse = rng.randint(0, max(1, V // 2), size=(n, 2))  # half the clusters stay empty
+    fine = rng.randint(0, S, size=(n, M))
+    return model, coarse, fine, rng
+
+
+@pytest.mark.parametrize("D,M,S,V,n", [(16, 4, 32, 6, 500), (12, 2, 12, 5, 300),
+                                       (24, 6, 20, 40, 2000), (16, 4, 32, 3, 1)])
+def test_grouped_batch_tables_equal_plain_numpy_distances(D, M, S, V, n, monkeypatch):
+    """search_batch (tables of a block of queries built per cluster, expanded square)
+    retrieves what the plain definition retrieves and ranks by its distances, within
+    float tolerance; blocks of 3 queries make the block boundaries part of the test."""
+    if search_module.kernels.compiled_search() is None:
+        pytest.skip("compiled search extension not built")
+    model, coarse, fine, rng = _grouped_case(D, M, S, V, n, seed=D + V)
+    searcher = LOPQSearcher(model)
+    searcher.add_codes((coarse, fine))
+    monkeypatch.setattr(LOPQSearcher, "BATCH_BLOCK", 3)
+    queries = rng.randn(11, D).astype(np.float32)
+    queries[5] = queries[4]  # a repeated query: identical results
+    quota, limit = max(1, n // 7), 9
+    batch = searcher.search_batch(queries, quota=quota, limit=limit, threads=1)
+    for x, (ids, dists) in zip(queries, batch):
+        rows, want = numpy_search(model, coarse, fine, x, quota)
+        k = min(limit, len(rows))
+        assert len(ids) == k
+        np.testing.assert_allclose(dists, np.sort(want)[:k], rtol=1e-4, atol=1e-4)
+        lookup = dict(zip(rows.tolist(), want))
+        # every returned id was retrieved, at its own distance (near-ties may swap ids)
+        np.testing.assert_allclose([lookup[i] for i in ids], dists, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(batch[4][0], batch[5][0])
+    profile = searcher.last_batch_profile
+    assert set(profile) == {"traversal", "tables", "scan"}
+    assert all(v >= 0 for v in profile.values())
+
+
+def test_grouped_batch_with_threads_and_a_huge_quota_equals_one_query_at_a_time(
+        model_and_data):
+    model, X = model_and_data
+    if search_module.kernels.compiled_search() is None:
+        pytest.skip("compiled search extension not built")
+    searcher = LOPQSearcher(model)
+    searcher.add_data(X)
+    batch = searcher.search_batch(X[:30], quota=10 ** 9, limit=5, threads=2)
+    for x, (ids, dists) in zip(X[:30], batch):
+        one = searcher.search(x, quota=10 ** 9, limit=5, with_dists=True)[0]
+        np.testing.assert_allclose(dists, [r.dist for r in one], rtol=1e-4, atol=1e-4)

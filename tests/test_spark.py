@@ -413,3 +413,23 @@ def test_agg_depth_sums_the_same(sc, small_data):
         np.testing.assert_allclose(sumsq, (X.astype(np.float64) ** 2).sum(axis=0),
                                    rtol=1e-9)
     blocks.unpersist()
+
+
+def test_step_1_on_spark_shrinks_small_clusters_as_fit_does(sc, small_data):
+    """Spark step 1 and `LOPQModel.fit`'s step 1 are one estimator: with clusters smaller
+    than D/2 rows, both give the same shrunk (non-identity) rotations."""
+    from lopq.spark import load_blocks
+    from lopq.spark.training import train_rotations_on_blocks
+    from lopq.training import train_coarse_splits, train_rotations
+    path, X = small_data
+    blocks, n, D = load_blocks(sc, str(path))
+    h = D // 2
+    Cs = train_coarse_splits(X, 400, 2, 1, random_state=0)  # ~7 rows per cluster
+    Rs, mus = train_rotations_on_blocks(sc, blocks, Cs, 4)
+    want_R, want_mu = train_rotations(X, Cs, 4)
+    blocks.unpersist()
+    signs = np.sign((Rs * want_R).sum(axis=3, keepdims=True))
+    np.testing.assert_allclose(Rs * signs, want_R, atol=2e-3)
+    np.testing.assert_allclose(mus, want_mu, atol=1e-4)
+    identity = np.all(np.isclose(Rs, np.eye(h)), axis=(2, 3))
+    assert not identity.any()

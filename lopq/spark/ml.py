@@ -28,6 +28,7 @@ from pyspark.ml.util import (
 )
 
 from ..model import LOPQModel
+from ..training import ROTATION_SHRINKAGE
 
 #: The file that holds the core model inside a saved LOPQSparkModel folder.
 MODEL_FILE = "model.lopq"
@@ -48,6 +49,10 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
     rotationRefinementIters = Param(Params._dummy(), "rotationRefinementIters",
                                     "rounds of local rotation refinement (0: the "
                                     "reference's training)", TypeConverters.toInt)
+    rotationShrinkage = Param(Params._dummy(), "rotationShrinkage",
+                              "pseudo-rows per dimension pulling each local covariance "
+                              "toward the pooled one (0: the reference)",
+                              TypeConverters.toFloat)
     samplingRatio = Param(Params._dummy(), "samplingRatio",
                           "fraction of rows to train on, in (0, 1]", TypeConverters.toFloat)
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
@@ -57,7 +62,8 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
     def __init__(self, *args):
         super().__init__(*args)
         self._setDefault(subquantizerClusters=256, coarseIters=10, localIters=20,
-                         rotationRefinementIters=3, samplingRatio=1.0,
+                         rotationRefinementIters=3, rotationShrinkage=ROTATION_SHRINKAGE,
+                         samplingRatio=1.0,
                          subquantizerSamplingRatio=1.0)
 
     def getV(self):
@@ -78,6 +84,9 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
     def getRotationRefinementIters(self):
         return self.getOrDefault(self.rotationRefinementIters)
 
+    def getRotationShrinkage(self):
+        return self.getOrDefault(self.rotationShrinkage)
+
     def getSamplingRatio(self):
         return self.getOrDefault(self.samplingRatio)
 
@@ -91,14 +100,16 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
     @keyword_only
     def __init__(self, *, featuresCol="features", V=None, M=None, subquantizerClusters=256,
                  coarseIters=10, localIters=20, rotationRefinementIters=3,
-                 samplingRatio=1.0, subquantizerSamplingRatio=1.0, seed=None):
+                 rotationShrinkage=ROTATION_SHRINKAGE, samplingRatio=1.0,
+                 subquantizerSamplingRatio=1.0, seed=None):
         super().__init__()
         self._set(**self._input_kwargs)
 
     @keyword_only
     def setParams(self, *, featuresCol="features", V=None, M=None, subquantizerClusters=256,
                   coarseIters=10, localIters=20, rotationRefinementIters=3,
-                  samplingRatio=1.0, subquantizerSamplingRatio=1.0, seed=None):
+                  rotationShrinkage=ROTATION_SHRINKAGE, samplingRatio=1.0,
+                  subquantizerSamplingRatio=1.0, seed=None):
         return self._set(**self._input_kwargs)
 
     def setFeaturesCol(self, value):
@@ -121,6 +132,9 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
 
     def setRotationRefinementIters(self, value):
         return self._set(rotationRefinementIters=value)
+
+    def setRotationShrinkage(self, value):
+        return self._set(rotationShrinkage=value)
 
     def setSamplingRatio(self, value):
         return self._set(samplingRatio=value)
@@ -153,7 +167,8 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
         model = train_model(spark, blocks, V, M, self.getSubquantizerClusters(), (0, 1, 2),
                             None, seed, self.getSubquantizerSamplingRatio(),
                             self.getCoarseIters(), self.getLocalIters(), 2,
-                            self.getRotationRefinementIters(), n)
+                            self.getRotationRefinementIters(), n,
+                            self.getRotationShrinkage())
         return self._copyValues(LOPQSparkModel(model))
 
 

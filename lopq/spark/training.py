@@ -13,6 +13,7 @@ from .. import _kernels as kernels
 from ..model import LOPQModel
 from ..training import (
     REFINE_POINTS_PER_CENTROID,
+    ROTATION_SHRINKAGE,
     compute_rotations_from_accumulators,
     refine_local_rotations,
 )
@@ -48,9 +49,12 @@ def _covariance_partition(Cs_bc):
     return partition
 
 
-def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2):
+def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2,
+                              shrinkage=ROTATION_SHRINKAGE):
     """Step 1: per-cluster covariance accumulators aggregated across the cluster, then
-    rotations on the driver. Returns Rs (2, V, h, h), mus (2, V, h) float32."""
+    rotations on the driver (`compute_rotations_from_accumulators`, covariances shrunk by
+    ``shrinkage`` as in `LOPQModel.fit`). Returns Rs (2, V, h, h), mus (2, V, h)
+    float32."""
     sc = as_context(sc)
     start = time.time()
     sc.setJobDescription("lopq rotations (step 1): covariance accumulators")
@@ -67,7 +71,7 @@ def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2):
     Rs, mus = [], []
     for split in range(2):
         R, mu = compute_rotations_from_accumulators(A[split], sums[split], counts[split],
-                                                    M // 2)
+                                                    M // 2, shrinkage)
         Rs.append(R)
         mus.append(mu)
     logger.info("step 1: rotations of 2 x %d clusters in %.2f s", V, time.time() - start)
@@ -111,7 +115,8 @@ def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20,
     return subs
 
 
-def refine_rotations(sc, blocks, n, Cs, Rs, mus, subs, iters=3, seed=None, depth=2):
+def refine_rotations(sc, blocks, n, Cs, Rs, mus, subs, iters=3, seed=None, depth=2,
+                     shrinkage=ROTATION_SHRINKAGE):
     """`lopq.training.refine_local_rotations` on a driver-side sample of at most 64 rows
     per subquantizer centroid (bounded by the model, not the data), then one Lloyd step
     of the codebooks over all rows on the cluster."""
@@ -121,7 +126,8 @@ def refine_rotations(sc, blocks, n, Cs, Rs, mus, subs, iters=3, seed=None, depth
     sc.setJobDescription("lopq rotation refinement: sample")
     sample = sample_rows(blocks, min(1.0, REFINE_POINTS_PER_CENTROID * S / n),
                          rng.randint(2 ** 31))
-    Rs, subs = refine_local_rotations(sample, Cs, Rs, mus, subs, iters, rng)
+    Rs, subs = refine_local_rotations(sample, Cs, Rs, mus, subs, iters, rng,
+                                      shrinkage=shrinkage)
     if sample.shape[0] < n:
         V, M = Cs.shape[1], subs.shape[0]
         model_bc = sc.broadcast(LOPQModel(V, M, S, (Cs, Rs, mus, None)))
@@ -134,11 +140,13 @@ def refine_rotations(sc, blocks, n, Cs, Rs, mus, subs, iters=3, seed=None, depth
 
 def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=None,
                 subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=2,
-                rotation_refinement_iters=3, n_rows=None):
+                rotation_refinement_iters=3, n_rows=None,
+                rotation_shrinkage=ROTATION_SHRINKAGE):
     """Run the requested steps, reusing ``existing`` parameters for the others.
 
-    When steps 1 and 2 both run, `refine_rotations` follows for
-    ``rotation_refinement_iters`` rounds (0: the reference's training exactly).
+    Step 1 shrinks the local covariances toward the pooled one by
+    ``rotation_shrinkage``; when steps 1 and 2 both run, `refine_rotations` follows for
+    ``rotation_refinement_iters`` rounds (both 0: the reference's training exactly).
 
     Args:
         existing: an `LOPQModel` whose parameters are reused (or None).
@@ -160,7 +168,7 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
         timings["step 0 (coarse)"] = time.time() - start
     if 1 in steps:
         start = time.time()
-        Rs, mus = train_rotations_on_blocks(sc, blocks, Cs, M, depth)
+        Rs, mus = train_rotations_on_blocks(sc, blocks, Cs, M, depth, rotation_shrinkage)
         timings["step 1 (rotations)"] = time.time() - start
     if 2 in steps:
         start = time.time()
@@ -171,7 +179,8 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
             start = time.time()
             n = n_rows if n_rows is not None else blocks.map(lambda b: b[1].shape[0]).sum()
             Rs, subs = refine_rotations(sc, blocks, n, Cs, Rs, mus, subs,
-                                        rotation_refinement_iters, rng.randint(2 ** 31), depth)
+                                        rotation_refinement_iters, rng.randint(2 ** 31), depth,
+                                        rotation_shrinkage)
             timings["rotation refinement"] = time.time() - start
     for name, seconds in timings.items():
         logger.info("%s: %.2f s", name, seconds)
