@@ -420,6 +420,6 @@ def test_grouped_batch_with_threads_and_a_huge_quota_equals_one_query_at_a_time(
     searcher = LOPQSearcher(model)
     searcher.add_data(X)
     batch = searcher.search_batch(X[:30], quota=10 ** 9, limit=5, threads=2)
-    for x, (ids, dists) in zip(X[:30], batch):
+    for x, (_, dists) in zip(X[:30], batch):
         one = searcher.search(x, quota=10 ** 9, limit=5, with_dists=True)[0]
         np.testing.assert_allclose(dists, [r.dist for r in one], rtol=1e-4, atol=1e-4)
