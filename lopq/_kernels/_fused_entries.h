@@ -35,11 +35,14 @@
            ptrdiff_t h, const float *booksT, int half_m, ptrdiff_t S, float *r, float *px, \
            float *table),                                                                  \
           (x, centroid, mu, RT, h, booksT, half_m, S, r, px, table), )                    \
-    ENTRY(int, lopq_tables_grouped,                                                        \
+    ENTRY(int, lopq_project_rows,                                                          \
           (const float *res, ptrdiff_t n, ptrdiff_t h, const float *RT, ptrdiff_t hp,      \
-           const float *CBTm2, ptrdiff_t half_m, ptrdiff_t ds, ptrdiff_t Sp,               \
-           const float *cb_sqnorm, ptrdiff_t S, float *const *tables),                     \
-          (res, n, h, RT, hp, CBTm2, half_m, ds, Sp, cb_sqnorm, S, tables), return)
+           float *const *out),                                                             \
+          (res, n, h, RT, hp, out), return)                                                \
+    ENTRY(int, lopq_tables_rows,                                                           \
+          (const float *P, ptrdiff_t n, ptrdiff_t hp, const float *CBTm2, ptrdiff_t half_m, \
+           ptrdiff_t ds, ptrdiff_t Sp, const float *cb_sqnorm, ptrdiff_t S, float *tables), \
+          (P, n, hp, CBTm2, half_m, ds, Sp, cb_sqnorm, S, tables), return)
 
 #define LOPQ_CAT2(a, b) a##_##b
 #define LOPQ_CAT(a, b) LOPQ_CAT2(a, b)

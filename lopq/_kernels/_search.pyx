@@ -23,10 +23,11 @@ cdef extern from "_fused_api.h" nogil:
     void lopq_query_table(const float *x, const float *centroid, const float *mu,
                           const float *RT, Py_ssize_t h, const float *booksT, int half_m,
                           Py_ssize_t S, float *r, float *px, float *table)
-    int lopq_tables_grouped(const float *res, Py_ssize_t n, Py_ssize_t h, const float *RT,
-                            Py_ssize_t hp, const float *CBTm2, Py_ssize_t half_m,
-                            Py_ssize_t ds, Py_ssize_t Sp, const float *cb_sqnorm,
-                            Py_ssize_t S, float *const *tables)
+    int lopq_project_rows(const float *res, Py_ssize_t n, Py_ssize_t h, const float *RT,
+                          Py_ssize_t hp, float *const *out)
+    int lopq_tables_rows(const float *P, Py_ssize_t n, Py_ssize_t hp, const float *CBTm2,
+                         Py_ssize_t half_m, Py_ssize_t ds, Py_ssize_t Sp,
+                         const float *cb_sqnorm, Py_ssize_t S, float *tables)
 
 #: The copy of the fused loops this module runs (see _cython.ISA).
 ISA = "avx2" if lopq_select_isa(os.environ.get("LOPQ_PORTABLE", "") != "1") else "portable"
@@ -540,10 +541,178 @@ cdef inline double _now() noexcept nogil:
     return t.tv_sec + 1e-9 * t.tv_nsec
 
 
-#: Distance tables one block of search_many_grouped may hold (bytes): the block's queries
-#: stop being added when their tables reach it (they are written, then read once by the
-#: scan, and should stay in the last-level cache).
-TABLE_BUDGET = 16 << 20
+#: Rotated residuals one block of the grouped search may hold (bytes): queries join the
+#: block until their (query, half-cluster) pairs fill it. Larger blocks read each
+#: rotation once for more queries; this one stays within the last-level cache.
+BLOCK_BUDGET = 16 << 20
+
+
+cdef struct Block:
+    # the block's queries: cells w.cells[cell_start[q]:cell_start[q + 1]], pairs
+    # [pair_start[q], pair_start[q + 1]) of which the first split0_pairs[q] are split 0
+    Py_ssize_t *cell_start
+    Py_ssize_t *pair_start
+    Py_ssize_t *split0_pairs
+    Py_ssize_t *totals
+    int *pair_key           # split * V + cluster
+    int *pair_query
+    Py_ssize_t key_cap
+    Py_ssize_t query_cap
+    int *order
+    int *key_start
+    float *res
+    Py_ssize_t res_cap
+    float *px
+    Py_ssize_t px_cap
+    float *tables
+    Py_ssize_t tables_cap
+    float **ptrs
+    Py_ssize_t order_cap
+    Py_ssize_t ptrs_cap
+    double t_tables
+    double t_scan
+
+
+cdef int _block_init(Block *b, int max_block, int V) noexcept nogil:
+    memset(b, 0, sizeof(Block))
+    b.cell_start = <Py_ssize_t *>malloc((max_block + 1) * sizeof(Py_ssize_t))
+    b.pair_start = <Py_ssize_t *>malloc((max_block + 1) * sizeof(Py_ssize_t))
+    b.split0_pairs = <Py_ssize_t *>malloc(max_block * sizeof(Py_ssize_t))
+    b.totals = <Py_ssize_t *>malloc(max_block * sizeof(Py_ssize_t))
+    b.key_start = <int *>malloc((2 * V + 1) * sizeof(int))
+    if not (b.cell_start and b.pair_start and b.split0_pairs and b.totals and b.key_start):
+        return -1
+    return 0
+
+
+cdef void _block_free(Block *b) noexcept nogil:
+    free(b.cell_start)
+    free(b.pair_start)
+    free(b.split0_pairs)
+    free(b.totals)
+    free(b.pair_key)
+    free(b.pair_query)
+    free(b.order)
+    free(b.key_start)
+    free(b.res)
+    free(b.px)
+    free(b.tables)
+    free(b.ptrs)
+
+
+cdef int _number_pairs(Work *w, Block *b, int qi, Py_ssize_t *n_pairs, int V) noexcept nogil:
+    """Number query qi's (query, half-cluster) pairs from its cells (split 0 first) and
+    point each cell at its two tables, relative to the query's first pair."""
+    cdef Py_ssize_t k, first_pair = n_pairs[0]
+    cdef Py_ssize_t need = first_pair + 2 * (b.cell_start[qi + 1] - b.cell_start[qi])
+    cdef int c
+    if (_grow(<void **>&b.pair_key, &b.key_cap, need, sizeof(int))
+            or _grow(<void **>&b.pair_query, &b.query_cap, need, sizeof(int))):
+        return -1
+    for c in range(V):
+        w.slot0[c] = -1
+        w.slot1[c] = -1
+    b.pair_start[qi] = first_pair
+    for k in range(b.cell_start[qi], b.cell_start[qi + 1]):
+        c = w.cells[k].c0
+        if w.slot0[c] < 0:
+            w.slot0[c] = <int>(n_pairs[0] - first_pair)
+            b.pair_key[n_pairs[0]] = c
+            b.pair_query[n_pairs[0]] = qi
+            n_pairs[0] += 1
+        w.cells[k].t0 = w.slot0[c]
+    b.split0_pairs[qi] = n_pairs[0] - first_pair
+    for k in range(b.cell_start[qi], b.cell_start[qi + 1]):
+        c = w.cells[k].c1
+        if w.slot1[c] < 0:
+            w.slot1[c] = <int>(n_pairs[0] - first_pair)
+            b.pair_key[n_pairs[0]] = V + c
+            b.pair_query[n_pairs[0]] = qi
+            n_pairs[0] += 1
+        w.cells[k].t1 = w.slot1[c]
+    b.pair_start[qi + 1] = n_pairs[0]
+    return 0
+
+
+cdef int _score_block(Work *w, Block *b, const float *Q, Py_ssize_t D, int nq,
+                      Py_ssize_t n_pairs, const float *Cs, const float *RTp, const float *mus,
+                      const float *CBTm2, const float *cb_sqnorm, int V, int h, Py_ssize_t hp,
+                      int half_m, Py_ssize_t ds, Py_ssize_t Sp, int S, const code_t *fine,
+                      int limit, long long *out_rows, float *out_dists) noexcept nogil:
+    """Tables and scan of a block of nq queries (rows of Q, D floats each) whose cells
+    and pairs are numbered: rotations grouped by half-cluster, then per query its tables,
+    its scan and its `limit` nearest into out_rows / out_dists (nq, limit)."""
+    cdef Py_ssize_t table_size = <Py_ssize_t>half_m * S, k, g, i, t, last, ps, n0, nqp
+    cdef Py_ssize_t split_c = <Py_ssize_t>V * h, split_b = <Py_ssize_t>half_m * ds * Sp
+    cdef int key, split, c, qi, kk, found
+    cdef const float *x
+    cdef const float *centre
+    cdef const float *mean
+    cdef double t0 = _now()
+    # 1. group the pairs by half-cluster; rotate each group's residuals together
+    if (_grow(<void **>&b.order, &b.order_cap, n_pairs + 1, sizeof(int))
+            or _grow(<void **>&b.ptrs, &b.ptrs_cap, n_pairs + 1, sizeof(float *))
+            or _grow(<void **>&b.px, &b.px_cap, n_pairs * hp, sizeof(float))):
+        return -1
+    for key in range(2 * V + 1):
+        b.key_start[key] = 0
+    for k in range(n_pairs):
+        b.key_start[b.pair_key[k] + 1] += 1
+    for key in range(2 * V):
+        b.key_start[key + 1] += b.key_start[key]
+    for k in range(n_pairs):  # counting sort; key_start[key] ends at its group's end
+        b.order[b.key_start[b.pair_key[k]]] = <int>k
+        b.key_start[b.pair_key[k]] += 1
+    g = 0
+    for key in range(2 * V):
+        last = b.key_start[key]
+        if last == g:
+            continue
+        split = key // V
+        c = key % V
+        if _grow(<void **>&b.res, &b.res_cap, (last - g) * h, sizeof(float)):
+            return -1
+        centre = Cs + split * split_c + <Py_ssize_t>c * h
+        mean = mus + split * split_c + <Py_ssize_t>c * h
+        for i in range(g, last):
+            x = Q + b.pair_query[b.order[i]] * D + split * h
+            for t in range(h):
+                b.res[(i - g) * h + t] = x[t] - centre[t] - mean[t]
+            b.ptrs[i] = b.px + b.order[i] * hp
+        if lopq_project_rows(b.res, last - g, h,
+                             RTp + (split * <Py_ssize_t>V + c) * h * hp, hp, b.ptrs + g):
+            return -1
+        g = last
+    b.t_tables += _now() - t0
+    # 2. per query: its tables, the scan while they are in cache, its top `limit`
+    for qi in range(nq):
+        t0 = _now()
+        ps = b.pair_start[qi]
+        nqp = b.pair_start[qi + 1] - ps
+        n0 = b.split0_pairs[qi]
+        if _grow(<void **>&b.tables, &b.tables_cap, nqp * table_size, sizeof(float)):
+            return -1
+        if (lopq_tables_rows(b.px + ps * hp, n0, hp, CBTm2, half_m, ds, Sp, cb_sqnorm, S,
+                             b.tables)
+                or lopq_tables_rows(b.px + (ps + n0) * hp, nqp - n0, hp, CBTm2 + split_b,
+                                    half_m, ds, Sp, cb_sqnorm + half_m * Sp, S,
+                                    b.tables + n0 * table_size)):
+            return -1
+        b.t_tables += _now() - t0
+        t0 = _now()
+        if _scan(w, w.cells + b.cell_start[qi], b.cell_start[qi + 1] - b.cell_start[qi],
+                 b.tables, table_size, half_m, S, fine, b.totals[qi]):
+            return -1
+        found = _top_k(w.dists, b.totals[qi], limit, w.top)
+        for kk in range(limit):
+            if kk < found:
+                out_rows[qi * limit + kk] = w.rows[w.top[kk].index]
+                out_dists[qi * limit + kk] = w.top[kk].dist
+            else:
+                out_rows[qi * limit + kk] = -1
+                out_dists[qi * limit + kk] = INFINITY
+        b.t_scan += _now() - t0
+    return 0
 
 
 def search_many_grouped(const float[:, ::1] Q,          # IN (q, D) queries
@@ -561,167 +730,191 @@ def search_many_grouped(const float[:, ::1] Q,          # IN (q, D) queries
                         float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
                         int[::1] out_visited,            # OUT (q,) visited cells
                         double[::1] out_seconds):        # OUT (3,) += traversal, tables, scan
-    """`search_many` with the distance tables of a block of queries built together: the
-    block's (query, half-cluster) pairs are grouped by half-cluster, and each group's
-    rotations and tables run as one GEMM-shaped pass (`lopq_tables_grouped`), so a
-    rotation is read from memory once per block instead of once per query. Blocks hold
-    at most ``max_block`` queries and `TABLE_BUDGET` bytes of tables. Same retrieval as
-    `search_many`; distances equal up to float rounding (tables from the expanded
-    square)."""
+    """`search_many` with the rotations of a block of queries computed together.
+
+    1. Traverse each query of the block; number its (query, half-cluster) pairs, split 0
+       first. 2. Group the block's pairs by half-cluster and rotate each group's
+    residuals in one GEMM-shaped pass (`lopq_project_rows`): each rotation is read once
+    per block instead of once per query, which is what the one-query path spends its
+    time on at large D and V. 3. Per query, its distance tables from its rotated
+    residuals (`lopq_tables_rows`, codebooks shared by the split), then the ADC scan
+    while the tables are in cache, then its top ``limit``. Blocks hold at most
+    ``max_block`` queries and `BLOCK_BUDGET` bytes of rotated residuals. Same retrieval
+    as `search_many`; distances equal up to float rounding (expanded square).
+    """
     cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = CBTm2.shape[1]
     cdef Py_ssize_t ds = CBTm2.shape[2], Sp = CBTm2.shape[3], hp = RTp.shape[3]
-    cdef Py_ssize_t table_size = <Py_ssize_t>half_m * S
-    cdef Py_ssize_t max_pairs = max(2, TABLE_BUDGET // (4 * table_size))
-    cdef Py_ssize_t n_cells, n_pairs, k, g, i, t, first, last, qi, nq
-    cdef Py_ssize_t key_cap = 0, query_cap = 0, res_cap = 0, tables_cap = 0
-    cdef int visited, found, key, split, c, failed = 0, kk
+    cdef Py_ssize_t D = Q.shape[1], max_pairs = max(2, BLOCK_BUDGET // (4 * hp))
+    cdef Py_ssize_t n_cells, n_pairs, first
+    cdef int failed = 0, nq, qi
+    cdef double t0, t_traverse = 0
     cdef Work w
-    cdef int *pair_key = NULL
-    cdef int *pair_query = NULL
-    cdef int *order = NULL
-    cdef int *key_start = NULL
-    cdef Py_ssize_t *cell_start = NULL
-    cdef Py_ssize_t *totals = NULL
-    cdef int *visits = NULL
-    cdef float *res = NULL
-    cdef float *tables = NULL
-    cdef float **ptrs = NULL
-    cdef const float *x
-    cdef const float *centre
-    cdef const float *mean
-    cdef double t0, t_traverse = 0, t_tables = 0, t_scan = 0
+    cdef Block b
     if Q.shape[0] == 0:
         return
     if max_block < 1:
         raise ValueError(f"max_block must be >= 1, got {max_block}")
     with nogil:
-        if _work_init(&w, V, h) != 0:
-            failed = 1
-        else:
+        failed = _work_init(&w, V, h) != 0
+        failed = _block_init(&b, max_block, V) != 0 or failed
+        if not failed:
             w.top = <Keyed *>malloc(limit * sizeof(Keyed))
-            cell_start = <Py_ssize_t *>malloc((max_block + 1) * sizeof(Py_ssize_t))
-            totals = <Py_ssize_t *>malloc(max_block * sizeof(Py_ssize_t))
-            visits = <int *>malloc(max_block * sizeof(int))
-            key_start = <int *>malloc((2 * V + 1) * sizeof(int))
-            if not (w.top and cell_start and totals and visits and key_start):
-                failed = 1
+            failed = w.top == NULL
         first = 0
         while first < Q.shape[0] and not failed:
-            # 1. traverse the block's queries; number each query's half-clusters (pairs)
             t0 = _now()
             n_cells = 0
             n_pairs = 0
             nq = 0
             while first + nq < Q.shape[0] and nq < max_block and n_pairs < max_pairs:
-                x = &Q[first + nq, 0]
-                cell_start[nq] = n_cells
-                if _traverse(&w, x, &CsT[0, 0, 0], V, h, &offsets[0], quota, &w.cells,
-                             &n_cells, &w.cells_cap, &totals[nq], &visits[nq]):
+                b.cell_start[nq] = n_cells
+                if _traverse(&w, &Q[first + nq, 0], &CsT[0, 0, 0], V, h, &offsets[0], quota,
+                             &w.cells, &n_cells, &w.cells_cap, &b.totals[nq],
+                             &out_visited[first + nq]):
                     failed = 1
                     break
-                for c in range(V):
-                    w.slot0[c] = -1
-                    w.slot1[c] = -1
-                k = n_pairs + 2 * (n_cells - cell_start[nq])  # at most 2 new pairs a cell
-                if (_grow(<void **>&pair_key, &key_cap, k, sizeof(int))
-                        or _grow(<void **>&pair_query, &query_cap, k, sizeof(int))):
+                b.cell_start[nq + 1] = n_cells
+                if _number_pairs(&w, &b, nq, &n_pairs, V):
                     failed = 1
                     break
-                for k in range(cell_start[nq], n_cells):
-                    c = w.cells[k].c0
-                    if w.slot0[c] < 0:
-                        w.slot0[c] = <int>n_pairs
-                        pair_key[n_pairs] = c
-                        pair_query[n_pairs] = <int>nq
-                        n_pairs += 1
-                    c = w.cells[k].c1
-                    if w.slot1[c] < 0:
-                        w.slot1[c] = <int>n_pairs
-                        pair_key[n_pairs] = V + c
-                        pair_query[n_pairs] = <int>nq
-                        n_pairs += 1
-                    w.cells[k].t0 = w.slot0[w.cells[k].c0]
-                    w.cells[k].t1 = w.slot1[w.cells[k].c1]
+                nq += 1
+            t_traverse += _now() - t0
+            if failed:
+                break
+            if _score_block(&w, &b, &Q[first, 0], D, nq, n_pairs, &Cs[0, 0, 0],
+                            &RTp[0, 0, 0, 0], &mus[0, 0, 0], &CBTm2[0, 0, 0, 0],
+                            &cb_sqnorm[0, 0, 0], V, h, hp, half_m, ds, Sp, S, &fine[0, 0],
+                            limit, &out_rows[first, 0], &out_dists[first, 0]):
+                failed = 1
+            first += nq
+        _work_free(&w)
+        _block_free(&b)
+    out_seconds[0] += t_traverse
+    out_seconds[1] += b.t_tables
+    out_seconds[2] += b.t_scan
+    if failed:
+        raise MemoryError("out of memory in the search kernel")
+
+
+def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
+                         const long long[::1] cell_ptr,   # IN (q + 1,) each query's cells
+                         const int[:, ::1] cells,         # IN (c, 2) coarse pair of a cell
+                         const long long[:, ::1] ranges,  # IN (c, 2) its rows fine[lo:hi]
+                         const float[:, :, ::1] Cs,       # IN (2, V, h)
+                         const float[:, :, :, ::1] RTp,   # IN (2, V, h, hp) R^T, padded
+                         const float[:, :, ::1] mus,      # IN (2, V, h)
+                         const float[:, :, :, ::1] CBTm2,  # IN (2, M/2, ds, Sp) -2 books^T
+                         const float[:, :, ::1] cb_sqnorm,  # IN (2, M/2, Sp) squared norms
+                         int S,                           # IN codebook size (S <= Sp)
+                         const code_t[:, ::1] fine,       # IN (n, M) codes
+                         int limit, int max_block,
+                         long long[:, ::1] out_rows,      # OUT (q, limit) rows, -1 padded
+                         float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
+                         double[::1] out_seconds):        # OUT (3,) += 0, tables, scan
+    """The `limit` nearest rows of given cells for each query: the grouped tables and the
+    scan of `search_many_grouped`, on cells chosen elsewhere (a Spark partition holds
+    some cells of the index; its queries say which of them they visit)."""
+    cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = CBTm2.shape[1]
+    cdef Py_ssize_t ds = CBTm2.shape[2], Sp = CBTm2.shape[3], hp = RTp.shape[3]
+    cdef Py_ssize_t D = Q.shape[1], max_pairs = max(2, BLOCK_BUDGET // (4 * hp))
+    cdef Py_ssize_t n_cells, n_pairs, first, k, lo, hi
+    cdef int failed = 0, nq
+    cdef Work w
+    cdef Block b
+    if Q.shape[0] == 0:
+        return
+    if max_block < 1:
+        raise ValueError(f"max_block must be >= 1, got {max_block}")
+    if cell_ptr.shape[0] != Q.shape[0] + 1 or cells.shape[0] != ranges.shape[0]:
+        raise ValueError("cell_ptr must have one more entry than queries, and cells and "
+                         "ranges one row per cell")
+    if cell_ptr[0] != 0 or cell_ptr[Q.shape[0]] != cells.shape[0]:
+        raise ValueError("cell_ptr must run from 0 to the number of cells")
+    for k in range(cells.shape[0]):
+        if not (0 <= cells[k, 0] < V and 0 <= cells[k, 1] < V):
+            raise ValueError(f"cell {k}: coarse clusters {cells[k, 0]}, {cells[k, 1]} out of "
+                             f"range for V={V}")
+        if not (0 <= ranges[k, 0] <= ranges[k, 1] <= fine.shape[0]):
+            raise ValueError(f"cell {k}: rows {ranges[k, 0]}:{ranges[k, 1]} out of range for "
+                             f"{fine.shape[0]} codes")
+    with nogil:
+        failed = _work_init(&w, V, h) != 0
+        failed = _block_init(&b, max_block, V) != 0 or failed
+        if not failed:
+            w.top = <Keyed *>malloc(limit * sizeof(Keyed))
+            failed = w.top == NULL
+        first = 0
+        while first < Q.shape[0] and not failed:
+            n_cells = 0
+            n_pairs = 0
+            nq = 0
+            while first + nq < Q.shape[0] and nq < max_block and n_pairs < max_pairs:
+                lo = cell_ptr[first + nq]
+                hi = cell_ptr[first + nq + 1]
+                if _grow(<void **>&w.cells, &w.cells_cap, n_cells + hi - lo, sizeof(Cell)):
+                    failed = 1
+                    break
+                b.cell_start[nq] = n_cells
+                b.totals[nq] = 0
+                for k in range(lo, hi):
+                    w.cells[n_cells].c0 = cells[k, 0]
+                    w.cells[n_cells].c1 = cells[k, 1]
+                    w.cells[n_cells].lo = ranges[k, 0]
+                    w.cells[n_cells].hi = ranges[k, 1]
+                    b.totals[nq] += ranges[k, 1] - ranges[k, 0]
+                    n_cells += 1
+                b.cell_start[nq + 1] = n_cells
+                if _number_pairs(&w, &b, nq, &n_pairs, V):
+                    failed = 1
+                    break
                 nq += 1
             if failed:
                 break
-            cell_start[nq] = n_cells
-            t_traverse += _now() - t0
-            # 2. group the pairs by half-cluster; one tables pass per group
-            t0 = _now()
-            order = <int *>realloc(order, (n_pairs + 1) * sizeof(int))
-            ptrs = <float **>realloc(ptrs, (n_pairs + 1) * sizeof(float *))
-            if (order == NULL or ptrs == NULL
-                    or _grow(<void **>&tables, &tables_cap, n_pairs * table_size,
-                             sizeof(float))):
+            if _score_block(&w, &b, &Q[first, 0], D, nq, n_pairs, &Cs[0, 0, 0],
+                            &RTp[0, 0, 0, 0], &mus[0, 0, 0], &CBTm2[0, 0, 0, 0],
+                            &cb_sqnorm[0, 0, 0], V, h, hp, half_m, ds, Sp, S, &fine[0, 0],
+                            limit, &out_rows[first, 0], &out_dists[first, 0]):
                 failed = 1
-                break
-            for key in range(2 * V + 1):
-                key_start[key] = 0
-            for k in range(n_pairs):
-                key_start[pair_key[k] + 1] += 1
-            for key in range(2 * V):
-                key_start[key + 1] += key_start[key]
-            for k in range(n_pairs):  # counting sort; key_start[key] ends at its group's end
-                order[key_start[pair_key[k]]] = <int>k
-                key_start[pair_key[k]] += 1
-            g = 0
-            for key in range(2 * V):
-                last = key_start[key]
-                if last == g:
-                    continue
-                split = key // V
-                c = key % V
-                if _grow(<void **>&res, &res_cap, (last - g) * h, sizeof(float)):
-                    failed = 1
-                    break
-                centre = &Cs[split, c, 0]
-                mean = &mus[split, c, 0]
-                for i in range(g, last):
-                    x = &Q[first + pair_query[order[i]], split * h]
-                    for t in range(h):
-                        res[(i - g) * h + t] = x[t] - centre[t] - mean[t]
-                    ptrs[i] = tables + order[i] * table_size
-                if lopq_tables_grouped(res, last - g, h, &RTp[split, c, 0, 0], hp,
-                                       &CBTm2[split, 0, 0, 0], half_m, ds, Sp,
-                                       &cb_sqnorm[split, 0, 0], S, ptrs + g):
-                    failed = 1
-                    break
-                g = last
-            if failed:
-                break
-            t_tables += _now() - t0
-            # 3. scan each query's cells with its tables, keep its `limit` nearest
-            t0 = _now()
-            for qi in range(nq):
-                if _scan(&w, w.cells + cell_start[qi], cell_start[qi + 1] - cell_start[qi],
-                         tables, table_size, half_m, S, &fine[0, 0], totals[qi]):
-                    failed = 1
-                    break
-                found = _top_k(w.dists, totals[qi], limit, w.top)
-                for kk in range(limit):
-                    if kk < found:
-                        out_rows[first + qi, kk] = w.rows[w.top[kk].index]
-                        out_dists[first + qi, kk] = w.top[kk].dist
-                    else:
-                        out_rows[first + qi, kk] = -1
-                        out_dists[first + qi, kk] = INFINITY
-                out_visited[first + qi] = visits[qi]
-            t_scan += _now() - t0
             first += nq
         _work_free(&w)
-        free(pair_key)
-        free(pair_query)
-        free(order)
-        free(key_start)
-        free(cell_start)
-        free(totals)
-        free(visits)
-        free(res)
-        free(tables)
-        free(ptrs)
-    out_seconds[0] += t_traverse
-    out_seconds[1] += t_tables
-    out_seconds[2] += t_scan
+        _block_free(&b)
+    out_seconds[1] += b.t_tables
+    out_seconds[2] += b.t_scan
     if failed:
         raise MemoryError("out of memory in the search kernel")
+
+
+def visited_cells(const float[:, ::1] Q,          # IN (q, D) queries
+                  const float[:, :, ::1] CsT,      # IN (2, h, V) transposed centroids
+                  const long long[::1] offsets,    # IN (V*V + 1,) cell offsets (from sizes)
+                  long long quota):
+    """The non-empty cells each query's multi-sequence visits until >= quota rows (the
+    traversal of `search`).
+
+    Returns:
+        cell_ptr (q + 1,) int64, cells (c, 2) int32 coarse pairs in visiting order.
+    """
+    cdef int V = CsT.shape[2], h = CsT.shape[1], failed = 0, visited
+    cdef Py_ssize_t n_cells = 0, q, total, k
+    cdef Work w
+    cell_ptr = np.zeros(Q.shape[0] + 1, dtype=np.int64)
+    cdef long long[::1] ptr = cell_ptr
+    with nogil:
+        failed = _work_init(&w, V, h) != 0
+        for q in range(Q.shape[0]):
+            if failed:
+                break
+            if _traverse(&w, &Q[q, 0], &CsT[0, 0, 0], V, h, &offsets[0], quota, &w.cells,
+                         &n_cells, &w.cells_cap, &total, &visited):
+                failed = 1
+            ptr[q + 1] = n_cells
+    try:
+        if failed:
+            raise MemoryError("out of memory in the search kernel")
+        cells = np.empty((n_cells, 2), dtype=np.int32)
+        for k in range(n_cells):
+            cells[k, 0] = w.cells[k].c0
+            cells[k, 1] = w.cells[k].c1
+        return cell_ptr, cells
+    finally:
+        _work_free(&w)

@@ -1,0 +1,377 @@
+"""Batch nearest-neighbour search and near-duplicate joins on Spark, routed by cells.
+
+`LOPQSearcher.search(x, quota, limit=k)` on codes that do not fit one machine, for a batch
+of queries. A batch runs as:
+
+1. **Cell sizes.** One pass counts the codes of each of the V*V cells (a V*V int64 array on
+   the driver, broadcast).
+2. **Shards.** Cells in id order are packed into shards of about ``rows_per_shard``
+   codes; a cell with more codes than that (a skewed cell) is split over several shards,
+   its codes assigned by a hash of their id. One shard is one partition of the join.
+3. **Routing.** Each query runs the searcher's multi-sequence traversal on the global
+   cell sizes (the compiled `visited_cells`) and lists the cells it visits until the
+   quota; it is sent once to each shard holding some of them, with that shard's cells.
+   No query goes to a shard it does not visit; no code goes to more than one shard.
+4. **Scoring.** Codes and routed queries meet in one shuffle; each partition indexes its
+   codes by cell (an `LOPQSearcher`) and scores its queries on exactly their cells with
+   the grouped-table kernel of `search_batch` (`search_cells_grouped`).
+5. **Merge.** Each query's per-shard top k are merged (``reduceByKey``).
+
+Retrieval is the searcher's (whole cells in multi-sequence order until the quota);
+distances are the same LOPQ distances up to float rounding, so equal-distance ties may
+come out in another order.
+"""
+
+import logging
+import zlib
+
+import numpy as np
+
+from ..model import LOPQModel
+from .data import DataError
+from .session import as_context
+
+logger = logging.getLogger(__name__)
+
+#: Codes per shard (one task of the scoring stage) when the caller does not say.
+ROWS_PER_SHARD = 250_000
+#: Candidates per query and shard kept for exact re-ranking, as a multiple of k.
+RERANK_FACTOR = 4
+
+
+# ---------------------------------------------------------------------------- codes
+def _check_code_arrays(ids, coarse, fine, V, M, S, where):
+    if len(ids) == 0:
+        return
+    if fine.shape[1] != M:
+        raise DataError(f"{where}: codes of {fine.shape[1]} fine values, but the model has "
+                        f"M={M}: the codes come from another model")
+    for name, values, bound in (("coarse", coarse, V), ("fine", fine, S)):
+        bad = np.flatnonzero(((values < 0) | (values >= bound)).any(axis=1))
+        if bad.size:
+            raise DataError(f"{where}: id {ids[bad[0]]!r} has {name} codes "
+                            f"{values[bad[0]].tolist()} out of range for the model "
+                            f"({'V' if name == 'coarse' else 'S'}={bound}): the codes come "
+                            "from another model")
+
+
+def _id_value(key):
+    """Code ids as `LOPQSearcher.from_codes` gives them: ints where the text is one."""
+    return int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
+
+
+def load_codes(sc, path, model, codes_format="text"):
+    """The codes of `compute_codes` output as an RDD of per-partition arrays
+    ``(ids list, coarse (n, 2) int32, fine (n, M) uint8/uint16)``, checked against the
+    model (M, V and S) on the executors.
+
+    Args:
+        path: a folder of text part files (``id<TAB>[[c0, c1], [f...]]``) or, with
+            ``codes_format="parquet"``, a table with ``id``, ``coarse``, ``fine`` columns.
+    """
+    from ..formats import parse_code_lines
+    from ..search import kernels
+    sc = as_context(sc)
+    V, M, S = model.V, model.M, model.subquantizer_clusters
+    dtype = kernels.code_dtype(S)
+    source = str(path)
+    if codes_format == "text":
+        from . import fs
+        try:
+            fs.input_files(sc, source, "--codes")
+        except FileNotFoundError as err:
+            raise DataError(str(err)) from None
+
+        def parse(index, lines):
+            where = f"--codes {source} (partition {index})"
+            keys, coarse, fine = parse_code_lines(lines, where)
+            if not keys:
+                return
+            ids = [_id_value(k) for k in keys]
+            _check_code_arrays(ids, coarse, fine, V, M, S, where)
+            yield ids, coarse.astype(np.int32), fine.astype(dtype)
+        return sc.textFile(source).mapPartitionsWithIndex(parse)
+    from pyspark.sql import SparkSession
+
+    from .data import read_table
+    spark = SparkSession.builder.getOrCreate()
+    df = read_table(spark, sc, source, codes_format)
+    missing = [c for c in ("id", "coarse", "fine") if c not in df.columns]
+    if missing:
+        raise DataError(f"--codes {source}: no column(s) {', '.join(missing)} (columns: "
+                        f"{', '.join(df.columns)}); expected compute_codes output")
+
+    def rows(index, items):
+        where = f"--codes {source} (partition {index})"
+        ids, coarse, fine = [], [], []
+        for row in items:
+            ids.append(_id_value(row[0]))
+            coarse.append(row[1])
+            fine.append(row[2])
+        if not ids:
+            return
+        try:
+            coarse = np.asarray(coarse, dtype=np.int64).reshape(len(ids), 2)
+            fine = np.asarray(fine, dtype=np.int64).reshape(len(ids), -1)
+        except (ValueError, TypeError):
+            raise DataError(f"{where}: coarse must hold 2 ints and fine M ints in every "
+                            "row") from None
+        _check_code_arrays(ids, coarse, fine, V, M, S, where)
+        yield ids, coarse.astype(np.int32), fine.astype(dtype)
+    return df.select("id", "coarse", "fine").rdd.mapPartitionsWithIndex(rows)
+
+
+def cell_sizes(codes, V):
+    """Codes per cell, (V*V,) int64, from an RDD of `load_codes` arrays."""
+    def count(parts):
+        total = np.zeros(V * V, dtype=np.int64)
+        for _, coarse, _ in parts:
+            total += np.bincount(coarse[:, 0].astype(np.int64) * V + coarse[:, 1],
+                                 minlength=V * V)
+        yield total
+    return codes.mapPartitions(count).treeReduce(np.add, depth=2)
+
+
+# ---------------------------------------------------------------------------- shards
+def plan_shards(sizes, rows_per_shard=ROWS_PER_SHARD):
+    """Pack cells into shards of about ``rows_per_shard`` codes.
+
+    Args:
+        sizes: (V*V,) codes per cell.
+
+    Returns:
+        first (V*V,) int64 first shard of each cell, count (V*V,) int64 shards of each
+        cell (1, or more for a cell larger than ``rows_per_shard``), number of shards.
+    """
+    rows_per_shard = max(1, int(rows_per_shard))
+    first = np.zeros(len(sizes), dtype=np.int64)
+    count = np.ones(len(sizes), dtype=np.int64)
+    shard, fill = 0, 0
+    for cell in np.flatnonzero(sizes):
+        size = int(sizes[cell])
+        if size > rows_per_shard:  # a skewed cell: shards of its own
+            if fill:
+                shard, fill = shard + 1, 0
+            first[cell] = shard
+            count[cell] = -(-size // rows_per_shard)
+            shard += int(count[cell])
+            continue
+        if fill and fill + size > rows_per_shard:
+            shard, fill = shard + 1, 0
+        first[cell] = shard
+        fill += size
+    return first, count, shard + (1 if fill else 0) or 1
+
+
+def _shard_of_codes(ids, cells, first, count):
+    """Shard of each code: its cell's, or for a split cell one of its shards by id hash."""
+    shards = first[cells].copy()
+    split = np.flatnonzero(count[cells] > 1)
+    for i in split:
+        shards[i] += zlib.crc32(str(ids[i]).encode("utf-8")) % int(count[cells[i]])
+    return shards
+
+
+# ---------------------------------------------------------------------------- routing
+def visited_cells(model, Q, offsets, quota):
+    """The non-empty cells each query visits until >= quota codes, in visiting order:
+    ``cell_ptr (q + 1,) int64``, ``cells (c, 2) int32`` (the compiled traversal of
+    `LOPQSearcher.search`; its Python multi-sequence when the extension is missing)."""
+    from ..search import kernels, multisequence
+    compiled = kernels.compiled_search()
+    Q = np.ascontiguousarray(Q, dtype=np.float32)
+    if compiled is not None:
+        CsT = np.ascontiguousarray(model.Cs.transpose(0, 2, 1))
+        return compiled.visited_cells(Q, CsT, offsets, int(quota))
+    V = model.V
+    ptr, cells = [0], []
+    for x in Q:
+        total = 0
+        for _, (c0, c1) in multisequence(x, model.Cs):
+            size = offsets[c0 * V + c1 + 1] - offsets[c0 * V + c1]
+            if size:
+                cells.append((c0, c1))
+                total += size
+            if total >= quota:
+                break
+        ptr.append(len(cells))
+    return np.asarray(ptr, dtype=np.int64), np.asarray(cells, dtype=np.int32).reshape(-1, 2)
+
+
+def _route_queries(model_bc, plan_bc, quota):
+    def run(blocks):
+        model = model_bc.value
+        offsets, first, count = plan_bc.value
+        V = model.V
+        for ids, X in blocks:
+            ptr, cells = visited_cells(model, X, offsets, quota)
+            cell_ids = cells[:, 0].astype(np.int64) * V + cells[:, 1]
+            for q, key in enumerate(ids):
+                mine = cell_ids[ptr[q]:ptr[q + 1]]
+                by_shard = {}
+                for cell in mine.tolist():
+                    for shard in range(first[cell], first[cell] + count[cell]):
+                        by_shard.setdefault(int(shard), []).append(cell)
+                for shard, shard_cells in by_shard.items():
+                    yield shard, ("q", key, X[q], np.asarray(shard_cells, dtype=np.int64))
+    return run
+
+
+def _route_codes(plan_bc, V, vectors=False):
+    def run(parts):
+        _, first, count = plan_bc.value
+        for part in parts:
+            ids, coarse, fine = part[:3]
+            cells = coarse[:, 0].astype(np.int64) * V + coarse[:, 1]
+            shards = _shard_of_codes(ids, cells, first, count)
+            order = np.argsort(shards, kind="stable")
+            bounds = np.flatnonzero(np.diff(shards[order])) + 1
+            for rows in np.split(order, bounds):
+                if rows.size == 0:
+                    continue
+                item = ("c", [ids[i] for i in rows], coarse[rows], fine[rows])
+                if vectors:
+                    item += (part[3][rows],)
+                yield int(shards[rows[0]]), item
+    return run
+
+
+# ---------------------------------------------------------------------------- scoring
+def _score_partition(model_bc, k, exclude_self, rerank, max_distance):
+    """Score the queries of one shard on its codes; yields (query id, (dists, ids))."""
+    from ..search import LOPQSearcher
+
+    def run(records):
+        model = model_bc.value
+        code_parts, queries = [], []
+        for _, item in records:
+            (code_parts if item[0] == "c" else queries).append(item)
+        if not queries or not code_parts:
+            return
+        ids = np.empty(sum(len(p[1]) for p in code_parts), dtype=object)
+        ids[:] = [i for p in code_parts for i in p[1]]
+        coarse = np.concatenate([p[2] for p in code_parts])
+        fine = np.concatenate([p[3] for p in code_parts])
+        vectors = np.concatenate([p[4] for p in code_parts]) if rerank else None
+        searcher = LOPQSearcher(model)
+        order = searcher._set_arrays(coarse, fine, ids)
+        if rerank:
+            vectors = vectors[order]
+        Q = np.stack([q[2] for q in queries]).astype(np.float32)
+        cell_lists = [q[3] for q in queries]
+        limit = k + (1 if exclude_self else 0)
+        candidates = limit * RERANK_FACTOR if rerank else limit
+        rows, dists = searcher.score_cells(Q, cell_lists, candidates)
+        for q, query in enumerate(queries):
+            keep = rows[q] >= 0
+            r, d = rows[q][keep], dists[q][keep]
+            if rerank:
+                d = ((vectors[r] - Q[q]) ** 2).sum(axis=1).astype(np.float32)
+                best = np.argsort(d, kind="stable")
+                r, d = r[best], d[best]
+            found = searcher.ids[r]
+            if exclude_self:
+                mine = found != query[1]
+                found, d = found[mine], d[mine]
+            if max_distance is not None:
+                close = d <= max_distance
+                found, d = found[close], d[close]
+            yield query[1], (d[:k], list(found[:k]))
+    return run
+
+
+def _merge_top(k):
+    def merge(a, b):
+        dists = np.concatenate([a[0], b[0]])
+        ids = a[1] + b[1]
+        best = np.argsort(dists, kind="stable")[:k]
+        return dists[best], [ids[i] for i in best]
+    return merge
+
+
+def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SHARD,
+                 exclude_self=False, rerank_vectors=None, max_distance=None):
+    """Routed batch search: for every query, its k nearest indexed ids.
+
+    Args:
+        sc: SparkContext or SparkSession.
+        model: the `LOPQModel` the codes come from.
+        codes: RDD of ``(ids, coarse, fine)`` arrays (`load_codes`).
+        queries: RDD of ``(ids, X)`` blocks, X (b, D) float32 (`lopq.spark.load_blocks`
+            with ids).
+        k: neighbours per query; quota: codes retrieved per query (whole cells).
+        exclude_self: drop an indexed item whose id equals the query's (self join).
+        rerank_vectors: optional RDD of ``(ids, X)`` blocks of the indexed items'
+            original vectors: the candidates are re-ranked by exact squared distance.
+        max_distance: keep only neighbours at most this far (squared, as LOPQ ranks).
+
+    Returns:
+        RDD of ``(query_id, (dists (<=k,) float32, ids list))``, nearest first; queries
+        with no neighbour are absent.
+    """
+    sc = as_context(sc)
+    if int(k) <= 0:
+        raise ValueError(f"--k must be a positive number of neighbours, got {k}")
+    if int(quota) <= 0:
+        raise ValueError(f"--quota must be a positive number of codes, got {quota}")
+    V = model.V
+    sc.setJobDescription("lopq search: cell sizes")
+    sizes = cell_sizes(codes, V)
+    if sizes.sum() == 0:
+        raise DataError("the codes are empty: nothing to search")
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    first, count, n_shards = plan_shards(sizes, rows_per_shard)
+    logger.info("search: %d codes in %d non-empty cells, %d shard(s) of <= %d codes",
+                int(sizes.sum()), int(np.count_nonzero(sizes)), n_shards, rows_per_shard)
+    model_bc = sc.broadcast(model)
+    plan_bc = sc.broadcast((offsets, first, count))
+    routed_codes = codes
+    if rerank_vectors is not None:
+        routed_codes = _with_vectors(codes, rerank_vectors, model.D)
+    keyed_codes = routed_codes.mapPartitions(_route_codes(plan_bc, V,
+                                                          rerank_vectors is not None))
+    keyed_queries = queries.mapPartitions(_route_queries(model_bc, plan_bc, quota))
+    joined = keyed_codes.union(keyed_queries).partitionBy(n_shards, lambda shard: shard)
+    scored = joined.mapPartitions(_score_partition(model_bc, int(k), exclude_self,
+                                                   rerank_vectors is not None, max_distance))
+    return scored.reduceByKey(_merge_top(int(k)))
+
+
+def _with_vectors(codes, vectors, D):
+    """Codes joined with their items' vectors by id: RDD of (ids, coarse, fine, X)."""
+    def code_rows(parts):
+        for ids, coarse, fine in parts:
+            for i, key in enumerate(ids):
+                yield key, (coarse[i], fine[i])
+
+    def vector_rows(blocks):
+        for ids, X in blocks:
+            for i, key in enumerate(ids):
+                yield _id_value(key), X[i]
+
+    def blocks(items):
+        ids, coarse, fine, X = [], [], [], []
+        for key, (code, vector) in items:
+            ids.append(key)
+            coarse.append(code[0])
+            fine.append(code[1])
+            X.append(vector)
+        if ids:
+            yield ids, np.stack(coarse), np.stack(fine), np.stack(X).astype(np.float32)
+
+    joined = codes.mapPartitions(code_rows).join(vectors.mapPartitions(vector_rows))
+    return joined.mapPartitions(blocks)
+
+
+def decoded_queries(codes, model):
+    """The indexed items as queries: their LOPQ reconstructions, blocks ``(ids, X)``."""
+    def run(parts):
+        for ids, coarse, fine in parts:
+            yield ids, model.decode((coarse, fine)).astype(np.float32)
+    return codes.mapPartitions(run)
+
+
+def check_model_for_search(model):
+    if not isinstance(model, LOPQModel) or model.codebooks is None or model.Rs is None:
+        raise DataError("the model is not fully trained (it lacks coarse quantizers, "
+                        "rotations or subquantizers)")
