@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 SHARED = Path(os.environ.get("LOPQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
-PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "spark"]
+PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "spark",
+         "spark_search"]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SCALE = 1.0
 
@@ -787,6 +788,121 @@ def part_spark(res, quick):
                 res.add("spark", f"speed-up over the per-row approach, {name}",
                         ref_wall / wall, "x", V=V, M=M)
         _cluster_against_local(res, quick, tmp, sets[0][1] if split is not None else None)
+
+
+def _local_spark(cores=2):
+    from pyspark.sql import SparkSession
+    os.environ.update(_spark_env())
+    return (SparkSession.builder.master(f"local[{cores}]").appName("lopq benchmark")
+            .config("spark.driver.memory", "8g").getOrCreate())
+
+
+def _rdd_of_chunks(sc, arrays, chunk, slices):
+    """An RDD of tuples of row slices of ``arrays`` (chunk rows each)."""
+    n = len(arrays[0])
+    return sc.parallelize([tuple(a[i:i + chunk] for a in arrays)
+                           for i in range(0, n, chunk)], slices)
+
+
+def _lsh_curve(res, spark, base, queries, nns, params):
+    """MLlib BucketedRandomProjectionLSH over its settings (bucket length, hash tables):
+    approxSimilarityJoin of the queries with the base at a threshold covering the true
+    10th neighbour of 95% of the queries, then each query's 10 nearest pairs."""
+    from pyspark.ml.feature import BucketedRandomProjectionLSH
+    from pyspark.ml.linalg import Vectors
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from lopq.eval import recall_at
+    tenth = np.sqrt(((queries - base[nns[:, 9]]) ** 2).sum(axis=1))
+    threshold = float(np.percentile(tenth, 95))
+    base_df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in
+                                     enumerate(base)], "id long, features vector")
+    base_df = base_df.repartition(8).cache()
+    base_df.count()
+    query_df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in
+                                      enumerate(queries)], "id long, features vector")
+    spread = float(np.median(tenth))
+    for bucket in (0.5 * spread, spread, 2 * spread):
+        for tables in (1, 3, 6):
+            lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes",
+                                              bucketLength=bucket, numHashTables=tables,
+                                              seed=0).fit(base_df)
+            start = time.perf_counter()
+            pairs = lsh.approxSimilarityJoin(query_df, base_df, threshold, "dist").select(
+                F.col("datasetA.id").alias("q"), F.col("datasetB.id").alias("b"), "dist")
+            ranked = pairs.withColumn("rank", F.row_number().over(
+                Window.partitionBy("q").orderBy("dist"))).filter("rank <= 10").collect()
+            qps = len(queries) / (time.perf_counter() - start)
+            found = [[] for _ in range(len(queries))]
+            for row in sorted(ranked, key=lambda r: (r.q, r.rank)):
+                found[row.q].append(row.b)
+            r1, r10 = recall_at([np.array(f + [-1] * (10 - len(f))) for f in found],
+                                nns[:, 0], (1, 10))
+            res.add("spark_search", f"MLlib BucketedRandomProjectionLSH bucketLength="
+                    f"{bucket:.3g} numHashTables={tables}", qps, "queries/s", **params,
+                    curve="MLlib BRP LSH", threshold=round(threshold, 4),
+                    queries_searched=len(queries), recall_at_1=round(r1, 4),
+                    recall_at_10=round(r10, 4))
+    base_df.unpersist()
+
+
+def part_spark_search(res, quick):
+    """Spark search (lopq.spark.search, local[2]) against single-machine search_batch on
+    the same codes (both per core) and MLlib BucketedRandomProjectionLSH."""
+    from lopq import LOPQModel, LOPQSearcher
+    from lopq.eval import exact_neighbors, recall_at
+    from lopq.spark.search import search_codes
+    n = scaled(100_000 if quick else 1_000_000)
+    nq = 1000 if quick else 10_000
+    X = synthetic(n + nq, seed=11)
+    base, queries = X[:n], X[n:]
+    nns = exact_neighbors(queries, base, k=10)
+    V, M = (128, 16) if quick else (1024, 16)
+    cores = 2
+    params = dict(data=f"synthetic {n} x 128", n=n, queries=nq, V=V, M=M, cores=cores)
+    model = LOPQModel(V=V, M=M).fit(
+        base, n_init=1, random_state=0,
+        subquantizer_sample_ratio=min(1.0, SEARCH_SUBQUANTIZER_ROWS / n))
+    coarse, fine = model.encode(base)
+    searcher = LOPQSearcher(model)
+    searcher.add_codes((coarse, fine))
+    spark = _local_spark(cores)
+    sc = spark.sparkContext
+    codes = _rdd_of_chunks(sc, (list(range(n)), coarse.astype(np.int32), fine), 50_000,
+                           4 * cores).map(lambda t: (list(t[0]), t[1], t[2])).cache()
+    codes.count()
+    query_rdd = _rdd_of_chunks(sc, (list(range(nq)), queries), 1000, 4 * cores).map(
+        lambda t: (list(t[0]), t[1])).cache()
+    query_rdd.count()
+    quotas = (1000, 4000, 10000) if not quick else (500, 2000, 5000)
+    for quota in quotas:
+        start = time.perf_counter()
+        single = searcher.search_batch(queries, quota=quota, limit=10, threads=1)
+        single_qps = nq / (time.perf_counter() - start)
+        single_recall = recall_at([ids for ids, _ in single], nns[:, 0], (1, 10))
+        res.add("spark_search", f"single-machine search_batch, quota={quota}", single_qps,
+                "queries/s per core", **params, curve="lopq search_batch (1 core)",
+                quota=quota, recall_at_1=round(single_recall[0], 4),
+                recall_at_10=round(single_recall[1], 4))
+        start = time.perf_counter()
+        found = dict(search_codes(sc, model, codes, query_rdd, 10, quota,
+                                  rows_per_shard=max(1, n // (4 * cores))).collect())
+        wall = time.perf_counter() - start
+        ranked = [np.array(found[i][1] if i in found else [], dtype=np.int64) for i in
+                  range(nq)]
+        recall = recall_at([np.pad(r, (0, 10 - len(r)), constant_values=-1) for r in ranked],
+                           nns[:, 0], (1, 10))
+        res.add("spark_search", f"lopq Spark search (local[{cores}]), quota={quota}",
+                nq / wall, "queries/s", **params, curve=f"lopq Spark search (local[{cores}])",
+                quota=quota, recall_at_1=round(recall[0], 4),
+                recall_at_10=round(recall[1], 4), per_core=round(nq / wall / cores, 1),
+                per_core_vs_single=round(nq / wall / cores / single_qps, 3))
+    lsh_queries = queries[:200 if quick else 500]
+    _lsh_curve(res, spark, base, lsh_queries, nns[:len(lsh_queries)], params)
+    codes.unpersist()
+    query_rdd.unpersist()
+    spark.stop()
 
 
 # ------------------------------------------------------------------ reports

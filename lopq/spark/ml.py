@@ -10,8 +10,15 @@
 `LOPQ.fit` runs the same training as ``spark/train_model.py`` (`lopq.spark.train_model`
 on the same cached blocks), so the same table and seed give the same model; `transform`
 encodes Arrow batches with the compiled kernels.
+
+    fitted.approxNearestNeighbors(df, key, 10)           # MLlib LSH's signatures and
+    fitted.approxSimilarityJoin(dfA, dfB, 1.5)          # output columns, routed by cells
+
+switch from ``BucketedRandomProjectionLSH`` by changing the estimator (distances are
+Euclidean estimates, ``quota`` sets how many codes each search retrieves).
 """
 
+import numpy as np
 from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
@@ -184,11 +191,20 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
                       typeConverter=TypeConverters.toString)
     fineCol = Param(Params._dummy(), "fineCol", "output column of the fine codes",
                     typeConverter=TypeConverters.toString)
+    quota = Param(Params._dummy(), "quota", "codes retrieved per query by "
+                  "approxNearestNeighbors / approxSimilarityJoin (whole cells, as "
+                  "LOPQSearcher.search's quota)", typeConverter=TypeConverters.toInt)
 
     def __init__(self, model=None):
         super().__init__()
         self.model = model
-        self._setDefault(coarseCol="coarse", fineCol="fine")
+        self._setDefault(coarseCol="coarse", fineCol="fine", quota=1000)
+
+    def getQuota(self):
+        return self.getOrDefault(self.quota)
+
+    def setQuota(self, value):
+        return self._set(quota=value)
 
     def getCoarseCol(self):
         return self.getOrDefault(self.coarseCol)
@@ -210,6 +226,102 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
         encoded, _ = encode_frame(dataset, self.model, self.getFeaturesCol(),
                                   coarse_col=self.getCoarseCol(), fine_col=self.getFineCol())
         return encoded
+
+    # ------------------------------------------------ MLlib LSH's search interface
+    def _indexed(self, dataset, name):
+        """(dataset with a row-number column, cached; its blocks ``(rows, X)``)."""
+        from pyspark.sql import functions as F
+
+        from .data import load_frame_blocks
+        row_col = "__lopq_row"
+        indexed = dataset.withColumn(row_col, F.monotonically_increasing_id()).cache()
+        blocks, n, D = load_frame_blocks(indexed.sparkSession, indexed,
+                                         self.getFeaturesCol(), row_col,
+                                         where=f"approx* {name}", with_ids=True)
+        if D != self.model.D:
+            blocks.unpersist()
+            indexed.unpersist()
+            raise ValueError(f"{name}: column {self.getFeaturesCol()!r} has vectors of "
+                             f"dimension {D}, the model is for D={self.model.D}")
+        return indexed, blocks, row_col
+
+    def _codes_of(self, blocks):
+        model = self.model
+
+        def run(items):
+            for ids, X in items:
+                coarse, fine = model.encode(X)
+                yield list(ids), coarse.astype(np.int32), fine
+        return blocks.mapPartitions(run)
+
+    def approxNearestNeighbors(self, dataset, key, numNearestNeighbors, distCol="distCol"):
+        """MLlib ``BucketedRandomProjectionLSHModel.approxNearestNeighbors``: the (at most)
+        ``numNearestNeighbors`` rows of ``dataset`` nearest to ``key`` (a Vector or
+        array of D numbers), with every input column and ``distCol``, the Euclidean
+        distance estimate ``sqrt`` of the LOPQ distance; searched as
+        `LOPQSearcher.search(key, quota, limit)` with this model's ``quota``."""
+        from pyspark.sql import functions as F
+
+        from .search import search_codes
+        k = int(numNearestNeighbors)
+        if k <= 0:
+            raise ValueError(f"numNearestNeighbors must be positive, got {k}")
+        x = np.asarray(key.toArray() if hasattr(key, "toArray") else key, dtype=np.float32)
+        if x.shape != (self.model.D,):
+            raise ValueError(f"key has shape {x.shape}, the model is for D={self.model.D}")
+        indexed, blocks, row_col = self._indexed(dataset, "dataset")
+        sc = indexed.sparkSession.sparkContext
+        try:
+            queries = sc.parallelize([(["key"], x[None, :])], 1)
+            found = search_codes(sc, self.model, self._codes_of(blocks), queries, k,
+                                 self.getQuota()).collect()
+            rows = [(int(r), float(np.sqrt(d))) for _, (dists, ids) in found
+                    for r, d in zip(ids, dists)]
+            spark = indexed.sparkSession
+            near = spark.createDataFrame(rows, f"{row_col} long, {distCol} double")
+            return (indexed.join(F.broadcast(near), row_col).drop(row_col)
+                    .orderBy(distCol).localCheckpoint())
+        finally:
+            blocks.unpersist()
+            indexed.unpersist()
+
+    def approxSimilarityJoin(self, datasetA, datasetB, threshold, distCol="distCol"):
+        """MLlib ``BucketedRandomProjectionLSHModel.approxSimilarityJoin``: pairs of rows
+        of ``datasetA`` and ``datasetB`` whose Euclidean distance estimate (``sqrt`` of the
+        LOPQ distance) is below ``threshold``, as columns ``datasetA`` and ``datasetB``
+        (structs of every input column) and ``distCol``. ``datasetB`` is encoded and
+        indexed; each row of ``datasetA`` searches it with this model's ``quota`` (so
+        the pairs are those within the threshold among the retrieved codes)."""
+        from pyspark.sql import functions as F
+
+        from .search import search_codes
+        threshold = float(threshold)
+        if not threshold > 0:
+            raise ValueError(f"threshold must be positive, got {threshold}")
+        a, a_blocks, row_col = self._indexed(datasetA, "datasetA")
+        b, b_blocks, _ = self._indexed(datasetB, "datasetB")
+        sc = a.sparkSession.sparkContext
+        try:
+            found = search_codes(sc, self.model, self._codes_of(b_blocks), a_blocks,
+                                 self.getQuota(), self.getQuota(),
+                                 max_distance=threshold ** 2)
+            pairs = found.flatMap(lambda kv: [(int(kv[0]), int(other), float(np.sqrt(d)))
+                                              for other, d in zip(kv[1][1], kv[1][0])
+                                              if np.sqrt(d) < threshold])
+            spark = a.sparkSession
+            pair_df = spark.createDataFrame(pairs, f"__lopq_a long, __lopq_b long, "
+                                                   f"{distCol} double")
+            a_struct = a.select(F.col(row_col).alias("__lopq_a"), F.struct(
+                *[F.col(c) for c in datasetA.columns]).alias("datasetA"))
+            b_struct = b.select(F.col(row_col).alias("__lopq_b"), F.struct(
+                *[F.col(c) for c in datasetB.columns]).alias("datasetB"))
+            return (pair_df.join(a_struct, "__lopq_a").join(b_struct, "__lopq_b")
+                    .select("datasetA", "datasetB", distCol).localCheckpoint())
+        finally:
+            a_blocks.unpersist()
+            b_blocks.unpersist()
+            a.unpersist()
+            b.unpersist()
 
     def copy(self, extra=None):
         copied = super().copy(extra)

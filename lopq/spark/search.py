@@ -207,6 +207,7 @@ def _route_queries(model_bc, plan_bc, quota):
             ptr, cells = visited_cells(model, X, offsets, quota)
             cell_ids = cells[:, 0].astype(np.int64) * V + cells[:, 1]
             for q, key in enumerate(ids):
+                key = _id_value(key)  # as the codes' ids, so a self join knows itself
                 mine = cell_ids[ptr[q]:ptr[q + 1]]
                 by_shard = {}
                 for cell in mine.tolist():

@@ -1,0 +1,208 @@
+"""Search on Spark (spark/search.py, lopq.spark.search, the ml LSH interface): the same
+results as LOPQSearcher on the same codes, planted duplicates found by the self join,
+bad input refused in one line, and scoring that runs as tasks, not on the driver."""
+
+import json
+
+import numpy as np
+import pytest
+from spark_helpers import run_driver
+
+from lopq import LOPQModel, LOPQSearcher
+from lopq.datasets import make_clustered
+from lopq.formats import write_vector_file
+
+pytestmark = pytest.mark.spark
+pyspark = pytest.importorskip("pyspark")
+
+
+def _codes(sc, tmp_path, model, X, ids, capsys, name="codes"):
+    data = tmp_path / f"{name}.txt"
+    write_vector_file(data, X, ids=ids)
+    proto = tmp_path / f"{name}.lopq"
+    model.export_proto(str(proto))
+    out = tmp_path / name
+    code, (_, err) = run_driver("compute_codes", ["--data", str(data), "--model_proto",
+                                                  str(proto), "--output", str(out)], capsys)
+    assert code == 0, err
+    return proto, out
+
+
+def _read_neighbours(folder):
+    out = {}
+    for part in sorted(folder.glob("part-*")):
+        for line in part.read_text().splitlines():
+            key, payload = line.split("\t")
+            assert key not in out
+            out[key] = json.loads(payload)
+    return out
+
+
+def _tasks_since(sc, jobs_before):
+    """Tasks of the stages of the jobs started after ``jobs_before`` (status tracker)."""
+    tracker = sc.statusTracker()
+    tasks = []
+    for job in sorted(set(tracker.getJobIdsForGroup()) - jobs_before):
+        info = tracker.getJobInfo(job)
+        for stage in info.stageIds if info else []:
+            stage_info = tracker.getStageInfo(stage)
+            if stage_info:
+                tasks.append(stage_info.numTasks)
+    return tasks
+
+
+def test_spark_search_returns_what_the_searcher_returns_on_oxford(sc, oxford, tmp_path,
+                                                                  capsys):
+    """The reference protocol's queries on compute_codes output: every query gets the
+    searcher's ids in the searcher's order (quota 1000, limit 100), distances within float
+    tolerance (exact ties may swap); small shards split the big cells over tasks."""
+    train, test, _ = oxford
+    model = LOPQModel(V=16, M=8).fit(train, n_init=1, random_state=0)
+    proto, codes = _codes(sc, tmp_path, model, train, [str(i) for i in range(len(train))],
+                          capsys)
+    queries = tmp_path / "queries.txt"
+    write_vector_file(queries, test, ids=[f"q{i}" for i in range(len(test))])
+    out = tmp_path / "neighbours"
+    jobs_before = set(sc.statusTracker().getJobIdsForGroup())
+    code, (stdout, err) = run_driver("search", [
+        "--model_proto", str(proto), "--codes", str(codes), "--data", str(queries),
+        "--k", "100", "--quota", "1000", "--rows_per_shard", "300", "--output", str(out)],
+        capsys)
+    assert code == 0, err
+    assert f"wrote neighbours of {len(test)} queries" in stdout
+    assert max(_tasks_since(sc, jobs_before)) >= 4000 // 300  # one task per shard
+    got = _read_neighbours(out)
+    searcher = LOPQSearcher.from_codes(model, str(codes))
+    assert len(got) == len(test)
+    for i, x in enumerate(test):
+        want, _ = searcher.search(x, quota=1000, limit=100, with_dists=True)
+        ids, dists = got[f"q{i}"]
+        want_d = np.array([r.dist for r in want])
+        np.testing.assert_allclose(dists, want_d, rtol=1e-4, atol=1e-4)
+        order_ok = [a == r.id for a, r in zip(ids, want)]
+        if not all(order_ok):  # only where the distances tie within float rounding
+            for k in np.flatnonzero(~np.array(order_ok)):
+                assert abs(dists[k] - want_d[k]) <= 1e-4 * max(1.0, want_d[k])
+                assert ids[k] in {r.id for r in want}
+
+
+def test_parquet_codes_and_output_give_the_same_neighbours(sc, tmp_path, capsys):
+    import pyarrow.parquet as pq
+    X = make_clustered(1500, 16, n_clusters=10, seed=1)
+    model = LOPQModel(V=6, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    proto, _ = _codes(sc, tmp_path, model, X, [str(i) for i in range(len(X))], capsys)
+    data = tmp_path / "codes.txt"
+    out_codes = tmp_path / "codes.parquet"
+    code, (_, err) = run_driver("compute_codes", ["--data", str(data), "--model_proto",
+                                                  str(proto), "--output", str(out_codes),
+                                                  "--output_format", "parquet"], capsys)
+    assert code == 0, err
+    queries = tmp_path / "q.txt"
+    write_vector_file(queries, X[:40] + 0.01, ids=[f"q{i}" for i in range(40)])
+    out = tmp_path / "nn.parquet"
+    code, (_, err) = run_driver("search", [
+        "--model_proto", str(proto), "--codes", str(out_codes), "--data", str(queries),
+        "--k", "5", "--quota", "100", "--output", str(out), "--output_format", "parquet"],
+        capsys)
+    assert code == 0, err
+    table = pq.read_table(out).to_pydict()
+    searcher = LOPQSearcher(model)
+    searcher.add_data(X, ids=[str(i) for i in range(len(X))])
+    for key, ids, dists in zip(table["query_id"], table["ids"], table["distances"]):
+        want, _ = searcher.search(X[int(key[1:])] + 0.01, quota=100, limit=5,
+                                  with_dists=True)
+        np.testing.assert_allclose(dists, [r.dist for r in want], rtol=1e-4, atol=1e-4)
+        assert set(ids) == {r.id for r in want}
+
+
+def test_self_join_with_rerank_finds_planted_duplicates(sc, tmp_path, capsys):
+    rng = np.random.RandomState(3)
+    base = make_clustered(3000, 32, n_clusters=20, seed=7)
+    originals = rng.choice(len(base), 150, replace=False)
+    copies = base[originals] + 0.01 * rng.randn(150, 32).astype(np.float32)
+    X = np.concatenate([base, copies])
+    ids = [f"b{i}" for i in range(len(base))] + [f"d{i}" for i in range(150)]
+    model = LOPQModel(V=8, M=8, subquantizer_clusters=32).fit(X, n_init=1, random_state=0)
+    proto, codes = _codes(sc, tmp_path, model, X, ids, capsys)
+    out = tmp_path / "pairs"
+    code, (_, err) = run_driver("search", [
+        "--model_proto", str(proto), "--codes", str(codes), "--self_join", "--k", "1",
+        "--quota", "200", "--rerank_data", str(tmp_path / "codes.txt"),
+        "--output", str(out)], capsys)
+    assert code == 0, err
+    pairs = {}
+    for part in out.glob("part-*"):
+        for line in part.read_text().splitlines():
+            a, b, d = line.split("\t")
+            assert a != b and float(d) >= 0
+            pairs[a] = (b, float(d))
+    found = sum(pairs.get(f"d{i}", (None,))[0] == f"b{o}" for i, o in enumerate(originals))
+    assert found >= 0.99 * len(originals), found
+    # exact re-ranked distances: the planted pairs' true squared distances
+    i = 0
+    np.testing.assert_allclose(pairs["d0"][1], ((copies[i] - base[originals[i]]) ** 2).sum(),
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dimension", "the model is for D=16 but --data"),
+    ("model", "come from another model"),
+    ("k", "--k must be a positive number"),
+    ("empty", "--data"),
+])
+def test_bad_search_input_is_one_line_without_output(sc, tmp_path, capsys, case, match):
+    X = make_clustered(600, 16, n_clusters=6, seed=2)
+    model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    proto, codes = _codes(sc, tmp_path, model, X, [str(i) for i in range(len(X))], capsys)
+    queries = tmp_path / "q.txt"
+    write_vector_file(queries, X[:5], ids=["a", "b", "c", "d", "e"])
+    args = ["--model_proto", str(proto), "--codes", str(codes), "--data", str(queries),
+            "--k", "3", "--output", str(tmp_path / "out")]
+    if case == "dimension":
+        write_vector_file(queries, X[:5, :8], ids=["a", "b", "c", "d", "e"])
+    elif case == "model":
+        other = LOPQModel(V=4, M=2, subquantizer_clusters=16).fit(X, n_init=1,
+                                                                  random_state=0)
+        other.export_proto(str(tmp_path / "other.lopq"))
+        args[1] = str(tmp_path / "other.lopq")
+    elif case == "k":
+        args[args.index("--k") + 1] = "0"
+    elif case == "empty":
+        queries.write_text("")
+    code, (_, err) = run_driver("search", args, capsys)
+    assert code != 0
+    assert match in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ml_lsh_interface_matches_the_searcher(sc, tmp_path):
+    from pyspark.ml.linalg import Vectors
+    from pyspark.sql import SparkSession
+
+    from lopq.spark.ml import LOPQSparkModel
+    spark = SparkSession.builder.getOrCreate()
+    X = make_clustered(800, 16, n_clusters=8, seed=9)
+    model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in enumerate(X)],
+                               "id long, features vector")
+    fitted = LOPQSparkModel(model).setQuota(200)
+    searcher = LOPQSearcher(model)
+    searcher.add_data(X)
+    key = X[3] + 0.05
+    near = fitted.approxNearestNeighbors(df, Vectors.dense(key.tolist()), 7).collect()
+    want, _ = searcher.search(key, quota=200, limit=7, with_dists=True)
+    assert {r.id for r in near} == {r.id for r in want}
+    np.testing.assert_allclose([r.distCol for r in near], np.sqrt([w.dist for w in want]),
+                               rtol=1e-4)
+    assert near[0].features is not None  # every input column kept
+    threshold = 1.0
+    a = df.filter("id < 30")
+    pairs = fitted.approxSimilarityJoin(a, df, threshold).collect()
+    got = {(p.datasetA.id, p.datasetB.id) for p in pairs}
+    assert all(p.distCol < threshold for p in pairs)
+    expected = set()
+    for i in range(30):
+        results, _ = searcher.search(X[i], quota=200, limit=200, with_dists=True)
+        expected |= {(i, r.id) for r in results if np.sqrt(r.dist) < threshold}
+    assert got == expected
