@@ -817,11 +817,11 @@ def _lsh_curve(res, spark, base, queries, nns, params):
     tenth = np.sqrt(((queries - base[nns[:, 9]]) ** 2).sum(axis=1))
     threshold = float(np.percentile(tenth, 95))
     base_df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in
-                                     enumerate(base)], "id long, features vector")
+                                     enumerate(base)], ["id", "features"])
     base_df = base_df.repartition(8).cache()
     base_df.count()
     query_df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in
-                                      enumerate(queries)], "id long, features vector")
+                                      enumerate(queries)], ["id", "features"])
     spread = float(np.median(tenth))
     for bucket in (0.5 * spread, spread, 2 * spread):
         for tables in (1, 3, 6):

@@ -185,8 +185,8 @@ class LOPQSearcher(LOPQSearcherBase):
         self._transposed_cache = None
         self._grouped_cache = None
         #: Seconds the last `search_batch` spent traversing the multi-index, building
-        #: distance tables and scanning codes (summed over its threads), when it ran the
-        #: grouped compiled path; else None.
+        #: distance tables and scanning codes (summed over its threads), when it ran a
+        #: compiled path; else None.
         self.last_batch_profile = None
 
     # ------------------------------------------------------------------ building
@@ -378,15 +378,27 @@ class LOPQSearcher(LOPQSearcherBase):
     #: Queries whose distance tables `search_batch` builds together (grouped by the
     #: coarse clusters they visit, one pass over each cluster's rotation per block).
     BATCH_BLOCK = 256
+    #: `search_batch` groups tables when the rotations take at least this many bytes;
+    #: smaller ones stay in cache, where one query at a time is faster. Measured on one
+    #: core (queries/s, one-query / grouped): Oxford5k V=16 h=64 (0.5 MB) 22.5k / 15.7k;
+    #: MiniLM V=16 h=192 (4.7 MB) 64.5k / 17.6k at quota 1000; 200k x 128 V=256 (8.4 MB)
+    #: 19.7k / 21.8k; MiniLM V=64 (18.9 MB) 11.6k / 14.1k; MiniLM V=256 (75 MB) 751 / 3,224.
+    GROUPED_MIN_ROTATION_BYTES = 8 << 20
+
+    def uses_grouped_tables(self):
+        """Whether `search_batch` builds the tables of a block of queries together."""
+        m = self.model
+        return m.Rs.nbytes >= self.GROUPED_MIN_ROTATION_BYTES
 
     def search_batch(self, queries, quota=10, limit=None, threads=None):
         """Search many queries, threaded across cores (the kernel releases the GIL).
 
-        Each thread takes blocks of `BATCH_BLOCK` queries, traverses their multi-index
-        cells, then builds the distance tables of every (query, coarse cluster) pair
-        grouped by cluster, GEMM-style, and scans. Results are those of `search` with
-        the same quota and limit; distances agree to float rounding (the tables here
-        come from the expanded square), so exact near-ties may swap.
+        When the rotations outgrow the cache (`uses_grouped_tables`), each thread takes
+        blocks of `BATCH_BLOCK` queries, traverses their multi-index cells, then rotates
+        the residuals of every (query, coarse cluster) pair grouped by cluster,
+        GEMM-style, builds each query's tables and scans. Results are those of `search`
+        with the same quota and limit; distances agree to float rounding (the grouped
+        tables come from the expanded square), so exact near-ties may swap.
 
         Args:
             queries: (q, D) array.
@@ -415,8 +427,10 @@ class LOPQSearcher(LOPQSearcherBase):
                 return list(pool.map(one, Q))
 
         m = self.model
-        CsT = self._transposed()[0]
-        RTp, CBTm2, sqnorm = self._grouped()
+        CsT, RTs, booksT = self._transposed()
+        grouped = self.uses_grouped_tables()
+        if grouped:
+            RTp, CBTm2, sqnorm = self._grouped()
         rows = np.empty((len(Q), limit), dtype=np.int64)
         dists = np.empty((len(Q), limit), dtype=np.float32)
         visited = np.empty(len(Q), dtype=np.int32)
@@ -425,10 +439,15 @@ class LOPQSearcher(LOPQSearcherBase):
         def chunk(bounds):
             lo, hi = bounds
             slot = int(np.searchsorted(edges, lo, side="right")) - 1
-            compiled.search_many_grouped(
-                Q[lo:hi], m.Cs, CsT, RTp, m.mus, CBTm2, sqnorm, m.subquantizer_clusters,
-                self.cell_offsets, self.fine, int(quota), int(limit), self.BATCH_BLOCK,
-                rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot])
+            if grouped:
+                compiled.search_many_grouped(
+                    Q[lo:hi], m.Cs, CsT, RTp, m.mus, CBTm2, sqnorm, m.subquantizer_clusters,
+                    self.cell_offsets, self.fine, int(quota), int(limit), self.BATCH_BLOCK,
+                    rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot])
+            else:
+                compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT,
+                                     self.cell_offsets, self.fine, int(quota), int(limit),
+                                     rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot])
 
         edges = np.linspace(0, len(Q), threads + 1).astype(int)
         spans = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]

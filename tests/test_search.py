@@ -394,6 +394,8 @@ def test_grouped_batch_tables_equal_plain_numpy_distances(D, M, S, V, n, monkeyp
     searcher = LOPQSearcher(model)
     searcher.add_codes((coarse, fine))
     monkeypatch.setattr(LOPQSearcher, "BATCH_BLOCK", 3)
+    monkeypatch.setattr(LOPQSearcher, "GROUPED_MIN_ROTATION_BYTES", 0)
+    assert searcher.uses_grouped_tables()
     queries = rng.randn(11, D).astype(np.float32)
     queries[5] = queries[4]  # a repeated query: identical results
     quota, limit = max(1, n // 7), 9
@@ -412,14 +414,19 @@ def test_grouped_batch_tables_equal_plain_numpy_distances(D, M, S, V, n, monkeyp
     assert all(v >= 0 for v in profile.values())
 
 
-def test_grouped_batch_with_threads_and_a_huge_quota_equals_one_query_at_a_time(
-        model_and_data):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_batch_with_threads_and_a_huge_quota_equals_one_query_at_a_time(
+        model_and_data, grouped, monkeypatch):
     model, X = model_and_data
     if search_module.kernels.compiled_search() is None:
         pytest.skip("compiled search extension not built")
+    monkeypatch.setattr(LOPQSearcher, "GROUPED_MIN_ROTATION_BYTES", 0 if grouped else 2 ** 62)
     searcher = LOPQSearcher(model)
+    assert searcher.uses_grouped_tables() == grouped
     searcher.add_data(X)
     batch = searcher.search_batch(X[:30], quota=10 ** 9, limit=5, threads=2)
     for x, (_, dists) in zip(X[:30], batch):
         one = searcher.search(x, quota=10 ** 9, limit=5, with_dists=True)[0]
         np.testing.assert_allclose(dists, [r.dist for r in one], rtol=1e-4, atol=1e-4)
+    profile = searcher.last_batch_profile
+    assert set(profile) == {"traversal", "tables", "scan"} and profile["scan"] > 0

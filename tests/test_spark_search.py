@@ -109,10 +109,11 @@ def test_parquet_codes_and_output_give_the_same_neighbours(sc, tmp_path, capsys)
     searcher = LOPQSearcher(model)
     searcher.add_data(X, ids=[str(i) for i in range(len(X))])
     for key, ids, dists in zip(table["query_id"], table["ids"], table["distances"]):
-        want, _ = searcher.search(X[int(key[1:])] + 0.01, quota=100, limit=5,
-                                  with_dists=True)
-        np.testing.assert_allclose(dists, [r.dist for r in want], rtol=1e-4, atol=1e-4)
-        assert set(ids) == {r.id for r in want}
+        retrieved, _ = searcher.search(X[int(key[1:])] + 0.01, quota=100, with_dists=True)
+        np.testing.assert_allclose(dists, [r.dist for r in retrieved[:5]], rtol=1e-4,
+                                   atol=1e-4)
+        own = {r.id: r.dist for r in retrieved}  # 16-centroid codes tie often: any of
+        np.testing.assert_allclose([own[i] for i in ids], dists, rtol=1e-4, atol=1e-4)
 
 
 def test_self_join_with_rerank_finds_planted_duplicates(sc, tmp_path, capsys):
@@ -185,7 +186,7 @@ def test_ml_lsh_interface_matches_the_searcher(sc, tmp_path):
     X = make_clustered(800, 16, n_clusters=8, seed=9)
     model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
     df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in enumerate(X)],
-                               "id long, features vector")
+                               ["id", "features"])
     fitted = LOPQSparkModel(model).setQuota(200)
     searcher = LOPQSearcher(model)
     searcher.add_data(X)

@@ -36,6 +36,12 @@ ctypedef fused code_t:
     unsigned char
     unsigned short
 
+cdef inline double _now() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return t.tv_sec + 1e-9 * t.tv_nsec
+
+
 cdef struct Keyed:
     float dist
     int index
@@ -364,17 +370,23 @@ cdef int _scan(Work *w, const Cell *cells, Py_ssize_t n_cells, const float *tabl
 cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT,
                       const float *RTs, const float *mus, const float *booksT, int V, int h,
                       int half_m, int S, const long long *offsets, const code_t *fine,
-                      long long quota,
-                      Py_ssize_t *total_out, int *visited_out) noexcept nogil:
+                      long long quota, Py_ssize_t *total_out, int *visited_out,
+                      double *seconds) noexcept nogil:
     """One query: traverse, build its tables one at a time (memoised per split) and scan
-    until >= quota rows; fills w.rows / w.dists."""
+    until >= quota rows; fills w.rows / w.dists. Adds the seconds spent traversing,
+    building tables and scanning to seconds[0:3] unless it is NULL."""
     cdef Py_ssize_t n_tables = 0, table_size = half_m * S, k, n_cells = 0
     cdef Py_ssize_t split_c = <Py_ssize_t>V * h, split_r = <Py_ssize_t>V * h * h
     cdef Py_ssize_t split_b = <Py_ssize_t>half_m * (h // half_m) * S
-    cdef int c0, c1, c
+    cdef int c0, c1, c, status
+    cdef double t0 = _now() if seconds != NULL else 0, t1
     if _traverse(w, x, CsT, V, h, offsets, quota, &w.cells, &n_cells, &w.cells_cap,
                  total_out, visited_out):
         return -1
+    if seconds != NULL:
+        t1 = _now()
+        seconds[0] += t1 - t0
+        t0 = t1
     for c in range(V):
         w.slot0[c] = -1
         w.slot1[c] = -1
@@ -395,7 +407,14 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT
             n_tables += 1
         w.cells[k].t0 = w.slot0[c0]
         w.cells[k].t1 = w.slot1[c1]
-    return _scan(w, w.cells, n_cells, w.tables, table_size, half_m, S, fine, total_out[0])
+    if seconds != NULL:
+        t1 = _now()
+        seconds[1] += t1 - t0
+        t0 = t1
+    status = _scan(w, w.cells, n_cells, w.tables, table_size, half_m, S, fine, total_out[0])
+    if seconds != NULL:
+        seconds[2] += _now() - t0
+    return status
 
 
 cdef inline int _worse(Keyed a, Keyed b) noexcept nogil:
@@ -453,14 +472,20 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
                 long long quota, int limit,
                 long long[:, ::1] out_rows,      # OUT (q, limit) row indices, -1 padded
                 float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
-                int[::1] out_visited):           # OUT (q,) visited cells
+                int[::1] out_visited,            # OUT (q,) visited cells
+                double[::1] out_seconds=None):   # OUT (3,) += traversal, tables, scan
     """Search many queries without the GIL: the `limit` nearest retrieved rows of each."""
     cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = booksT.shape[1], S = booksT.shape[3]
     cdef Py_ssize_t q, total
     cdef int visited, found, k, failed = 0
     cdef Work w
+    cdef double *seconds = NULL
     if Q.shape[0] == 0:
         return
+    if out_seconds is not None:
+        if out_seconds.shape[0] < 3:
+            raise ValueError("out_seconds must hold 3 values")
+        seconds = &out_seconds[0]
     with nogil:
         if _work_init(&w, V, h) != 0:
             failed = 1
@@ -474,7 +499,7 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
             if _search_core(&w, &Q[q, 0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
                             &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
                             &offsets[0], &fine[0, 0],
-                            quota, &total, &visited) != 0:
+                            quota, &total, &visited, seconds) != 0:
                 failed = 1
                 break
             found = _top_k(w.dists, total, limit, w.top)
@@ -518,7 +543,7 @@ def search_one(const float[::1] x,              # IN (D,) query
         elif _search_core(&w, &x[0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
                           &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
                           &offsets[0], &fine[0, 0],
-                          quota, &total, &visited) != 0:
+                          quota, &total, &visited, NULL) != 0:
             failed = 1
     try:
         if failed:
@@ -533,12 +558,6 @@ def search_one(const float[::1] x,              # IN (D,) query
         return out_rows, out_dists, visited
     finally:
         _work_free(&w)
-
-
-cdef inline double _now() noexcept nogil:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return t.tv_sec + 1e-9 * t.tv_nsec
 
 
 #: Rotated residuals one block of the grouped search may hold (bytes): queries join the
