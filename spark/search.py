@@ -23,10 +23,10 @@ from lopq.spark import cli, fs
 from lopq.spark.data import DataError, load_blocks
 from lopq.spark.search import (
     ROWS_PER_SHARD,
+    ShardedIndex,
     check_model_for_search,
     decoded_queries,
     load_codes,
-    search_codes,
 )
 
 
@@ -117,14 +117,15 @@ def main(argv=None):
             n = None
         else:
             queries, n = _load_vectors(sc, args, args.data, model, "--data")
-        results = search_codes(sc, model, codes, queries, args.k, args.quota,
-                               args.rows_per_shard, exclude_self=args.self_join,
-                               rerank_vectors=rerank, max_distance=args.max_distance)
+        index = ShardedIndex(sc, model, codes, args.rows_per_shard, rerank)
+        results = index.search(queries, args.k, args.quota, exclude_self=args.self_join,
+                               max_distance=args.max_distance)
         sc.setJobDescription("lopq search: route, score and write")
         if args.self_join:
             written = _write_pairs(sc, results, args)
         else:
             written = _write_neighbours(sc, results, args)
+        index.unpersist()
         codes.unpersist()
         what = "items" if args.self_join else "queries"
         print(f"wrote neighbours of {written if n is None else n} {what} to {args.output} "

@@ -262,7 +262,7 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
         `LOPQSearcher.search(key, quota, limit)` with this model's ``quota``."""
         from pyspark.sql import functions as F
 
-        from .search import search_codes
+        from .search import ShardedIndex
         k = int(numNearestNeighbors)
         if k <= 0:
             raise ValueError(f"numNearestNeighbors must be positive, got {k}")
@@ -273,8 +273,9 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
         sc = indexed.sparkSession.sparkContext
         try:
             queries = sc.parallelize([(["key"], x[None, :])], 1)
-            found = search_codes(sc, self.model, self._codes_of(blocks), queries, k,
-                                 self.getQuota()).collect()
+            index = ShardedIndex(sc, self.model, self._codes_of(blocks))
+            found = index.search(queries, k, self.getQuota()).collect()
+            index.unpersist()
             rows = [(int(r), float(np.sqrt(d))) for _, (dists, ids) in found
                     for r, d in zip(ids, dists)]
             spark = indexed.sparkSession
@@ -294,7 +295,7 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
         the pairs are those within the threshold among the retrieved codes)."""
         from pyspark.sql import functions as F
 
-        from .search import search_codes
+        from .search import ShardedIndex
         threshold = float(threshold)
         if not threshold > 0:
             raise ValueError(f"threshold must be positive, got {threshold}")
@@ -302,8 +303,8 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
         b, b_blocks, _ = self._indexed(datasetB, "datasetB")
         sc = a.sparkSession.sparkContext
         try:
-            found = search_codes(sc, self.model, self._codes_of(b_blocks), a_blocks,
-                                 self.getQuota(), self.getQuota(),
+            index = ShardedIndex(sc, self.model, self._codes_of(b_blocks))
+            found = index.search(a_blocks, self.getQuota(), self.getQuota(),
                                  max_distance=threshold ** 2)
             pairs = found.flatMap(lambda kv: [(int(kv[0]), int(other), float(np.sqrt(d)))
                                               for other, d in zip(kv[1][1], kv[1][0])
@@ -315,8 +316,10 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
                 *[F.col(c) for c in datasetA.columns]).alias("datasetA"))
             b_struct = b.select(F.col(row_col).alias("__lopq_b"), F.struct(
                 *[F.col(c) for c in datasetB.columns]).alias("datasetB"))
-            return (pair_df.join(a_struct, "__lopq_a").join(b_struct, "__lopq_b")
-                    .select("datasetA", "datasetB", distCol).localCheckpoint())
+            joined = (pair_df.join(a_struct, "__lopq_a").join(b_struct, "__lopq_b")
+                      .select("datasetA", "datasetB", distCol).localCheckpoint())
+            index.unpersist()
+            return joined
         finally:
             a_blocks.unpersist()
             b_blocks.unpersist()

@@ -238,31 +238,53 @@ def _route_codes(plan_bc, V, vectors=False):
 
 
 # ---------------------------------------------------------------------------- scoring
-def _score_partition(model_bc, k, exclude_self, rerank, max_distance):
-    """Score the queries of one shard on its codes; yields (query id, (dists, ids))."""
+def _shard_partition(shard):
+    """The partitioner of shards: shard i is partition i. One function object for the
+    index and every batch of queries, so that their union is partition-aware (no
+    shuffle of the index)."""
+    return shard
+
+
+def _index_partition(with_vectors):
+    """All codes of one shard as one record, sorted by cell (an `LOPQSearcher`'s arrays)."""
+    def run(records):
+        parts = [item for _, item in records]
+        if not parts:
+            return
+        ids = np.empty(sum(len(p[1]) for p in parts), dtype=object)
+        ids[:] = [i for p in parts for i in p[1]]
+        coarse = np.concatenate([p[2] for p in parts])
+        fine = np.concatenate([p[3] for p in parts])
+        vectors = np.concatenate([p[4] for p in parts]) if with_vectors else None
+        yield -1, ("i", ids, coarse, fine, vectors)
+    return run
+
+
+def _score_partition(model_bc, k, exclude_self, max_distance):
+    """Score the queries routed to one shard on its index record; yields
+    (query id, (dists, ids))."""
     from ..search import LOPQSearcher
 
     def run(records):
         model = model_bc.value
-        code_parts, queries = [], []
+        index, queries = None, []
         for _, item in records:
-            (code_parts if item[0] == "c" else queries).append(item)
-        if not queries or not code_parts:
+            if item[0] == "i":
+                index = item
+            else:
+                queries.append(item)
+        if not queries or index is None:
             return
-        ids = np.empty(sum(len(p[1]) for p in code_parts), dtype=object)
-        ids[:] = [i for p in code_parts for i in p[1]]
-        coarse = np.concatenate([p[2] for p in code_parts])
-        fine = np.concatenate([p[3] for p in code_parts])
-        vectors = np.concatenate([p[4] for p in code_parts]) if rerank else None
+        _, ids, coarse, fine, vectors = index
         searcher = LOPQSearcher(model)
         order = searcher._set_arrays(coarse, fine, ids)
+        rerank = vectors is not None
         if rerank:
             vectors = vectors[order]
         Q = np.stack([q[2] for q in queries]).astype(np.float32)
-        cell_lists = [q[3] for q in queries]
         limit = k + (1 if exclude_self else 0)
-        candidates = limit * RERANK_FACTOR if rerank else limit
-        rows, dists = searcher.score_cells(Q, cell_lists, candidates)
+        rows, dists = searcher.score_cells(Q, [q[3] for q in queries],
+                                           limit * RERANK_FACTOR if rerank else limit)
         for q, query in enumerate(queries):
             keep = rows[q] >= 0
             r, d = rows[q][keep], dists[q][keep]
@@ -290,9 +312,73 @@ def _merge_top(k):
     return merge
 
 
+class ShardedIndex:
+    """Codes grouped by cell into shards, one cached partition each, searched by batches
+    of queries that are routed to the shards they visit (the index is not shuffled
+    again: queries are partitioned like it and meet it in a partition-aware union).
+
+    Args:
+        sc: SparkContext or SparkSession.
+        model: the `LOPQModel` the codes come from.
+        codes: RDD of ``(ids, coarse, fine)`` arrays (`load_codes`).
+        rows_per_shard: codes per shard (a larger cell is split over several).
+        rerank_vectors: optional RDD of ``(ids, X)`` blocks, the indexed items' original
+            vectors: searches then re-rank candidates by exact squared distance.
+    """
+
+    def __init__(self, sc, model, codes, rows_per_shard=ROWS_PER_SHARD,
+                 rerank_vectors=None):
+        sc = as_context(sc)
+        self.sc, self.model = sc, model
+        V = model.V
+        sc.setJobDescription("lopq search: cell sizes")
+        sizes = cell_sizes(codes, V)
+        if sizes.sum() == 0:
+            raise DataError("the codes are empty: nothing to search")
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        first, count, self.n_shards = plan_shards(sizes, rows_per_shard)
+        logger.info("search: %d codes in %d non-empty cells, %d shard(s) of <= %d codes",
+                    int(sizes.sum()), int(np.count_nonzero(sizes)), self.n_shards,
+                    rows_per_shard)
+        self.model_bc = sc.broadcast(model)
+        self.plan_bc = sc.broadcast((offsets, first, count))
+        with_vectors = rerank_vectors is not None
+        if with_vectors:
+            codes = _with_vectors(codes, rerank_vectors, model.D)
+        sc.setJobDescription("lopq search: shard the codes")
+        self.index = (codes.mapPartitions(_route_codes(self.plan_bc, V, with_vectors))
+                      .partitionBy(self.n_shards, _shard_partition)
+                      .mapPartitions(_index_partition(with_vectors),
+                                     preservesPartitioning=True)
+                      .cache())
+        self.index.count()
+
+    def search(self, queries, k, quota, exclude_self=False, max_distance=None):
+        """RDD of ``(query_id, (dists (<=k,) float32, ids list))``, nearest first, for
+        query blocks ``(ids, X)``; queries with no neighbour are absent."""
+        if int(k) <= 0:
+            raise ValueError(f"--k must be a positive number of neighbours, got {k}")
+        if int(quota) <= 0:
+            raise ValueError(f"--quota must be a positive number of codes, got {quota}")
+        routed = queries.mapPartitions(_route_queries(self.model_bc, self.plan_bc, quota))
+        routed = routed.partitionBy(self.n_shards, _shard_partition)
+        joined = self.index.union(routed)
+        if joined.getNumPartitions() != self.n_shards:  # not partition-aware: a bug
+            raise RuntimeError("the index and the routed queries are not co-partitioned")
+        scored = joined.mapPartitions(_score_partition(self.model_bc, int(k), exclude_self,
+                                                       max_distance))
+        return scored.reduceByKey(_merge_top(int(k)))
+
+    def unpersist(self):
+        self.index.unpersist()
+        self.model_bc.unpersist()
+        self.plan_bc.unpersist()
+
+
 def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SHARD,
                  exclude_self=False, rerank_vectors=None, max_distance=None):
-    """Routed batch search: for every query, its k nearest indexed ids.
+    """Routed batch search: for every query, its k nearest indexed ids (one
+    `ShardedIndex`, one batch).
 
     Args:
         sc: SparkContext or SparkSession.
@@ -308,34 +394,15 @@ def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SH
 
     Returns:
         RDD of ``(query_id, (dists (<=k,) float32, ids list))``, nearest first; queries
-        with no neighbour are absent.
+        with no neighbour are absent. The index stays cached until the RDD is computed;
+        call ``.collect()`` or save it, then nothing else needs releasing.
     """
-    sc = as_context(sc)
     if int(k) <= 0:
         raise ValueError(f"--k must be a positive number of neighbours, got {k}")
     if int(quota) <= 0:
         raise ValueError(f"--quota must be a positive number of codes, got {quota}")
-    V = model.V
-    sc.setJobDescription("lopq search: cell sizes")
-    sizes = cell_sizes(codes, V)
-    if sizes.sum() == 0:
-        raise DataError("the codes are empty: nothing to search")
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    first, count, n_shards = plan_shards(sizes, rows_per_shard)
-    logger.info("search: %d codes in %d non-empty cells, %d shard(s) of <= %d codes",
-                int(sizes.sum()), int(np.count_nonzero(sizes)), n_shards, rows_per_shard)
-    model_bc = sc.broadcast(model)
-    plan_bc = sc.broadcast((offsets, first, count))
-    routed_codes = codes
-    if rerank_vectors is not None:
-        routed_codes = _with_vectors(codes, rerank_vectors, model.D)
-    keyed_codes = routed_codes.mapPartitions(_route_codes(plan_bc, V,
-                                                          rerank_vectors is not None))
-    keyed_queries = queries.mapPartitions(_route_queries(model_bc, plan_bc, quota))
-    joined = keyed_codes.union(keyed_queries).partitionBy(n_shards, lambda shard: shard)
-    scored = joined.mapPartitions(_score_partition(model_bc, int(k), exclude_self,
-                                                   rerank_vectors is not None, max_distance))
-    return scored.reduceByKey(_merge_top(int(k)))
+    index = ShardedIndex(sc, model, codes, rows_per_shard, rerank_vectors)
+    return index.search(queries, k, quota, exclude_self, max_distance)
 
 
 def _with_vectors(codes, vectors, D):
