@@ -198,23 +198,46 @@ def visited_cells(model, Q, offsets, quota):
     return np.asarray(ptr, dtype=np.int64), np.asarray(cells, dtype=np.int32).reshape(-1, 2)
 
 
+def route_block(ptr, cells, V, first, count):
+    """Where a block's queries go: for each shard some visit, the queries (block rows)
+    and their cells there, in visiting order.
+
+    Args:
+        ptr (q + 1,), cells (c, 2): `visited_cells` of the block.
+        first, count: (V*V,) the shard plan (`plan_shards`).
+
+    Yields:
+        (shard, rows (r,) int64 block rows, cell_ptr (r + 1,) int64, cell_ids (c',) int64).
+    """
+    cell_ids = cells[:, 0].astype(np.int64) * V + cells[:, 1]
+    query = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+    copies = count[cell_ids]  # a split cell goes to each of its shards
+    which = np.repeat(np.arange(len(cell_ids)), copies)
+    starts = np.cumsum(copies) - copies
+    shard = first[cell_ids][which] + (np.arange(len(which)) - np.repeat(starts, copies))
+    order = np.lexsort((np.arange(len(which)), query[which], shard))
+    shard, query, cell = shard[order], query[which][order], cell_ids[which][order]
+    bounds = np.flatnonzero(np.diff(shard)) + 1
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(shard)]])):
+        if hi <= lo:
+            continue
+        q = query[lo:hi]
+        new_query = np.concatenate([[True], q[1:] != q[:-1]])
+        rows = q[new_query]
+        cell_ptr = np.concatenate([np.flatnonzero(new_query), [hi - lo]]).astype(np.int64)
+        yield int(shard[lo]), rows, cell_ptr, cell[lo:hi]
+
+
 def _route_queries(model_bc, plan_bc, quota):
     def run(blocks):
         model = model_bc.value
         offsets, first, count = plan_bc.value
-        V = model.V
         for ids, X in blocks:
             ptr, cells = visited_cells(model, X, offsets, quota)
-            cell_ids = cells[:, 0].astype(np.int64) * V + cells[:, 1]
-            for q, key in enumerate(ids):
-                key = _id_value(key)  # as the codes' ids, so a self join knows itself
-                mine = cell_ids[ptr[q]:ptr[q + 1]]
-                by_shard = {}
-                for cell in mine.tolist():
-                    for shard in range(first[cell], first[cell] + count[cell]):
-                        by_shard.setdefault(int(shard), []).append(cell)
-                for shard, shard_cells in by_shard.items():
-                    yield shard, ("q", key, X[q], np.asarray(shard_cells, dtype=np.int64))
+            keys = [_id_value(key) for key in ids]  # as the codes' ids (self join)
+            for shard, rows, cell_ptr, cell_ids in route_block(ptr, cells, model.V, first,
+                                                               count):
+                yield shard, ("q", [keys[r] for r in rows], X[rows], cell_ptr, cell_ids)
     return run
 
 
@@ -267,13 +290,16 @@ def _score_partition(model_bc, k, exclude_self, max_distance):
 
     def run(records):
         model = model_bc.value
-        index, queries = None, []
+        index, keys, blocks, cell_lists = None, [], [], []
         for _, item in records:
             if item[0] == "i":
                 index = item
-            else:
-                queries.append(item)
-        if not queries or index is None:
+                continue
+            _, block_keys, X, cell_ptr, cell_ids = item
+            keys += block_keys
+            blocks.append(X)
+            cell_lists += np.split(cell_ids, cell_ptr[1:-1])
+        if not keys or index is None:
             return
         _, ids, coarse, fine, vectors = index
         searcher = LOPQSearcher(model)
@@ -281,11 +307,11 @@ def _score_partition(model_bc, k, exclude_self, max_distance):
         rerank = vectors is not None
         if rerank:
             vectors = vectors[order]
-        Q = np.stack([q[2] for q in queries]).astype(np.float32)
+        Q = np.concatenate(blocks).astype(np.float32)
         limit = k + (1 if exclude_self else 0)
-        rows, dists = searcher.score_cells(Q, [q[3] for q in queries],
+        rows, dists = searcher.score_cells(Q, cell_lists,
                                            limit * RERANK_FACTOR if rerank else limit)
-        for q, query in enumerate(queries):
+        for q, key in enumerate(keys):
             keep = rows[q] >= 0
             r, d = rows[q][keep], dists[q][keep]
             if rerank:
@@ -294,12 +320,12 @@ def _score_partition(model_bc, k, exclude_self, max_distance):
                 r, d = r[best], d[best]
             found = searcher.ids[r]
             if exclude_self:
-                mine = found != query[1]
+                mine = found != key
                 found, d = found[mine], d[mine]
             if max_distance is not None:
                 close = d <= max_distance
                 found, d = found[close], d[close]
-            yield query[1], (d[:k], list(found[:k]))
+            yield key, (d[:k], list(found[:k]))
     return run
 
 
