@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import pickle
+import time
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -439,11 +440,20 @@ class LOPQSearcher(LOPQSearcherBase):
         def chunk(bounds):
             lo, hi = bounds
             slot = int(np.searchsorted(edges, lo, side="right")) - 1
-            if grouped:
-                compiled.search_many_grouped(
-                    Q[lo:hi], m.Cs, CsT, RTp, m.mus, CBTm2, sqnorm, m.subquantizer_clusters,
-                    self.cell_offsets, self.fine, int(quota), int(limit), self.BATCH_BLOCK,
-                    rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot])
+            if grouped:  # traverse a block, then its grouped tables and scan
+                for a in range(lo, hi, self.BATCH_BLOCK):
+                    b = min(hi, a + self.BATCH_BLOCK)
+                    start = time.perf_counter()
+                    ptr, cells = compiled.visited_cells(Q[a:b], CsT, self.cell_offsets,
+                                                        int(quota))
+                    cell_ids = cells[:, 0].astype(np.int64) * m.V + cells[:, 1]
+                    ranges = np.stack([self.cell_offsets[cell_ids],
+                                       self.cell_offsets[cell_ids + 1]], axis=1)
+                    seconds[slot, 0] += time.perf_counter() - start
+                    compiled.search_cells_grouped(
+                        Q[a:b], ptr, cells, ranges, m.Cs, RTp, m.mus, CBTm2, sqnorm,
+                        m.subquantizer_clusters, self.fine, int(limit), self.BATCH_BLOCK,
+                        rows[a:b], dists[a:b], seconds[slot])
             else:
                 compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT,
                                      self.cell_offsets, self.fine, int(quota), int(limit),

@@ -560,7 +560,7 @@ def search_one(const float[::1] x,              # IN (D,) query
         _work_free(&w)
 
 
-#: Rotated residuals one block of the grouped search may hold (bytes): queries join the
+#: Rotated residuals one block of search_cells_grouped may hold (bytes): queries join the
 #: block until their (query, half-cluster) pairs fill it. Larger blocks read each
 #: rotation once for more queries; this one stays within the last-level cache.
 BLOCK_BUDGET = 16 << 20
@@ -734,87 +734,6 @@ cdef int _score_block(Work *w, Block *b, const float *Q, Py_ssize_t D, int nq,
     return 0
 
 
-def search_many_grouped(const float[:, ::1] Q,          # IN (q, D) queries
-                        const float[:, :, ::1] Cs,       # IN (2, V, h)
-                        const float[:, :, ::1] CsT,      # IN (2, h, V) transposed centroids
-                        const float[:, :, :, ::1] RTp,   # IN (2, V, h, hp) R^T, padded columns
-                        const float[:, :, ::1] mus,      # IN (2, V, h)
-                        const float[:, :, :, ::1] CBTm2,  # IN (2, M/2, ds, Sp) -2 books^T
-                        const float[:, :, ::1] cb_sqnorm,  # IN (2, M/2, Sp) squared norms
-                        int S,                           # IN codebook size (S <= Sp)
-                        const long long[::1] offsets,    # IN (V*V + 1,) cell offsets
-                        const code_t[:, ::1] fine,       # IN (n, M) codes grouped by cell
-                        long long quota, int limit, int max_block,
-                        long long[:, ::1] out_rows,      # OUT (q, limit) row indices, -1 padded
-                        float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
-                        int[::1] out_visited,            # OUT (q,) visited cells
-                        double[::1] out_seconds):        # OUT (3,) += traversal, tables, scan
-    """`search_many` with the rotations of a block of queries computed together.
-
-    1. Traverse each query of the block; number its (query, half-cluster) pairs, split 0
-       first. 2. Group the block's pairs by half-cluster and rotate each group's
-    residuals in one GEMM-shaped pass (`lopq_project_rows`): each rotation is read once
-    per block instead of once per query, which is what the one-query path spends its
-    time on at large D and V. 3. Per query, its distance tables from its rotated
-    residuals (`lopq_tables_rows`, codebooks shared by the split), then the ADC scan
-    while the tables are in cache, then its top ``limit``. Blocks hold at most
-    ``max_block`` queries and `BLOCK_BUDGET` bytes of rotated residuals. Same retrieval
-    as `search_many`; distances equal up to float rounding (expanded square).
-    """
-    cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = CBTm2.shape[1]
-    cdef Py_ssize_t ds = CBTm2.shape[2], Sp = CBTm2.shape[3], hp = RTp.shape[3]
-    cdef Py_ssize_t D = Q.shape[1], max_pairs = max(2, BLOCK_BUDGET // (4 * hp))
-    cdef Py_ssize_t n_cells, n_pairs, first
-    cdef int failed = 0, nq, qi
-    cdef double t0, t_traverse = 0
-    cdef Work w
-    cdef Block b
-    if Q.shape[0] == 0:
-        return
-    if max_block < 1:
-        raise ValueError(f"max_block must be >= 1, got {max_block}")
-    with nogil:
-        failed = _work_init(&w, V, h) != 0
-        failed = _block_init(&b, max_block, V) != 0 or failed
-        if not failed:
-            w.top = <Keyed *>malloc(limit * sizeof(Keyed))
-            failed = w.top == NULL
-        first = 0
-        while first < Q.shape[0] and not failed:
-            t0 = _now()
-            n_cells = 0
-            n_pairs = 0
-            nq = 0
-            while first + nq < Q.shape[0] and nq < max_block and n_pairs < max_pairs:
-                b.cell_start[nq] = n_cells
-                if _traverse(&w, &Q[first + nq, 0], &CsT[0, 0, 0], V, h, &offsets[0], quota,
-                             &w.cells, &n_cells, &w.cells_cap, &b.totals[nq],
-                             &out_visited[first + nq]):
-                    failed = 1
-                    break
-                b.cell_start[nq + 1] = n_cells
-                if _number_pairs(&w, &b, nq, &n_pairs, V):
-                    failed = 1
-                    break
-                nq += 1
-            t_traverse += _now() - t0
-            if failed:
-                break
-            if _score_block(&w, &b, &Q[first, 0], D, nq, n_pairs, &Cs[0, 0, 0],
-                            &RTp[0, 0, 0, 0], &mus[0, 0, 0], &CBTm2[0, 0, 0, 0],
-                            &cb_sqnorm[0, 0, 0], V, h, hp, half_m, ds, Sp, S, &fine[0, 0],
-                            limit, &out_rows[first, 0], &out_dists[first, 0]):
-                failed = 1
-            first += nq
-        _work_free(&w)
-        _block_free(&b)
-    out_seconds[0] += t_traverse
-    out_seconds[1] += b.t_tables
-    out_seconds[2] += b.t_scan
-    if failed:
-        raise MemoryError("out of memory in the search kernel")
-
-
 def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
                          const long long[::1] cell_ptr,   # IN (q + 1,) each query's cells
                          const int[:, ::1] cells,         # IN (c, 2) coarse pair of a cell
@@ -830,9 +749,20 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
                          long long[:, ::1] out_rows,      # OUT (q, limit) rows, -1 padded
                          float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
                          double[::1] out_seconds):        # OUT (3,) += 0, tables, scan
-    """The `limit` nearest rows of given cells for each query: the grouped tables and the
-    scan of `search_many_grouped`, on cells chosen elsewhere (a Spark partition holds
-    some cells of the index; its queries say which of them they visit)."""
+    """The `limit` nearest rows of given cells for each query, with the rotations of a
+    block of queries computed together.
+
+    Queries join a block (at most ``max_block`` of them and `BLOCK_BUDGET` bytes of
+    rotated residuals) with their cells; their (query, half-cluster) pairs are numbered
+    (split 0 first) and grouped by half-cluster, and each group's residuals are rotated
+    in one GEMM-shaped pass (`lopq_project_rows`): each rotation is read once per block
+    instead of once per query, which is what the one-query path spends its time on at
+    large D and V. Then per query: its tables from its rotated residuals
+    (`lopq_tables_rows`, codebooks shared by the split), the ADC scan while they are in
+    cache, its top ``limit``. The cells come from `visited_cells` (`search_batch`: the
+    retrieval of `search_many`, distances equal up to float rounding) or from elsewhere (a
+    Spark partition holds some cells of the index; its queries say which they visit).
+    """
     cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = CBTm2.shape[1]
     cdef Py_ssize_t ds = CBTm2.shape[2], Sp = CBTm2.shape[3], hp = RTp.shape[3]
     cdef Py_ssize_t D = Q.shape[1], max_pairs = max(2, BLOCK_BUDGET // (4 * hp))
@@ -916,6 +846,7 @@ def visited_cells(const float[:, ::1] Q,          # IN (q, D) queries
     cdef int V = CsT.shape[2], h = CsT.shape[1], failed = 0, visited
     cdef Py_ssize_t n_cells = 0, q, total, k
     cdef Work w
+    cdef int[:, ::1] out
     cell_ptr = np.zeros(Q.shape[0] + 1, dtype=np.int64)
     cdef long long[::1] ptr = cell_ptr
     with nogil:
@@ -931,9 +862,11 @@ def visited_cells(const float[:, ::1] Q,          # IN (q, D) queries
         if failed:
             raise MemoryError("out of memory in the search kernel")
         cells = np.empty((n_cells, 2), dtype=np.int32)
-        for k in range(n_cells):
-            cells[k, 0] = w.cells[k].c0
-            cells[k, 1] = w.cells[k].c1
+        out = cells
+        with nogil:
+            for k in range(n_cells):
+                out[k, 0] = w.cells[k].c0
+                out[k, 1] = w.cells[k].c1
         return cell_ptr, cells
     finally:
         _work_free(&w)
