@@ -20,7 +20,7 @@ import json
 import time
 
 from lopq.spark import cli, fs
-from lopq.spark.data import DataError, load_blocks
+from lopq.spark.data import load_blocks
 from lopq.spark.search import (
     ROWS_PER_SHARD,
     ShardedIndex,
@@ -88,11 +88,7 @@ def parse_args(argv=None):
 
 
 def _load_vectors(sc, args, path, model, flag):
-    options = cli.data_options(args, with_ids=True)
-    try:
-        blocks, n, D = load_blocks(sc, path, **options)
-    except DataError as err:
-        raise DataError(str(err).replace("--data ", f"{flag} ", 1)) from None
+    blocks, n, D = load_blocks(sc, path, flag=flag, **cli.data_options(args, with_ids=True))
     if D != model.D:
         raise cli.UsageError(f"the model is for D={model.D} but {flag} {path} has vectors "
                              f"of dimension {D}")

@@ -81,9 +81,12 @@ def test_spark_search_returns_what_the_searcher_returns_on_oxford(sc, oxford, tm
         np.testing.assert_allclose(dists, want_d, rtol=1e-4, atol=1e-4)
         order_ok = [a == r.id for a, r in zip(ids, want)]
         if not all(order_ok):  # only where the distances tie within float rounding
+            # (at rank 100 the tie may be with an item ranked 101st by the searcher)
+            retrieved = searcher.search(x, quota=1000, with_dists=True)[0]
+            own = {r.id: r.dist for r in retrieved}
             for k in np.flatnonzero(~np.array(order_ok)):
                 assert abs(dists[k] - want_d[k]) <= 1e-4 * max(1.0, want_d[k])
-                assert ids[k] in {r.id for r in want}
+                assert abs(own[ids[k]] - dists[k]) <= 1e-4 * max(1.0, dists[k])
 
 
 def test_parquet_codes_and_output_give_the_same_neighbours(sc, tmp_path, capsys):

@@ -41,7 +41,7 @@ def _argmin_columns(GT, c_sqnorm, X, C, best, labels, sqdist):
     # centroid order keeps the lowest index on exact ties, and a row of NaN scores gets
     # centroid 0, as np.argmin gives.
     k, b = GT.shape
-    X.shape[1]
+    d = X.shape[1]
     for i in range(b):
         best[i] = np.inf
         labels[i] = 0
@@ -53,30 +53,12 @@ def _argmin_columns(GT, c_sqnorm, X, C, best, labels, sqdist):
                 best[i] = s
                 labels[i] = c
     for i in range(b):
-        sqdist[i] = _sqdist(X, i, C, labels[i])
-    # sgemm may round two equal centroids' scores differently (its kernels differ at
-    # tile edges): a lower-index column within rounding of the minimum is compared by
-    # exact squared distance, so exact ties still go to the lowest index
-    eps = np.float32(1e-6)
-    for c in range(k):
-        norm = c_sqnorm[c]
-        for i in range(b):
-            if c < labels[i]:
-                s = norm - np.float32(2.0) * GT[c, i]
-                if s - best[i] <= eps * (abs(norm) + np.float32(2.0) * abs(GT[c, i])):
-                    exact = _sqdist(X, i, C, c)
-                    if exact <= sqdist[i]:
-                        labels[i] = c
-                        sqdist[i] = exact
-
-
-@njit(error_model="numpy", **_OPTS)
-def _sqdist(X, i, C, c):
-    acc = np.float32(0.0)
-    for j in range(X.shape[1]):
-        diff = X[i, j] - C[c, j]
-        acc += diff * diff
-    return acc
+        c = labels[i]
+        acc = np.float32(0.0)
+        for j in range(d):
+            diff = X[i, j] - C[c, j]
+            acc += diff * diff
+        sqdist[i] = acc
 
 
 def _make_nearest(d):
@@ -161,6 +143,13 @@ def assign(X, C):
         np.dot(C, X[start:stop].T, out=GT)
         _argmin_columns(GT, c_sqnorm, X[start:stop], C, best, labels[start:stop],
                         sqdist[start:stop])
+    # sgemm may round equal centroids' scores differently (its kernels differ at tile
+    # edges), so a duplicated centroid could win over its first copy: map every label to
+    # the lowest index holding the same centroid, as the exact loops and np.argmin do
+    _, first, inverse = np.unique(C, axis=0, return_index=True, return_inverse=True)
+    lowest = first[inverse.ravel()]
+    if np.any(lowest != np.arange(k)):
+        labels = lowest[labels].astype(np.int32)
     return labels, sqdist
 
 

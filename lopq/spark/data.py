@@ -185,7 +185,7 @@ def _merge_reports(a, b):
 
 def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
                 with_ids=False, skip_bad_records=False, block_rows=ROWS_PER_CACHED_BLOCK,
-                data_format="text", vector_col="features", id_col="id"):
+                data_format="text", vector_col="features", id_col="id", flag="--data"):
     """Load vectors into a cached RDD of blocks and check them once.
 
     Args:
@@ -201,6 +201,7 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
             from the most common one), logging their count, instead of failing.
         data_format, vector_col, id_col: ``--data_format``, ``--vector_col``,
             ``--id_col`` for tables.
+        flag: the flag that named ``data_path``, for messages (``--rerank_data``, ...).
 
     Returns:
         (blocks RDD of ``(ids, X)`` with X (b, D) float32, n rows, D).
@@ -216,7 +217,7 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     sc = as_context(sc)
     if not 0.0 < sampling_ratio <= 1.0:
         raise DataError(f"--sampling_ratio must be in (0, 1], got {sampling_ratio}")
-    where = f"--data {data_path}" + (f" (--data_udf {data_udf})" if data_udf else "")
+    where = f"{flag} {data_path}" + (f" (--data_udf {data_udf})" if data_udf else "")
     if data_udf:
         udf = load_udf(data_udf)
         try:
@@ -234,14 +235,15 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
         describe = _describe_udf_record
     elif data_format != "text":
         from pyspark.sql import SparkSession
-        df = read_table(SparkSession.builder.getOrCreate(), sc, data_path, data_format)
+        df = read_table(SparkSession.builder.getOrCreate(), sc, data_path, data_format,
+                        flag)
         # Ids name bad records in messages; compute_codes needs them.
         ids = id_col if with_ids or id_col in df.columns else None
         return load_frame_blocks(sc, df, vector_col, ids, sampling_ratio, seed,
                                  skip_bad_records, where, with_ids=with_ids)
     else:
         try:
-            fs.input_files(sc, data_path)
+            fs.input_files(sc, data_path, flag)
         except FileNotFoundError as err:
             raise DataError(str(err)) from None
         lines = sc.textFile(data_path, minPartitions=sc.defaultParallelism)
@@ -253,17 +255,18 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     return checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio)
 
 
-def read_table(spark, sc, data_path, data_format):
-    """``spark.read.format(data_format).load(data_path)``, with one-line errors."""
+def read_table(spark, sc, data_path, data_format, flag="--data"):
+    """``spark.read.format(data_format).load(data_path)``, with one-line errors naming
+    ``flag``."""
     from . import fs
     try:
-        fs.input_files(sc, data_path)
+        fs.input_files(sc, data_path, flag)
     except (FileNotFoundError, ValueError) as err:
         raise DataError(str(err)) from None
     try:
         return spark.read.format(data_format).load(data_path)
     except Exception as err:  # noqa: BLE001 - Spark's reader: one line, with the flag
-        raise DataError(f"--data {data_path} cannot be read as --data_format "
+        raise DataError(f"{flag} {data_path} cannot be read as --data_format "
                         f"{data_format}: {_first_line(err)}") from None
 
 

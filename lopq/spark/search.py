@@ -95,7 +95,7 @@ def load_codes(sc, path, model, codes_format="text"):
 
     from .data import read_table
     spark = SparkSession.builder.getOrCreate()
-    df = read_table(spark, sc, source, codes_format)
+    df = read_table(spark, sc, source, codes_format, "--codes")
     missing = [c for c in ("id", "coarse", "fine") if c not in df.columns]
     if missing:
         raise DataError(f"--codes {source}: no column(s) {', '.join(missing)} (columns: "
@@ -370,7 +370,7 @@ class ShardedIndex:
         self.plan_bc = sc.broadcast((offsets, first, count))
         with_vectors = rerank_vectors is not None
         if with_vectors:
-            codes = _with_vectors(codes, rerank_vectors, model.D)
+            codes = _with_vectors(codes, rerank_vectors)
         sc.setJobDescription("lopq search: shard the codes")
         self.index = (codes.mapPartitions(_route_codes(self.plan_bc, V, with_vectors))
                       .partitionBy(self.n_shards, _shard_partition)
@@ -423,15 +423,11 @@ def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SH
         with no neighbour are absent. The index stays cached until the RDD is computed;
         call ``.collect()`` or save it, then nothing else needs releasing.
     """
-    if int(k) <= 0:
-        raise ValueError(f"--k must be a positive number of neighbours, got {k}")
-    if int(quota) <= 0:
-        raise ValueError(f"--quota must be a positive number of codes, got {quota}")
     index = ShardedIndex(sc, model, codes, rows_per_shard, rerank_vectors)
     return index.search(queries, k, quota, exclude_self, max_distance)
 
 
-def _with_vectors(codes, vectors, D):
+def _with_vectors(codes, vectors):
     """Codes joined with their items' vectors by id: RDD of (ids, coarse, fine, X)."""
     def code_rows(parts):
         for ids, coarse, fine in parts:
