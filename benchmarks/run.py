@@ -174,6 +174,32 @@ def part_kernels(res, quick):
                     fraction_of_gemm=round(flops / t / 1e9 / gemm, 3),
                     speedup_vs_reference=round(t_ref / t, 2),
                     agreement=round(float(agree(out, ref)), 5))
+    _kernel_rotated_tables(res, rng, quick)
+
+
+def _kernel_rotated_tables(res, rng, quick):
+    """The grouped batch search's per-cluster kernels (rotation + tables; C only) on
+    MiniLM's split shape, against their numpy reference."""
+    from lopq._kernels import _search, cython_kernels, reference
+    n, h, half_m, S = (512 if quick else 4096), 192, 4, 256
+    residuals = rng.randn(n, h).astype(np.float32)
+    R = np.linalg.qr(rng.randn(h, h))[0].astype(np.float32)
+    books = rng.randn(half_m, S, h // half_m).astype(np.float32)
+    RTp = np.zeros((h, cython_kernels._padded(h)), dtype=np.float32)
+    RTp[:, :h] = R.T
+    CBTm2, sqnorm = cython_kernels.score_columns(books)
+    flops = 2 * n * (h * h + half_m * S * (h // half_m))
+    name = f"rotated_tables h={h} {half_m} x {S} x {h // half_m}"
+    t_ref, (P_ref, T_ref) = best_of(lambda: reference.rotated_tables(residuals, R, books))
+    res.add("kernels", f"{name} numpy reference", n / t_ref, "rows/s", n=n,
+            gflops=round(flops / t_ref / 1e9, 2))
+    t, (P, T) = best_of(lambda: _search.rotated_tables(residuals, RTp, CBTm2, sqnorm, S))
+    # Agreement: the share of table entries within the expanded form's rounding bound.
+    bound = 1e-5 * ((P_ref.reshape(n, half_m, 1, -1) ** 2).sum(axis=3)
+                    + (books ** 2).sum(axis=2).max()) + 1e-6
+    res.add("kernels", f"{name} cython", n / t, "rows/s", n=n,
+            gflops=round(flops / t / 1e9, 2), speedup_vs_reference=round(t_ref / t, 2),
+            agreement=round(float(np.mean(np.abs(T - T_ref) <= bound)), 5))
 
 
 def synthetic(n, d=128, seed=0):

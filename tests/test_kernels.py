@@ -269,3 +269,54 @@ def test_kmeanspp_matches_reference(backend, n, k, rng):
     if n >= k:
         nearest_blob = np.argmin(((got[:, None, :] - blobs[None]) ** 2).sum(-1), axis=1)
         assert sorted(nearest_blob) == list(range(k))
+
+
+def _rotated_tables_inputs(rng, n, h, half_m, S, kind):
+    from lopq._kernels import cython_kernels
+    residuals = rng.randn(n, h).astype(np.float32)
+    R = np.linalg.qr(rng.randn(h, h))[0].astype(np.float32)
+    books = rng.randn(half_m, S, h // half_m).astype(np.float32)
+    if kind == "zeros":  # a query on its cell's centre: tables are the codebook norms
+        residuals[:] = 0
+    elif kind == "on_codewords":  # rotated residuals equal to codewords: zero entries
+        P = np.concatenate([books[j, rng.randint(0, S, n)] for j in range(half_m)], axis=1)
+        residuals = (P @ R).astype(np.float32)
+    elif kind == "huge":
+        residuals *= 1e3
+        books *= 1e3
+    RTp = np.zeros((h, cython_kernels._padded(h)), dtype=np.float32)
+    RTp[:, :h] = R.T
+    CBTm2, sqnorm = cython_kernels.score_columns(books)
+    return residuals, R, books, RTp, CBTm2, sqnorm
+
+
+@pytest.mark.parametrize("kind", ["random", "zeros", "on_codewords", "huge"])
+@pytest.mark.parametrize("n,h,half_m,S", [(1, 8, 2, 256),      # one row
+                                          (13, 20, 4, 13),     # h, S, n off the block sizes
+                                          (300, 192, 4, 256)])  # MiniLM's split
+def test_grouped_rotated_tables_match_reference(kind, n, h, half_m, S, rng):
+    """The grouped batch path's two kernels (rotation of a cluster's rows, then their
+    tables in the expanded form |b|^2 - 2 p.b + |p|^2) against the plain definition."""
+    _search = pytest.importorskip("lopq._kernels._search")
+    residuals, R, books, RTp, CBTm2, sqnorm = _rotated_tables_inputs(rng, n, h, half_m, S,
+                                                                     kind)
+    P, tables = _search.rotated_tables(residuals, RTp, CBTm2, sqnorm, S)
+    P_ref, tables_ref = reference.rotated_tables(residuals, R, books)
+    scale = float(np.abs(residuals).max()) + 1.0
+    np.testing.assert_allclose(P, P_ref, rtol=1e-4, atol=1e-5 * scale * h ** 0.5)
+    # The expanded square cancels: its error is relative to |p|^2 + |b|^2, not to the result.
+    sub_norms = (P_ref.reshape(n, half_m, 1, -1) ** 2).sum(axis=3)
+    bound = 1e-5 * (sub_norms + (books ** 2).sum(axis=2).max()) + 1e-6
+    assert tables.shape == (n, half_m, S) and tables.dtype == np.float32
+    assert np.all(np.abs(tables - tables_ref) <= bound)
+    assert tables.min() >= 0.0  # clamped: a tiny negative would break the top-k order
+    if kind == "zeros":
+        np.testing.assert_allclose(tables[0], (books ** 2).sum(axis=2), rtol=1e-6)
+
+
+def test_grouped_rotated_tables_reject_mismatched_shapes(rng):
+    _search = pytest.importorskip("lopq._kernels._search")
+    residuals, R, books, RTp, CBTm2, sqnorm = _rotated_tables_inputs(rng, 4, 16, 2, 8,
+                                                                     "random")
+    with pytest.raises(ValueError, match="shapes do not match"):
+        _search.rotated_tables(np.ascontiguousarray(residuals[:, :8]), RTp, CBTm2, sqnorm, 8)

@@ -870,3 +870,44 @@ def visited_cells(const float[:, ::1] Q,          # IN (q, D) queries
         return cell_ptr, cells
     finally:
         _work_free(&w)
+
+
+def rotated_tables(const float[:, ::1] residuals,   # IN (n, h) residuals of one cluster
+                   const float[:, ::1] RTp,         # IN (h, hp) R_c^T, columns padded
+                   const float[:, :, ::1] CBTm2,    # IN (half_m, ds, Sp) -2 books^T
+                   const float[:, ::1] cb_sqnorm,   # IN (half_m, Sp) books' squared norms
+                   Py_ssize_t S):
+    """The two kernels of the grouped batch path on one cluster's rows, for tests and
+    benchmarks: rotation of the residuals (`lopq_project_rows`), then their ADC tables
+    (`lopq_tables_rows`). Numpy reference: `reference.rotated_tables`.
+
+    Returns:
+        P (n, h) float32 rotated residuals, tables (n, half_m, S) float32.
+    """
+    cdef Py_ssize_t n = residuals.shape[0], h = residuals.shape[1], hp = RTp.shape[1]
+    cdef Py_ssize_t half_m = CBTm2.shape[0], ds = CBTm2.shape[1], Sp = CBTm2.shape[2], i
+    if RTp.shape[0] != h or hp < h or half_m * ds != h or cb_sqnorm.shape[0] != half_m \
+            or cb_sqnorm.shape[1] != Sp or not 0 < S <= Sp:
+        raise ValueError("rotated_tables: shapes do not match (residuals (n, h), RTp (h, hp),"
+                         " CBTm2 (half_m, ds, Sp) with half_m * ds = h, cb_sqnorm (half_m, Sp))")
+    padded = np.zeros((max(n, 1), hp), dtype=np.float32)
+    tables = np.zeros((n, half_m, S), dtype=np.float32)
+    cdef float[:, ::1] pv = padded
+    cdef float[:, :, ::1] tv = tables
+    cdef float **rows = <float **>malloc(sizeof(float *) * max(n, 1))
+    cdef int failed = 0
+    if rows == NULL:
+        raise MemoryError("out of memory in rotated_tables")
+    try:
+        if n:
+            with nogil:
+                for i in range(n):
+                    rows[i] = &pv[i, 0]
+                failed = (lopq_project_rows(&residuals[0, 0], n, h, &RTp[0, 0], hp, rows)
+                          or lopq_tables_rows(&pv[0, 0], n, hp, &CBTm2[0, 0, 0], half_m, ds,
+                                              Sp, &cb_sqnorm[0, 0], S, &tv[0, 0, 0]))
+        if failed:
+            raise MemoryError("out of memory in rotated_tables")
+        return padded[:n, :h].copy(), tables
+    finally:
+        free(rows)

@@ -163,6 +163,22 @@ def adc_tables(P, codebooks):
     return ((sub - codebooks[None]) ** 2).sum(axis=3).astype(np.float32)
 
 
+def rotated_tables(residuals, R, codebooks):
+    """Rotated residuals of one cluster's rows and their ADC tables (what the grouped batch
+    search computes per cluster).
+
+    Args:
+        residuals: (n, h) float32 residuals ``x - centroid - mu`` of one cluster.
+        R: (h, h) float32 rotation of that cluster.
+        codebooks: (half_m, S, ds) float32 with ``half_m * ds = h``.
+
+    Returns:
+        P (n, h) float32 ``residuals @ R^T``, tables (n, half_m, S) float32 (`adc_tables`).
+    """
+    P = (residuals.astype(np.float64) @ R.T.astype(np.float64)).astype(np.float32)
+    return P, adc_tables(P, codebooks)
+
+
 def adc_scan(table, codes):
     """Asymmetric distances of codes to one query.
 
