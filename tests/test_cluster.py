@@ -196,6 +196,43 @@ def test_compute_codes_from_parquet_runs_on_the_cluster(cluster, cluster_model, 
     assert_codes_equal_encode(model, X, ids, codes)
 
 
+def test_search_runs_on_the_cluster_and_equals_the_searcher(cluster, cluster_model, data,
+                                                           tmp_path):
+    """spark/search.py on compute_codes output, both submitted to the cluster: the
+    scoring ran in executors on both workers (several shards), and every query gets the
+    searcher's neighbours on the same codes."""
+    import json
+
+    from lopq import LOPQSearcher
+    pkl, model = cluster_model
+    path, ids, X, queries = data
+    codes = tmp_path / "codes"
+    on_cluster(cluster, "compute_codes.py", "--data", path, "--output", codes,
+               "--model_pkl", pkl)
+    query_path = tmp_path / "queries.txt"
+    write_vector_file(query_path, queries, ids=[f"q{i}" for i in range(len(queries))])
+    out = tmp_path / "neighbours"
+    output = on_cluster(cluster, "search.py", "--model_pkl", pkl, "--codes", codes,
+                        "--data", query_path, "--k", 10, "--quota", 800,
+                        "--rows_per_shard", 700, "--output", out)
+    assert f"wrote neighbours of {len(queries)} queries" in output
+    got = {}
+    for part in sorted(out.glob("part-*")):
+        for line in part.read_text().splitlines():
+            key, payload = line.split("\t")
+            got[key] = json.loads(payload)
+    searcher = LOPQSearcher(model)
+    searcher.add_data(X, ids=ids)
+    assert len(got) == len(queries)
+    for i, x in enumerate(queries):
+        want, _ = searcher.search(x, quota=800, limit=10, with_dists=True)
+        found, dists = got[f"q{i}"]
+        np.testing.assert_allclose(dists, [r.dist for r in want], rtol=1e-4, atol=1e-4)
+        # ids equal, except where two distances tie within float rounding
+        for k, (a, r) in enumerate(zip(found, want)):
+            assert a == r.id or abs(dists[k] - r.dist) <= 1e-4 * max(1.0, r.dist)
+
+
 def test_py_files_zip_reaches_the_executors(cluster, data, tmp_path):
     """Executors without lopq on their path import it from a --py-files zip."""
     path, _, _, _ = data

@@ -15,7 +15,8 @@ of queries. A batch runs as:
 4. **Scoring.** Codes and routed queries meet in one shuffle; each partition indexes its
    codes by cell (an `LOPQSearcher`) and scores its queries on exactly their cells with
    the grouped-table kernel of `search_batch` (`search_cells_grouped`).
-5. **Merge.** Each query's per-shard top k are merged (``reduceByKey``).
+5. **Merge.** The shards' top k of each query block are merged as arrays
+   (``reduceByKey`` on the block), then written one record per query.
 
 Retrieval is the searcher's (whole cells in multi-sequence order until the quota);
 distances are the same LOPQ distances up to float rounding, so equal-distance ties may
@@ -229,15 +230,21 @@ def route_block(ptr, cells, V, first, count):
 
 
 def _route_queries(model_bc, plan_bc, quota):
-    def run(blocks):
+    """Query blocks to the shards they visit: ``(shard, ("q", block, rows, keys, X,
+    cell_ptr, cell_ids))`` with ``block = (partition, block number)`` naming the block for
+    the merge, ``rows`` (r,) int64 the block rows routed there and ``keys`` their ids."""
+    def run(partition, blocks):
         model = model_bc.value
         offsets, first, count = plan_bc.value
-        for ids, X in blocks:
+        for number, (ids, X) in enumerate(blocks):
+            X = np.ascontiguousarray(X, dtype=np.float32)
             ptr, cells = visited_cells(model, X, offsets, quota)
-            keys = [_id_value(key) for key in ids]  # as the codes' ids (self join)
+            keys = np.empty(len(ids), dtype=object)
+            keys[:] = [_id_value(key) for key in ids]  # as the codes' ids (self join)
             for shard, rows, cell_ptr, cell_ids in route_block(ptr, cells, model.V, first,
                                                                count):
-                yield shard, ("q", [keys[r] for r in rows], X[rows], cell_ptr, cell_ids)
+                yield shard, ("q", (partition, number), rows, keys[rows], X[rows],
+                              cell_ptr, cell_ids)
     return run
 
 
@@ -268,8 +275,9 @@ def _shard_partition(shard):
     return shard
 
 
-def _index_partition(with_vectors):
-    """All codes of one shard as one record, sorted by cell (an `LOPQSearcher`'s arrays)."""
+def _index_partition(model_bc, with_vectors):
+    """All codes of one shard as one record, sorted by cell (an `LOPQSearcher`'s arrays,
+    so that each batch of queries indexes them without sorting again)."""
     def run(records):
         parts = [item for _, item in records]
         if not parts:
@@ -278,64 +286,102 @@ def _index_partition(with_vectors):
         ids[:] = [i for p in parts for i in p[1]]
         coarse = np.concatenate([p[2] for p in parts])
         fine = np.concatenate([p[3] for p in parts])
-        vectors = np.concatenate([p[4] for p in parts]) if with_vectors else None
-        yield -1, ("i", ids, coarse, fine, vectors)
+        V = model_bc.value.V
+        order = np.argsort(coarse[:, 0].astype(np.int64) * V + coarse[:, 1], kind="stable")
+        vectors = np.concatenate([p[4] for p in parts])[order] if with_vectors else None
+        yield -1, ("i", ids[order], coarse[order], fine[order], vectors)
     return run
 
 
+def _nearest_columns(dists, ids, k):
+    """Each row's k smallest distances (stable: equal distances keep their column order),
+    with the ids in the same places: ``(dists (r, k), ids (r, k))``."""
+    best = np.argsort(dists, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dists, best, axis=1), np.take_along_axis(ids, best, axis=1)
+
+
 def _score_partition(model_bc, k, exclude_self, max_distance):
-    """Score the queries routed to one shard on its index record; yields
-    (query id, (dists, ids))."""
+    """Score the queries routed to one shard on its index record. Yields one record per
+    query block: ``(block, (rows (r,), keys (r,), dists (r, k) float32 inf-padded,
+    ids (r, k) object))``, nearest first."""
     from ..search import LOPQSearcher
 
     def run(records):
         model = model_bc.value
-        index, keys, blocks, cell_lists = None, [], [], []
+        index, items = None, []
         for _, item in records:
             if item[0] == "i":
                 index = item
-                continue
-            _, block_keys, X, cell_ptr, cell_ids = item
-            keys += block_keys
-            blocks.append(X)
-            cell_lists += np.split(cell_ids, cell_ptr[1:-1])
-        if not keys or index is None:
+            else:
+                items.append(item)
+        if not items or index is None:
             return
         _, ids, coarse, fine, vectors = index
         searcher = LOPQSearcher(model)
-        order = searcher._set_arrays(coarse, fine, ids)
-        rerank = vectors is not None
-        if rerank:
-            vectors = vectors[order]
-        Q = np.concatenate(blocks).astype(np.float32)
+        searcher._set_arrays(coarse, fine, ids)  # already in cell order: a stable no-op
+        keys = np.concatenate([item[3] for item in items])
+        Q = np.concatenate([item[4] for item in items])
+        cell_lists = [cells for item in items
+                      for cells in np.split(item[6], item[5][1:-1])]
         limit = k + (1 if exclude_self else 0)
+        rerank = vectors is not None
         rows, dists = searcher.score_cells(Q, cell_lists,
                                            limit * RERANK_FACTOR if rerank else limit)
-        for q, key in enumerate(keys):
-            keep = rows[q] >= 0
-            r, d = rows[q][keep], dists[q][keep]
-            if rerank:
-                d = ((vectors[r] - Q[q]) ** 2).sum(axis=1).astype(np.float32)
-                best = np.argsort(d, kind="stable")
-                r, d = r[best], d[best]
-            found = searcher.ids[r]
-            if exclude_self:
-                mine = found != key
-                found, d = found[mine], d[mine]
-            if max_distance is not None:
-                close = d <= max_distance
-                found, d = found[close], d[close]
-            yield key, (d[:k], list(found[:k]))
+        missing = rows < 0
+        rows = np.where(missing, 0, rows)
+        if rerank:  # exact squared distances of the candidates, 1024 queries at a time
+            for lo in range(0, len(Q), 1024):
+                diff = vectors[rows[lo:lo + 1024]] - Q[lo:lo + 1024, None, :]
+                dists[lo:lo + 1024] = np.einsum("qld,qld->ql", diff, diff)
+        found = searcher.ids[rows]
+        drop = missing
+        if exclude_self:
+            drop = drop | (found == keys[:, None])
+        if max_distance is not None:
+            drop = drop | (dists > max_distance)
+        dists = np.where(drop, np.float32(np.inf), dists).astype(np.float32)
+        dists, found = _nearest_columns(dists, found, k)
+        lo = 0
+        for item in items:
+            hi = lo + len(item[2])
+            yield item[1], (item[2], keys[lo:hi], dists[lo:hi], found[lo:hi])
+            lo = hi
     return run
 
 
-def _merge_top(k):
+def _merge_blocks(k):
+    """Merge two shards' results for one query block: per query (row of the block) the
+    k nearest of both, vectorised over the block."""
     def merge(a, b):
-        dists = np.concatenate([a[0], b[0]])
-        ids = a[1] + b[1]
-        best = np.argsort(dists, kind="stable")[:k]
-        return dists[best], [ids[i] for i in best]
+        rows = np.concatenate([a[0], b[0]])
+        keys = np.concatenate([a[1], b[1]])
+        dists = np.concatenate([a[2], b[2]])
+        ids = np.concatenate([a[3], b[3]])
+        unique_rows, first, which = np.unique(rows, return_index=True, return_inverse=True)
+        which = which.ravel()
+        slot = np.zeros(len(keys), dtype=np.int64)  # 0 for a query's first row, 1 ...
+        order = np.argsort(which, kind="stable")
+        starts = np.searchsorted(which[order], np.arange(len(first)))
+        slot[order] = np.arange(len(keys)) - starts[which[order]]
+        width = int(slot.max()) + 1
+        wide_d = np.full((len(first), width * k), np.inf, dtype=np.float32)
+        wide_i = np.empty((len(first), width * k), dtype=object)
+        columns = slot[:, None] * k + np.arange(k)[None, :]
+        wide_d[which[:, None], columns] = dists
+        wide_i[which[:, None], columns] = ids
+        best_d, best_i = _nearest_columns(wide_d, wide_i, k)
+        return unique_rows, keys[first], best_d, best_i
     return merge
+
+
+def _per_query(block):
+    """A merged block as ``(query_id, (dists (<=k,) float32, ids list))`` records;
+    queries with no neighbour are absent."""
+    _, (_, keys, dists, ids) = block
+    for key, d, found in zip(keys, dists, ids):
+        keep = np.isfinite(d)
+        if keep.any():
+            yield key, (d[keep], list(found[keep]))
 
 
 class ShardedIndex:
@@ -374,7 +420,7 @@ class ShardedIndex:
         sc.setJobDescription("lopq search: shard the codes")
         self.index = (codes.mapPartitions(_route_codes(self.plan_bc, V, with_vectors))
                       .partitionBy(self.n_shards, _shard_partition)
-                      .mapPartitions(_index_partition(with_vectors),
+                      .mapPartitions(_index_partition(self.model_bc, with_vectors),
                                      preservesPartitioning=True)
                       .cache())
         self.index.count()
@@ -386,14 +432,15 @@ class ShardedIndex:
             raise ValueError(f"--k must be a positive number of neighbours, got {k}")
         if int(quota) <= 0:
             raise ValueError(f"--quota must be a positive number of codes, got {quota}")
-        routed = queries.mapPartitions(_route_queries(self.model_bc, self.plan_bc, quota))
+        routed = queries.mapPartitionsWithIndex(_route_queries(self.model_bc, self.plan_bc,
+                                                               int(quota)))
         routed = routed.partitionBy(self.n_shards, _shard_partition)
         joined = self.index.union(routed)
         if joined.getNumPartitions() != self.n_shards:  # not partition-aware: a bug
             raise RuntimeError("the index and the routed queries are not co-partitioned")
         scored = joined.mapPartitions(_score_partition(self.model_bc, int(k), exclude_self,
                                                        max_distance))
-        return scored.reduceByKey(_merge_top(int(k)))
+        return scored.reduceByKey(_merge_blocks(int(k))).flatMap(_per_query)
 
     def unpersist(self):
         self.index.unpersist()
