@@ -874,6 +874,19 @@ def _lsh_curve(res, spark, base, queries, nns, params, settings):
     base_df.unpersist()
 
 
+def _stage_totals(sc):
+    """Shuffle bytes written and Python-side task time of every finished stage so far,
+    from the Spark UI's REST API ({} when the UI is off or unreachable)."""
+    import urllib.request
+    url = f"{sc.uiWebUrl}/api/v1/applications/{sc.applicationId}/stages?status=complete"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            stages = json.load(reply)
+    except (OSError, ValueError, TypeError):
+        return {}
+    return {st["stageId"]: (st["shuffleWriteBytes"], st["executorRunTime"]) for st in stages}
+
+
 def part_spark_search(res, quick):
     """Spark search (lopq.spark.search, local[2]) against single-machine search_batch on
     the same codes (both per core) and MLlib BucketedRandomProjectionLSH."""
@@ -928,9 +941,15 @@ def part_spark_search(res, quick):
                 quota=quota, recall_at_1=round(single_recall[0], 4),
                 recall_at_10=round(single_recall[1], 4))
         for rerank, index in ((None, plain_index), (vectors, rerank_index)):
-            start = time.perf_counter()
-            found = dict(index.search(query_rdd, 10, quota).collect())
-            wall = time.perf_counter() - start
+            walls = []
+            for _ in range(2):  # the first batch also loads the model into each worker
+                before = _stage_totals(sc)
+                start = time.perf_counter()
+                found = dict(index.search(query_rdd, 10, quota).collect())
+                walls.append(time.perf_counter() - start)
+                after = _stage_totals(sc)
+            wall = min(walls)
+            shuffled = sum(w for sid, (w, _) in after.items() if sid not in before)
             ranked = [np.array(found[i][1] if i in found else [], dtype=np.int64)
                       for i in range(nq)]
             recall = recall_at([np.pad(r, (0, 10 - len(r)), constant_values=-1)
@@ -940,7 +959,9 @@ def part_spark_search(res, quick):
             res.add("spark_search", f"{label}, quota={quota}", nq / wall, "queries/s",
                     **params, curve=label, quota=quota, recall_at_1=round(recall[0], 4),
                     recall_at_10=round(recall[1], 4), per_core=round(nq / wall / cores, 1),
-                    per_core_vs_single=round(nq / wall / cores / single_qps, 3))
+                    per_core_vs_single=round(nq / wall / cores / single_qps, 3),
+                    shuffle_bytes_per_query=round(shuffled / nq) if after else None,
+                    first_batch_s=round(walls[0], 2), best_of=2)
     # LSH joins take minutes per setting at 1M rows: fewer queries and settings there
     lsh_queries = queries[:200 if quick else 100]
     settings = [(b, t) for b in (0.5, 1, 2) for t in (1, 3, 6)] if quick else \
