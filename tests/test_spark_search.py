@@ -240,3 +240,42 @@ def test_routing_sends_each_visited_cell_to_each_of_its_shards_in_order():
         for i, q in enumerate(rows):
             got[(shard, int(q))] = cell_ids[cell_ptr[i]:cell_ptr[i + 1]].tolist()
     assert got == want
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_block_merge_keeps_each_querys_k_nearest_over_all_shards(k):
+    """_merge_blocks (shards' per-block arrays, merged in any order) against a plain
+    per-query sort of every shard's candidates; two queries share an id, rows differ."""
+    from functools import reduce
+
+    from lopq.spark.search import _merge_blocks, _per_query
+    rng = np.random.RandomState(k)
+    keys_of_rows = np.array(["a", "b", "a", "c", "d"], dtype=object)  # "a" twice
+    parts, candidates = [], {}
+    for shard in range(4):
+        rows = np.sort(rng.choice(5, size=rng.randint(1, 5), replace=False))
+        dists = rng.rand(len(rows), k).astype(np.float32)
+        dists[rng.rand(*dists.shape) < 0.3] = np.inf  # fewer than k found
+        dists.sort(axis=1)
+        ids = np.array([[f"s{shard}r{r}c{c}" for c in range(k)] for r in rows], dtype=object)
+        parts.append((rows, keys_of_rows[rows], dists, ids))
+        for r, d, i in zip(rows, dists, ids):
+            candidates.setdefault(int(r), []).extend(
+                (float(a), b) for a, b in zip(d, i) if np.isfinite(a))
+    merge = _merge_blocks(k)
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
+        merged = reduce(merge, [parts[i] for i in order])
+        got = {}
+        assert len(list(_per_query((None, merged)))) == sum(
+            np.isfinite(merged[2]).any(axis=1))  # queries with no neighbour are absent
+        for i, row in enumerate(merged[0]):
+            one = tuple(a[i:i + 1] for a in merged)
+            for key, (dists, ids) in _per_query((None, one)):
+                got[int(row)] = (key, dists.tolist(), ids)
+        want = {r: sorted(c)[:k] for r, c in candidates.items() if c}
+        assert sorted(got) == sorted(want)
+        for r, best in want.items():
+            key, dists, ids = got[r]
+            assert key == keys_of_rows[r]
+            np.testing.assert_allclose(dists, [d for d, _ in best], rtol=1e-6)
+            assert ids == [i for _, i in best]
