@@ -878,8 +878,11 @@ def _lsh_curve(res, spark, base, queries, nns, params, settings):
     from lopq.eval import recall_at
     tenth = np.sqrt(((queries - base[nns[:, 9]]) ** 2).sum(axis=1))
     threshold = float(np.percentile(tenth, 95))
-    base_df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in
-                                     enumerate(base)], ["id", "features"])
+    # Rows made on the executors from array chunks: 1M Python lists on the driver would
+    # take gigabytes.
+    base_df = _rdd_of_chunks(spark.sparkContext, (np.arange(len(base)), base), 20_000, 8) \
+        .flatMap(lambda t: [(int(i), Vectors.dense(x)) for i, x in zip(*t)]) \
+        .toDF(["id", "features"])
     base_df = base_df.repartition(8).cache()
     base_df.count()
     query_df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in

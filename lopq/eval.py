@@ -23,6 +23,8 @@ def exact_neighbors(queries, base, k=1, block_rows=GT_BLOCK_ROWS):
     B = np.asarray(base, dtype=np.float64)
     b_sq = (B * B).sum(axis=1)
     k = min(k, B.shape[0])
+    # A block's distances are (rows, n) float64: keep them near 256 MB whatever n is.
+    block_rows = max(1, min(block_rows, (1 << 25) // max(1, B.shape[0])))
     out = np.empty((Q.shape[0], k), dtype=np.int64)
     for start in range(0, Q.shape[0], block_rows):
         q = Q[start:start + block_rows]
