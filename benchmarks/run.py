@@ -968,7 +968,7 @@ def part_spark_search(res, quick):
             plain_index = index
         else:
             rerank_index = index
-    quotas = (1000, 4000, 10000) if not quick else (500, 2000, 5000)
+    quotas = (1000, 4000, 10000, 40000) if not quick else (500, 2000, 5000)
     for quota in quotas:
         start = time.perf_counter()
         single = searcher.search_batch(queries, quota=quota, limit=10, threads=1)
