@@ -268,6 +268,13 @@ def _route_codes(plan_bc, V, vectors=False):
 
 
 # ---------------------------------------------------------------------------- scoring
+def _index_storage():
+    """Memory, spilling to local disk: an evicted shard is read back, not rebuilt from the
+    codes' shuffle (1B codes of M=16 take about 28 GB cached, see the README)."""
+    from pyspark import StorageLevel
+    return StorageLevel.MEMORY_AND_DISK
+
+
 def _shard_partition(shard):
     """The partitioner of shards: shard i is partition i. One function object for the
     index and every batch of queries, so that their union is partition-aware (no
@@ -422,7 +429,7 @@ class ShardedIndex:
                       .partitionBy(self.n_shards, _shard_partition)
                       .mapPartitions(_index_partition(self.model_bc, with_vectors),
                                      preservesPartitioning=True)
-                      .cache())
+                      .persist(_index_storage()))
         self.index.count()
 
     def search(self, queries, k, quota, exclude_self=False, max_distance=None):
