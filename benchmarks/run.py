@@ -978,12 +978,16 @@ def part_spark_search(res, quick):
                 "queries/s per core", **params, curve="lopq search_batch (1 core)",
                 quota=quota, recall_at_1=round(single_recall[0], 4),
                 recall_at_10=round(single_recall[1], 4))
-        for rerank, index in ((None, plain_index), (vectors, rerank_index)):
+        # (re-ranking vectors, candidates per query and shard: None = the default 4k)
+        for rerank, index, candidates in ((None, plain_index, None),
+                                          (vectors, rerank_index, None),
+                                          (vectors, rerank_index, 100)):
             walls = []
             for _ in range(2):  # the first batch also loads the model into each worker
                 before = _stage_totals(sc)
                 start = time.perf_counter()
-                found = dict(index.search(query_rdd, 10, quota).collect())
+                found = dict(index.search(query_rdd, 10, quota,
+                                          rerank_candidates=candidates).collect())
                 walls.append(time.perf_counter() - start)
                 after = _stage_totals(sc)
             wall = min(walls)
@@ -993,7 +997,8 @@ def part_spark_search(res, quick):
             recall = recall_at([np.pad(r, (0, 10 - len(r)), constant_values=-1)
                                 for r in ranked], nns[:, 0], (1, 10))
             label = f"lopq Spark search (local[{cores}])" + (
-                ", exact re-ranking" if rerank is not None else "")
+                ", exact re-ranking" if rerank is not None else "") + (
+                f" of {candidates} candidates per shard" if candidates else "")
             res.add("spark_search", f"{label}, quota={quota}", nq / wall, "queries/s",
                     **params, curve=label, quota=quota, recall_at_1=round(recall[0], 4),
                     recall_at_10=round(recall[1], 4), per_core=round(nq / wall / cores, 1),

@@ -153,6 +153,7 @@ def test_self_join_with_rerank_finds_planted_duplicates(sc, tmp_path, capsys):
     ("model", "come from another model"),
     ("k", "--k must be a positive number"),
     ("empty", "--data"),
+    ("candidates", "--rerank_candidates must be at least --k (3)"),
 ])
 def test_bad_search_input_is_one_line_without_output(sc, tmp_path, capsys, case, match):
     X = make_clustered(600, 16, n_clusters=6, seed=2)
@@ -173,6 +174,8 @@ def test_bad_search_input_is_one_line_without_output(sc, tmp_path, capsys, case,
         args[args.index("--k") + 1] = "0"
     elif case == "empty":
         queries.write_text("")
+    elif case == "candidates":
+        args += ["--rerank_data", str(tmp_path / "codes.txt"), "--rerank_candidates", "2"]
     code, (_, err) = run_driver("search", args, capsys)
     assert code != 0
     assert match in err, err
@@ -279,3 +282,38 @@ def test_block_merge_keeps_each_querys_k_nearest_over_all_shards(k):
             assert key == keys_of_rows[r]
             np.testing.assert_allclose(dists, [d for d, _ in best], rtol=1e-6)
             assert ids == [i for _, i in best]
+
+
+def test_rerank_candidates_rank_every_retrieved_item_exactly(sc):
+    """With candidates covering the quota, re-ranking returns the exact k nearest of the
+    items the searcher retrieves (brute force over its cells); with the default (4k per
+    shard) the result's distances are exact ones of retrieved items."""
+    from lopq.spark.search import ShardedIndex
+    X = make_clustered(2000, 16, n_clusters=8, seed=5)
+    queries = make_clustered(40, 16, n_clusters=8, seed=6)
+    model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    coarse, fine = model.encode(X)
+    ids = list(range(len(X)))
+    codes = sc.parallelize([(ids[:1000], coarse[:1000], fine[:1000]),
+                            (ids[1000:], coarse[1000:], fine[1000:])], 2)
+    vectors = sc.parallelize([(ids[:1000], X[:1000]), (ids[1000:], X[1000:])], 2)
+    query_rdd = sc.parallelize([([f"q{i}" for i in range(40)], queries)], 1)
+    index = ShardedIndex(sc, model, codes, rows_per_shard=300, rerank_vectors=vectors)
+    try:
+        everything = dict(index.search(query_rdd, 5, 300, rerank_candidates=2000).collect())
+        default = dict(index.search(query_rdd, 5, 300).collect())
+    finally:
+        index.unpersist()
+    searcher = LOPQSearcher(model)
+    searcher.add_codes((coarse, fine), ids)
+    for i, x in enumerate(queries):
+        retrieved = [item_id for item_id, _ in searcher.get_result_quota(x, quota=300)[0]]
+        exact = ((X[retrieved] - x) ** 2).sum(axis=1)
+        best = np.argsort(exact, kind="stable")[:5]
+        dists, found = everything[f"q{i}"]
+        np.testing.assert_allclose(dists, exact[best], rtol=1e-4, atol=1e-5)
+        assert set(found) <= set(retrieved)
+        d_default, f_default = default[f"q{i}"]
+        np.testing.assert_allclose(d_default, ((X[f_default] - x) ** 2).sum(axis=1),
+                                   rtol=1e-4, atol=1e-5)
+        assert np.all(d_default >= dists[:len(d_default)] - 1e-5)

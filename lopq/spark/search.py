@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Codes per shard (one task of the scoring stage) when the caller does not say.
 ROWS_PER_SHARD = 250_000
-#: Candidates per query and shard kept for exact re-ranking, as a multiple of k.
+#: Candidates per query and shard kept for exact re-ranking when the caller does not say,
+#: as a multiple of k.
 RERANK_FACTOR = 4
 
 
@@ -307,7 +308,7 @@ def _nearest_columns(dists, ids, k):
     return np.take_along_axis(dists, best, axis=1), np.take_along_axis(ids, best, axis=1)
 
 
-def _score_partition(model_bc, k, exclude_self, max_distance):
+def _score_partition(model_bc, k, exclude_self, max_distance, candidates):
     """Score the queries routed to one shard on its index record. Yields one record per
     query block: ``(block, (rows (r,), keys (r,), dists (r, k) float32 inf-padded,
     ids (r, k) object))``, nearest first."""
@@ -333,7 +334,7 @@ def _score_partition(model_bc, k, exclude_self, max_distance):
         limit = k + (1 if exclude_self else 0)
         rerank = vectors is not None
         rows, dists = searcher.score_cells(Q, cell_lists,
-                                           limit * RERANK_FACTOR if rerank else limit)
+                                           max(limit, candidates) if rerank else limit)
         missing = rows < 0
         rows = np.where(missing, 0, rows)
         if rerank:  # exact squared distances of the candidates, 1024 queries at a time
@@ -432,13 +433,22 @@ class ShardedIndex:
                       .persist(_index_storage()))
         self.index.count()
 
-    def search(self, queries, k, quota, exclude_self=False, max_distance=None):
+    def search(self, queries, k, quota, exclude_self=False, max_distance=None,
+               rerank_candidates=None):
         """RDD of ``(query_id, (dists (<=k,) float32, ids list))``, nearest first, for
-        query blocks ``(ids, X)``; queries with no neighbour are absent."""
+        query blocks ``(ids, X)``; queries with no neighbour are absent.
+        ``rerank_candidates``: with re-ranking vectors, the LOPQ-nearest candidates per
+        query and shard that get exact distances (default ``RERANK_FACTOR * k``)."""
         if int(k) <= 0:
             raise ValueError(f"--k must be a positive number of neighbours, got {k}")
         if int(quota) <= 0:
             raise ValueError(f"--quota must be a positive number of codes, got {quota}")
+        limit = int(k) + (1 if exclude_self else 0)
+        candidates = RERANK_FACTOR * limit if rerank_candidates is None \
+            else int(rerank_candidates)
+        if candidates < int(k):
+            raise ValueError(f"--rerank_candidates must be at least --k ({k}), got "
+                             f"{rerank_candidates}")
         routed = queries.mapPartitionsWithIndex(_route_queries(self.model_bc, self.plan_bc,
                                                                int(quota)))
         routed = routed.partitionBy(self.n_shards, _shard_partition)
@@ -446,7 +456,7 @@ class ShardedIndex:
         if joined.getNumPartitions() != self.n_shards:  # not partition-aware: a bug
             raise RuntimeError("the index and the routed queries are not co-partitioned")
         scored = joined.mapPartitions(_score_partition(self.model_bc, int(k), exclude_self,
-                                                       max_distance))
+                                                       max_distance, candidates))
         return scored.reduceByKey(_merge_blocks(int(k))).flatMap(_per_query)
 
     def unpersist(self):
@@ -456,7 +466,8 @@ class ShardedIndex:
 
 
 def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SHARD,
-                 exclude_self=False, rerank_vectors=None, max_distance=None):
+                 exclude_self=False, rerank_vectors=None, max_distance=None,
+                 rerank_candidates=None):
     """Routed batch search: for every query, its k nearest indexed ids (one
     `ShardedIndex`, one batch).
 
@@ -471,6 +482,8 @@ def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SH
         rerank_vectors: optional RDD of ``(ids, X)`` blocks of the indexed items'
             original vectors: the candidates are re-ranked by exact squared distance.
         max_distance: keep only neighbours at most this far (squared, as LOPQ ranks).
+        rerank_candidates: candidates per query and shard re-ranked exactly (default
+            ``RERANK_FACTOR * k``).
 
     Returns:
         RDD of ``(query_id, (dists (<=k,) float32, ids list))``, nearest first; queries
@@ -478,7 +491,7 @@ def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SH
         call ``.collect()`` or save it, then nothing else needs releasing.
     """
     index = ShardedIndex(sc, model, codes, rows_per_shard, rerank_vectors)
-    return index.search(queries, k, quota, exclude_self, max_distance)
+    return index.search(queries, k, quota, exclude_self, max_distance, rerank_candidates)
 
 
 def _with_vectors(codes, vectors):
