@@ -1077,9 +1077,13 @@ def plot(res, out):
             ax.plot([q for _, q in pts], [r for r, _ in pts], marker="o" if "lopq" in curve
                     else "^", linestyle="-" if "lopq" in curve else "--", label=curve)
         ax.set_xscale("log")
-        ax.set_xlabel("queries/s (1 thread, 10 results)")
+        spark = any("cores" in r for r in rows)
+        ax.set_xlabel("queries/s (10 results; Spark: all cores, others: 1 thread)" if spark
+                      else "queries/s (1 thread, 10 results)")
         ax.set_ylabel("recall@10")
-        ax.set_title(f"{data}, 8-byte codes")
+        code_bytes = {r["M"] for r in rows if "M" in r}  # S=256: one byte per subquantizer
+        ax.set_title(f"{data}, {'/'.join(str(b) for b in sorted(code_bytes)) or '?'}-byte "
+                     "codes")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
