@@ -913,8 +913,8 @@ def _lsh_curve(res, spark, base, queries, nns, params, settings):
 
 
 def _stage_totals(sc):
-    """Shuffle bytes written and Python-side task time of every finished stage so far,
-    from the Spark UI's REST API ({} when the UI is off or unreachable)."""
+    """Shuffle bytes written by every finished stage so far, by stage id, from the Spark
+    UI's REST API ({} when the UI is off or unreachable)."""
     import urllib.request
     url = f"{sc.uiWebUrl}/api/v1/applications/{sc.applicationId}/stages?status=complete"
     try:
@@ -922,7 +922,7 @@ def _stage_totals(sc):
             stages = json.load(reply)
     except (OSError, ValueError, TypeError):
         return {}
-    return {st["stageId"]: (st["shuffleWriteBytes"], st["executorRunTime"]) for st in stages}
+    return {st["stageId"]: st["shuffleWriteBytes"] for st in stages}
 
 
 def part_spark_search(res, quick):
@@ -991,7 +991,7 @@ def part_spark_search(res, quick):
                 walls.append(time.perf_counter() - start)
                 after = _stage_totals(sc)
             wall = min(walls)
-            shuffled = sum(w for sid, (w, _) in after.items() if sid not in before)
+            shuffled = sum(w for sid, w in after.items() if sid not in before)
             ranked = [np.array(found[i][1] if i in found else [], dtype=np.int64)
                       for i in range(nq)]
             recall = recall_at([np.pad(r, (0, 10 - len(r)), constant_values=-1)
