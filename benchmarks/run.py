@@ -852,11 +852,17 @@ def part_spark(res, quick):
 
 
 def _local_spark(cores=2):
+    """A local[cores] session with lopq's defaults (lopq.spark.session) for the rest."""
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
+
+    from lopq.spark.session import defaults_to_add
     os.environ.update(_spark_env())
-    return (SparkSession.builder.master(f"local[{cores}]").appName("lopq benchmark")
-            .config("spark.driver.memory", "8g")
-            .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    conf = (SparkConf(loadDefaults=False).setMaster(f"local[{cores}]")
+            .setAppName("lopq benchmark").set("spark.driver.memory", "8g")
+            .set("spark.ui.showConsoleProgress", "false"))
+    conf.setAll(defaults_to_add(conf, "lopq benchmark"))
+    return SparkSession.builder.config(conf=conf).getOrCreate()
 
 
 def _rdd_of_chunks(sc, arrays, chunk, slices):

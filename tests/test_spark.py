@@ -319,6 +319,14 @@ def test_lopq_defaults_fill_only_what_nobody_set(sc):
     nothing_set = dict(defaults_to_add(SparkConf(loadDefaults=False), "lopq job"))
     assert nothing_set["spark.master"] == "local[*]"
     assert nothing_set["spark.app.name"] == "lopq job"
+    import pyspark
+    if tuple(int(x) for x in pyspark.__version__.split(".")[:2]) >= (4, 1):
+        # Python workers talk to their executor over Unix sockets, unless the user says no
+        assert nothing_set["spark.python.unix.domain.socket.enabled"] == "true"
+        assert sc.getConf().get("spark.python.unix.domain.socket.enabled") == "true"
+        theirs = SparkConf(loadDefaults=False).set("spark.python.unix.domain.socket.enabled",
+                                                   "false")
+        assert "spark.python.unix.domain.socket.enabled" not in dict(defaults_to_add(theirs, "x"))
 
 
 def test_library_takes_a_users_session_and_leaves_it_running(sc, small_data, train_model,
