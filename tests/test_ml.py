@@ -185,3 +185,38 @@ def test_train_model_reads_parquet_and_equals_the_estimator(spark, oxford_frame,
     from_file = LOPQ(V=16, M=8, seed=3).fit(spark.read.parquet(str(data)))
     for a, b in zip(LOPQModel.load_proto(str(out)).parameters, from_file.model.parameters):
         np.testing.assert_array_equal(a, b)
+
+
+def test_transform_joins_small_arrow_batches_in_row_order(spark):
+    """Arrow batches far smaller than an encoding block are joined before encoding
+    (lopq.spark.codes.regrouped): every row keeps its id, its place and its codes."""
+    from lopq.spark.ml import LOPQSparkModel
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(1500, 8)).astype(np.float32)
+    model = LOPQModel(V=4, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
+    ids = [f"v{i}" for i in range(len(X))]
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "37")
+    try:
+        rows = LOPQSparkModel(model).transform(frame(spark, X, ids)).collect()
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    assert [r["id"] for r in rows] == ids
+    coarse, fine = model.encode(X)
+    assert [list(r["coarse"]) for r in rows] == coarse.tolist()
+    assert [list(r["fine"]) for r in rows] == fine.tolist()
+
+
+def test_regrouped_joins_batches_in_order_up_to_the_block_size():
+    import pyarrow as pa
+
+    from lopq.spark.codes import regrouped
+    sizes, start, batches = [3, 4, 0, 5, 1, 9], 0, []
+    for size in sizes:
+        column = pa.array(range(start, start + size), pa.int64())
+        batches.append(pa.RecordBatch.from_arrays([column], ["i"]))
+        start += size
+    joined = list(regrouped(iter(batches), 6))
+    assert [b.num_rows for b in joined] == [7, 6, 9]  # 3+4, 0+5+1, then 9 alone
+    assert [v for b in joined for v in b.column(0).to_pylist()] == list(range(start))
+    assert list(regrouped(iter(batches[:1]), 6))[0] is batches[0]  # nothing to join
+    assert list(regrouped(iter([]), 6)) == []

@@ -89,6 +89,40 @@ def _list_array(values, width):
     return pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.int32).ravel()))
 
 
+#: Bytes of float32 vectors encoded per kernel call on Arrow input. Each call prepares
+#: every cluster's rotation (V x (D/2)^2 floats) and streams it once, so small calls
+#: pay more per row: 8192-row calls (V=256, D=128) encoded 15-30% slower than 65,536-row
+#: calls on 2 busy cores (benchmarks/run.py --only spark). 64 MB is 131,072 rows at D=128.
+ENCODE_BLOCK_BYTES = 64 << 20
+
+
+def encode_block_rows(D):
+    """Rows per kernel call on Arrow input for vectors of dimension D."""
+    return max(8192, ENCODE_BLOCK_BYTES // (4 * D))
+
+
+def regrouped(batches, rows):
+    """Arrow record batches joined, in order, into batches of at least ``rows`` rows
+    (the last one may hold fewer): few rows per kernel call cost more per row."""
+    import pyarrow as pa
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield _joined(pending, pa)
+            pending, count = [], 0
+    if pending:
+        yield _joined(pending, pa)
+
+
+def _joined(batches, pa):
+    if len(batches) == 1:
+        return batches[0]
+    joined = pa.Table.from_batches(batches).combine_chunks().to_batches()
+    return joined[0] if joined else batches[0].slice(0, 0)
+
+
 def encode_arrow_batch(batch, model, vector_col, keep, code_names, shown_col=None,
                        id_col=None, cell_col=None, skip_bad_records=False):
     """LOPQ codes of one Arrow record batch: its ``keep`` columns with the codes appended.
@@ -148,7 +182,7 @@ def _encode_batches(model_bc, vector_col, shown_col, id_col, keep, coarse_col, f
     """mapInArrow function: each batch with its codes appended as list<int> columns."""
     def run(batches):
         model = model_bc.value
-        for batch in batches:
+        for batch in regrouped(batches, encode_block_rows(model.D)):
             out, dropped = encode_arrow_batch(batch, model, vector_col, keep,
                                               (coarse_col, fine_col), shown_col, id_col,
                                               cell_col, skip_bad_records)
