@@ -91,8 +91,8 @@ def _list_array(values, width):
 
 #: Bytes of float32 vectors encoded per kernel call on Arrow input. Each call prepares
 #: every cluster's rotation (V x (D/2)^2 floats) and streams it once, so small calls
-#: pay more per row: 8192-row calls (V=256, D=128) encoded 15-30% slower than 65,536-row
-#: calls on 2 busy cores (benchmarks/run.py --only spark). 64 MB is 131,072 rows at D=128.
+#: pay more per row: with two processes encoding at once (V=256, D=128), 8192-row calls
+#: ran 15-30% slower than 65,536-row calls. 64 MB is 131,072 rows at D=128.
 ENCODE_BLOCK_BYTES = 64 << 20
 
 
