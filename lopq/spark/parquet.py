@@ -21,8 +21,6 @@ from .data import DataError
 log = logging.getLogger(__name__)
 
 
-
-
 class RowGroup:
     """Row group ``group`` of the Parquet file ``path`` (``rows`` rows); ``index`` names
     its part file."""

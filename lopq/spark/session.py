@@ -10,7 +10,7 @@ shell, or a user's own ``SparkSession``. lopq only fills in what nobody set:
 - the driver's address when ``SPARK_LOCAL_IP`` asks for loopback;
 - on Spark 4.1 and later, Unix domain sockets between each executor and its Python
   workers (``spark.python.unix.domain.socket.enabled``) instead of loopback TCP. On a
-  Linux 6.18 VM, loopback TCP stalled for good in about one run in ten of a 1M-row
+  Linux 6.18 VM, loopback TCP stalled for good twice in about 40 runs of a 1M-row
   ``mapInArrow`` job (``LOPQSparkModel.transform``). Both sides had full send queues, and
   each retransmitted at the 120 s maximum back-off. A Unix socket has no windows or
   retransmits to stall. ``--conf spark.python.unix.domain.socket.enabled=false`` turns it
