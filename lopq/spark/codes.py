@@ -104,19 +104,19 @@ def encode_block_rows(D):
 def regrouped(batches, rows):
     """Arrow record batches joined, in order, into batches of at least ``rows`` rows
     (the last one may hold fewer): few rows per kernel call cost more per row."""
-    import pyarrow as pa
     pending, count = [], 0
     for batch in batches:
         pending.append(batch)
         count += batch.num_rows
         if count >= rows:
-            yield _joined(pending, pa)
+            yield _joined(pending)
             pending, count = [], 0
     if pending:
-        yield _joined(pending, pa)
+        yield _joined(pending)
 
 
-def _joined(batches, pa):
+def _joined(batches):
+    import pyarrow as pa
     if len(batches) == 1:
         return batches[0]
     joined = pa.Table.from_batches(batches).combine_chunks().to_batches()
