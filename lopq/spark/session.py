@@ -53,8 +53,8 @@ def launcher_conf():
     return SparkConf()
 
 
-def _spark_version():
-    """(major, minor) of the installed pyspark."""
+def spark_version():
+    """``(major, minor)`` of the installed pyspark, ``(0, 0)`` if unreadable."""
     import re
 
     import pyspark
@@ -75,7 +75,7 @@ def defaults_to_add(conf, app_name):
         added.append(("spark.app.name", app_name))
     for var in THREAD_VARIABLES:
         default(f"spark.executorEnv.{var}", os.environ.get(f"LOPQ_EXECUTOR_{var}", "1"))
-    if _spark_version() >= (4, 1) and hasattr(socket, "AF_UNIX"):
+    if spark_version() >= (4, 1) and hasattr(socket, "AF_UNIX"):
         default("spark.python.unix.domain.socket.enabled", "true")
     local_ip = os.environ.get("SPARK_LOCAL_IP")
     if local_ip and not conf.contains("spark.driver.host"):
