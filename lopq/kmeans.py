@@ -78,6 +78,63 @@ def no_farthest_rows(count):
     return np.empty((0, 0), dtype=np.float32)
 
 
+#: Farthest rows each pass reports per column group, for empty-cluster repair.
+REPAIR_CANDIDATES = 8
+
+
+def split_columns(X, parts, index):
+    """Column slice ``index`` of ``parts`` equal slices of X, C-contiguous float32."""
+    width = X.shape[1] // parts
+    return np.ascontiguousarray(X[:, index * width:(index + 1) * width], dtype=np.float32)
+
+
+def lloyd_statistics(X, centers, backend=None):
+    """One assignment pass of the column groups of ``X`` over one block of rows.
+
+    Args:
+        X: (b, G * dg) float32 rows; centers: (G, k, dg) float32.
+
+    Returns:
+        sums (G, k, dg) float64, counts (G, k) int64, objective (G,) float64, and per
+        group up to `REPAIR_CANDIDATES` ``(sqdist, row)`` pairs, farthest first.
+    """
+    G, k, dg = centers.shape
+    sums = np.zeros((G, k, dg))
+    counts = np.zeros((G, k), dtype=np.int64)
+    objective = np.zeros(G)
+    far = []
+    for g in range(G):
+        sub = split_columns(X, G, g)
+        labels, sqdist = kernels.assign(sub, centers[g], backend)
+        s, c = kernels.cluster_sums(sub, labels, k, backend)
+        sums[g] += s
+        counts[g] += c
+        objective[g] += sqdist.sum(dtype=np.float64)
+        top = np.argsort(sqdist, kind="stable")[::-1][:REPAIR_CANDIDATES]
+        far.append([(float(sqdist[i]), sub[i].copy()) for i in top])
+    return sums, counts, objective, far
+
+
+def merge_lloyd_statistics(a, b):
+    """Sum two `lloyd_statistics` results (the farthest candidates merged)."""
+    far = [sorted(fa + fb, key=lambda t: -t[0])[:REPAIR_CANDIDATES]
+           for fa, fb in zip(a[3], b[3])]
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], far
+
+
+def as_lloyd_step(statistics):
+    """A `LloydStep` from (merged) `lloyd_statistics`."""
+    sums, counts, objective, far = statistics
+    return LloydStep(sums, counts, objective, [_rows_of(candidates) for candidates in far])
+
+
+def _rows_of(candidates):
+    def farthest(count):
+        rows = [row for _, row in candidates[:count]]
+        return np.array(rows, dtype=np.float32) if rows else np.empty((0, 0), np.float32)
+    return farthest
+
+
 def update_centers(centers, step, spare_rows=None, rng=None):
     """The Lloyd update: each centre moves to the mean of its rows; an empty one moves onto
     the next of the farthest rows, then onto random ``spare_rows`` (s, G * dg) when given,
@@ -144,6 +201,38 @@ def lloyd_loop(assignment_pass, centers, max_iter, abs_tol, label="", spare_rows
     return centers, step, it
 
 
+class ArrayLloydSource:
+    """Rows in memory, as `kmeans_rows` reads them: ``n_rows``, ``dim``, ``take`` and
+    ``lloyd_pass`` (`lopq.rows.ArrayRows` adds the other passes of the training).
+
+    Args:
+        X: (n, d) rows (converted to C-contiguous float32 once).
+    """
+
+    #: Lloyd iterations over every row are logged at this level.
+    log_level = logging.DEBUG
+
+    def __init__(self, X, backend=None):
+        self.X = kernels.as_float32_rows(X)
+        self.backend = backend
+
+    @property
+    def n_rows(self):
+        return self.X.shape[0]
+
+    @property
+    def dim(self):
+        return self.X.shape[1]
+
+    def take(self, indices):
+        """Rows at the sorted global ``indices``: (s, d) float32."""
+        return self.X[np.asarray(indices, dtype=np.int64)]
+
+    def lloyd_pass(self, centers):
+        """One assignment pass of the (G, k, dg) ``centers``: a `LloydStep`."""
+        return as_lloyd_step(lloyd_statistics(self.X, centers, self.backend))
+
+
 def lloyd(X, centers, max_iter, tol, backend=None, label="", final_assignment=True):
     """Lloyd iterations on in-memory rows from ``centers`` (`lloyd_loop` with the
     kernels as the assignment pass).
@@ -158,77 +247,115 @@ def lloyd(X, centers, max_iter, tol, backend=None, label="", final_assignment=Tr
         those of the returned centres (one more pass); otherwise of the last iteration's
         assignment, before its update.
     """
-    k = centers.shape[0]
-    last = {}
-
-    def assignment_pass(C):
-        labels, sqdist = kernels.assign(X, C[0], backend)
-        sums, counts = kernels.cluster_sums(X, labels, k, backend)
-        last.update(labels=labels, sqdist=sqdist)
-
-        def farthest(count):
-            return X[np.argsort(sqdist, kind="stable")[::-1][:count]]
-        return LloydStep(sums[None], counts[None],
-                         np.array([sqdist.sum(dtype=np.float64)]), [farthest])
-
-    C, _, it = lloyd_loop(assignment_pass, centers[None], max_iter, tol, label)
+    source = ArrayLloydSource(X, backend)
+    C, step, it = lloyd_loop(source.lloyd_pass, np.asarray(centers)[None], max_iter, tol,
+                             label)
     centers = C[0]
+    labels, sqdist = kernels.assign(source.X, centers, backend)
     if final_assignment:
-        labels, sqdist = kernels.assign(X, centers, backend)
-    else:
-        labels, sqdist = last["labels"], last["sqdist"]
-    return centers, labels, float(sqdist.sum(dtype=np.float64)), it
+        return centers, labels, float(sqdist.sum(dtype=np.float64)), it
+    return centers, labels, float(step.objective[0]), it
 
 
-def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=None,
-           label="", return_labels=True):
-    """k-means with greedy k-means++ seeding; best of ``n_init`` runs by inertia.
+def sample_indices(n, size, rng):
+    """``size`` distinct sorted row indices of ``n`` drawn with ``rng``; all rows when
+    ``size >= n`` (without drawing)."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size, replace=False))
+
+
+def kmeans_rows(source, groups, k, max_iter=20, n_init=1, tol=1e-4, random_state=None,
+                label="", backend=None):
+    """k-means of each of ``groups`` equal column groups of a row source, in shared passes.
+
+    The one k-means of lopq (in memory and on Spark alike). Each run seeds k-means++ on
+    a sample of `INIT_POINTS_PER_CLUSTER` rows per cluster; with at least 4x
+    `WARM_START_POINTS_PER_CLUSTER` rows per cluster, ``max_iter`` Lloyd iterations
+    first run in memory on a sample of that many rows per cluster, then
+    `FULL_DATA_ITERS` passes over every row refine them (faiss samples 256 rows per
+    centroid and stops there); otherwise ``max_iter`` passes over every row. Per group,
+    the run of lowest objective wins.
 
     Args:
-        X: (n, d) rows (converted to float32), n >= k.
-        k: number of clusters.
-        max_iter: Lloyd iterations per run.
-        n_init: independent runs.
-        tol: stop when the squared centre shift <= tol * (mean per-dimension variance
-            of X), as scikit-learn does.
-        random_state: None, int or RandomState.
-        backend: kernel backend (see `lopq._kernels`).
-        return_labels: False skips the pass that assigns rows to the final centres
-            (labels and inertia are then those of the last iteration) unless n_init > 1.
+        source: a row source (``n_rows``, ``take``, ``lloyd_pass``, ``log_level``; see
+            `lopq.rows`) of (n, groups * dg) rows.
+        k: clusters per group; max_iter: Lloyd iterations; n_init: runs.
+        tol: stop when every group's squared centre shift <= tol * its mean
+            per-dimension variance (scikit-learn's criterion, the variance of the
+            initialisation sample).
+        random_state: None, int or RandomState: every sample and seed is drawn from it,
+            so the same source and seed give the same centres.
 
     Returns:
-        centers (k, d) float32, labels (n,) int32, inertia float.
+        (groups, k, dg) float32 centres.
     """
-    X = kernels.as_float32_rows(X)
-    n = X.shape[0]
+    n = source.n_rows
     if k < 1:
         raise ValueError(f"k-means needs at least one cluster, got k={k}")
     if n < k:
-        raise ValueError(f"k-means{label} needs at least k={k} points, got {n}")
+        raise ValueError(f"k-means{label} needs at least k={k} rows, the data has {n}")
     rng = check_random_state(random_state)
-    # scikit-learn's criterion: tol times the mean per-dimension variance.
-    abs_tol = tol * float(X.var(axis=0, dtype=np.float64).mean()) if tol else 0.0
-    best = None
+    best, best_objective = None, None
     for run in range(max(1, n_init)):
-        sample = X
-        if n > INIT_POINTS_PER_CLUSTER * k:
-            idx = np.sort(rng.choice(n, INIT_POINTS_PER_CLUSTER * k, replace=False))
-            sample = X[idx]
-        init = kmeanspp_init(sample, k, rng, backend)
+        init_rows = source.take(sample_indices(n, INIT_POINTS_PER_CLUSTER * k, rng))
+        dg = init_rows.shape[1] // groups
+        if run == 0:
+            variance = init_rows.astype(np.float64).var(axis=0).reshape(groups, dg)
+            abs_tol = tol * variance.mean(axis=1) if tol else np.zeros(groups)
+            logger.info("k-means%s: %d group(s), k=%d, n=%d, initialised from %d sampled "
+                        "rows", label, groups, k, n, init_rows.shape[0])
+        centers = np.stack([kmeanspp_init(split_columns(init_rows, groups, g), k, rng,
+                                          backend) for g in range(groups)])
         full_iters = max_iter
         if n >= 4 * WARM_START_POINTS_PER_CLUSTER * k and max_iter > FULL_DATA_ITERS:
             # Most of the centres' travel happens on a sample; every row then refines
             # them. Measured: 1.6x faster fit of 100k x 128 rows, k-means objective
             # +0.5% over six seeds, reconstruction error 0.05800 -> 0.05825.
-            idx = np.sort(rng.choice(n, WARM_START_POINTS_PER_CLUSTER * k, replace=False))
-            init, _, _, _ = lloyd(X[idx], init, max_iter, abs_tol, backend,
-                                  f"{label} (sample)", final_assignment=False)
+            warm = ArrayLloydSource(
+                source.take(sample_indices(n, WARM_START_POINTS_PER_CLUSTER * k, rng)),
+                backend)
+            centers, _, _ = lloyd_loop(warm.lloyd_pass, centers, max_iter, abs_tol,
+                                       f"{label} (sample)", spare_rows=init_rows, rng=rng)
             full_iters = FULL_DATA_ITERS
-        centers, labels, inertia, iters = lloyd(X, init, full_iters, abs_tol, backend,
-                                                label,
-                                                final_assignment=return_labels or n_init > 1)
-        logger.info("k-means%s (k=%d, n=%d) run %d: inertia %.6g after %d iterations",
-                    label, k, n, run + 1, inertia, iters)
-        if best is None or inertia < best[2]:
-            best = (centers, labels, inertia)
+        centers, step, iters = lloyd_loop(source.lloyd_pass, centers, full_iters, abs_tol,
+                                          label, spare_rows=init_rows, rng=rng,
+                                          log_level=source.log_level)
+        objective = step.objective
+        logger.info("k-means%s (k=%d, n=%d) run %d: objective %.6g after %d iterations",
+                    label, k, n, run + 1, float(objective.sum()), iters)
+        if best is None:
+            best, best_objective = centers, objective
+        else:
+            better = objective < best_objective
+            best[better] = centers[better]
+            best_objective = np.where(better, objective, best_objective)
     return best
+
+
+def kmeans(X, k, max_iter=20, n_init=1, tol=1e-4, random_state=None, backend=None,
+           label="", return_labels=True):
+    """k-means of in-memory rows (`kmeans_rows` with one column group).
+
+    Args:
+        X: (n, d) rows (converted to float32), n >= k.
+        k: number of clusters.
+        max_iter: Lloyd iterations per run.
+        n_init: independent runs (the lowest objective wins).
+        tol: stop when the squared centre shift <= tol * (mean per-dimension variance),
+            as scikit-learn does.
+        random_state: None, int or RandomState.
+        backend: kernel backend (see `lopq._kernels`).
+        return_labels: False skips the pass that assigns rows to the final centres
+            (labels are then None and the inertia NaN).
+
+    Returns:
+        centers (k, d) float32, labels (n,) int32, inertia float.
+    """
+    source = ArrayLloydSource(X, backend)
+    centers = kmeans_rows(source, 1, k, max_iter, n_init, tol, random_state, label,
+                          backend)[0]
+    if not return_labels:
+        return centers, None, float("nan")
+    labels, sqdist = kernels.assign(source.X, centers, backend)
+    return centers, labels, float(sqdist.sum(dtype=np.float64))

@@ -7,11 +7,21 @@ with ``h = D / 2``.
 """
 
 import logging
+import time
 
 import numpy as np
 
 from . import _kernels as kernels
-from .kmeans import LloydStep, check_random_state, kmeans, no_farthest_rows, update_centers
+from .kmeans import (
+    LloydStep,
+    check_random_state,
+    kmeans,
+    kmeans_rows,
+    no_farthest_rows,
+    sample_indices,
+    update_centers,
+)
+from .rows import ArrayRows, covariance_statistics, project_rows
 
 logger = logging.getLogger(__name__)
 
@@ -74,29 +84,90 @@ def accumulate_covariance_estimators(data, C, backend=None):
     return A, sums, counts, assignments, residuals
 
 
-#: Default prior strength of the local covariances, in pseudo-points per dimension: a
-#: cluster's covariance counts as if ``d`` (per unit of strength) extra rows with the pooled
-#: covariance joined its own (see `shrunk_covariances`).
-ROTATION_SHRINKAGE = 1.0
+#: Default regularisation of the local covariances: each cluster's strength is estimated
+#: from its own rows (`shrinkage_intensities`), not a constant.
+ROTATION_SHRINKAGE = "auto"
+
+
+def check_shrinkage(shrinkage):
+    """``"auto"`` or a number >= 0 (a fixed pseudo-count per dimension); else ValueError."""
+    if isinstance(shrinkage, str):
+        if shrinkage == "auto":
+            return shrinkage
+        try:
+            shrinkage = float(shrinkage)
+        except ValueError:
+            raise ValueError(f"rotation shrinkage must be 'auto' or a number >= 0, got "
+                             f"{shrinkage!r}") from None
+    if not float(shrinkage) >= 0:
+        raise ValueError(f"rotation shrinkage must be 'auto' or a number >= 0, got "
+                         f"{shrinkage!r}")
+    return float(shrinkage)
+
+
+def shrinkage_intensities(cov, dof, target):
+    """Per cluster, the share ``rho`` of ``target`` in ``(1 - rho) S + rho T`` that
+    minimises the expected squared Frobenius error of the estimate (Ledoit & Wolf's
+    criterion, with the Gaussian moments of a Wishart sample covariance, as in Chen et
+    al.'s Rao-Blackwellised LW, here toward a general target).
+
+    With ``S`` estimated on ``nu = n - 1`` degrees of freedom,
+    ``E|S - Sigma|^2 = (tr Sigma^2 + (tr Sigma)^2) / nu``; both traces are estimated
+    without bias from ``a = tr S^2`` and ``b = (tr S)^2``:
+    ``tr Sigma^2 ~ nu (nu a - b) / ((nu + 2)(nu - 1))``,
+    ``(tr Sigma)^2 ~ b - 2 tr Sigma^2 / nu``. The denominator ``E|S - T|^2`` is estimated
+    by ``|S - T|^2`` itself. A cluster whose covariance is far from the target (many
+    rows, a shape of its own) keeps it; a small or target-like one leans on the target.
+
+    Args:
+        cov: (V, d, d) float64 sample covariances ``S``; dof: (V,) degrees of freedom
+            ``n - 1``; target: (d, d) float64 ``T``.
+
+    Returns:
+        (V,) float64 intensities in [0, 1]; 1 where ``dof < 2``.
+    """
+    cov = np.asarray(cov, dtype=np.float64)
+    nu = np.asarray(dof, dtype=np.float64)
+    rho = np.ones(len(nu))
+    ok = nu >= 2
+    if not ok.any():
+        return rho
+    S, nu = cov[ok], nu[ok]
+    a = np.einsum("vij,vij->v", S, S)
+    b = np.trace(S, axis1=1, axis2=2) ** 2
+    tr_sq = np.maximum(nu * (nu * a - b) / ((nu + 2) * (nu - 1)), 0.0)
+    sq_tr = np.maximum(b - 2 * tr_sq / nu, 0.0)
+    expected_error = (tr_sq + sq_tr) / nu
+    gap = np.einsum("vij,vij->v", S - target, S - target)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho[ok] = np.where(gap > 0, np.clip(expected_error / gap, 0.0, 1.0), 1.0)
+    return rho
 
 
 def shrunk_covariances(A, mu, count, shrinkage):
     """Local residual covariances shrunk toward the pooled within-cluster covariance.
 
-    With ``W_i`` the scatter of cluster i about its mean and ``P = sum W_i / sum (n_i - 1)``
-    the pooled covariance, cluster i gets ``(W_i + k P) / (n_i - 1 + k)`` with
-    ``k = shrinkage * d`` pseudo-points: a cluster of n >> d rows keeps its own covariance,
-    a small one gets one close to the pooled (an empty one exactly the pooled), so every
-    cluster has a full-rank estimate to rotate by. ``shrinkage=0`` returns the plain
-    sample covariances ``W_i / (n_i - 1)`` (zeros where ``n_i < 2``).
+    With ``W_i`` the scatter of cluster i about its mean, ``S_i = W_i / (n_i - 1)`` and
+    ``P = sum W_i / sum (n_i - 1)`` the pooled covariance, cluster i gets
+    ``(1 - rho_i) S_i + rho_i P``:
+
+    - ``shrinkage="auto"``: ``rho_i`` estimated from the cluster's own covariance
+      (`shrinkage_intensities`);
+    - a number ``s > 0``: ``k = s * d`` pseudo-points with the pooled covariance, i.e.
+      ``rho_i = k / (n_i - 1 + k)``;
+    - ``0``: the plain sample covariances (zeros where ``n_i < 2``), ``rho = 0``.
+
+    An empty cluster (or one of a single row) gets the pooled covariance when shrinking.
 
     Args:
         A: (V, d, d) summed outer products of residuals; mu: (V, d) summed residuals;
-        count: (V,) rows per cluster; shrinkage: prior strength (>= 0) per dimension.
+        count: (V,) rows per cluster; shrinkage: ``"auto"`` or a number >= 0.
 
     Returns:
-        covariances (V, d, d) float64, pooled (d, d) float64, means (V, d) float64.
+        covariances (V, d, d) float64, pooled (d, d) float64, means (V, d) float64,
+        rho (V,) float64 the pooled covariance's share in each.
     """
+    shrinkage = check_shrinkage(shrinkage)
     A = np.asarray(A, dtype=np.float64)
     count = np.asarray(count, dtype=np.int64)
     V, d = np.shape(mu)
@@ -107,12 +178,18 @@ def shrunk_covariances(A, mu, count, shrinkage):
     scatter = symmetric - count[:, None, None] * np.einsum("vi,vj->vij", means, means)
     dof = np.maximum(count - 1, 0)
     pooled = scatter.sum(axis=0) / max(int(dof.sum()), 1)
-    prior = float(shrinkage) * d
-    weight = (dof + prior).astype(np.float64)
-    cov = np.zeros_like(scatter)
-    usable = weight > 0
-    cov[usable] = ((scatter[usable] + prior * pooled) / weight[usable, None, None])
-    return cov, pooled, means
+    sample_cov = np.zeros_like(scatter)
+    has_dof = dof > 0
+    sample_cov[has_dof] = scatter[has_dof] / dof[has_dof, None, None]
+    if shrinkage == "auto":
+        rho = shrinkage_intensities(sample_cov, dof, pooled)
+    elif shrinkage > 0:
+        prior = shrinkage * d
+        rho = prior / (dof + prior)
+    else:
+        rho = np.zeros(V)
+    cov = (1 - rho)[:, None, None] * sample_cov + rho[:, None, None] * pooled
+    return cov, pooled, means, rho
 
 
 def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0):
@@ -123,27 +200,28 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0
     rows of ``R[i]``.
 
     With ``shrinkage=0`` (the reference) a cluster with fewer points than dimensions gets
-    the identity (and an empty cluster a zero mean). With ``shrinkage > 0`` (what `fit`
-    and ``train_model.py`` use, `ROTATION_SHRINKAGE`) every covariance is first shrunk
-    toward the pooled one (`shrunk_covariances`): small clusters get a rotation close to
-    the global one instead of none.
+    the identity (and an empty cluster a zero mean). Otherwise (``"auto"``, what `fit`
+    and ``train_model.py`` use by default, or a fixed pseudo-count) every covariance is
+    first shrunk toward the pooled one (`shrunk_covariances`): small clusters get a
+    rotation close to the pooled one instead of none.
 
     Args:
         A: (V, d, d) summed outer products; mu: (V, d) summed residuals; count: (V,).
         num_buckets: subquantizers in this split (M / 2).
-        shrinkage: prior strength, pseudo-points per dimension (0: the reference).
+        shrinkage: ``"auto"`` or a number >= 0 (0: the reference).
 
     Returns:
         R (V, d, d) float64, mu (V, d) float64 mean residuals.
     """
-    if shrinkage < 0:
-        raise ValueError(f"rotation shrinkage must be >= 0, got {shrinkage}")
+    shrinkage = check_shrinkage(shrinkage)
     count = np.asarray(count)
     V, d = np.shape(mu)
-    if shrinkage > 0:
-        cov, _, means = shrunk_covariances(A, mu, count, shrinkage)
+    if shrinkage != 0:
+        cov, _, means, rho = shrunk_covariances(A, mu, count, shrinkage)
         # Every cluster has an estimate unless the whole split has fewer than 2 rows.
         small = [] if count.sum() > 1 else list(range(V))
+        logger.info("local covariances: pooled share %.2f (median), %.2f-%.2f over %d "
+                    "clusters", float(np.median(rho)), float(rho.min()), float(rho.max()), V)
     else:
         A = np.asarray(A, dtype=np.float64)
         means = np.zeros((V, d))
@@ -165,29 +243,10 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0
             continue
         eigenvalues, eigenvectors = np.linalg.eigh(cov[i])
         R[i] = eigenvectors[:, eigenvalue_allocation(num_buckets, eigenvalues)].T
-    advice = _smaller_V_advice(count, d)
     if small:
         logger.warning("%d of %d clusters have fewer points than dimensions (%d): they get "
-                       "the identity rotation%s", len(small), V, d, advice)
-    elif advice:
-        logger.warning("%d of %d clusters have fewer rows than the %d dimensions of a "
-                       "split: their rotations lean on the pooled covariance%s",
-                       int(np.sum(count < d)), V, d, advice)
+                       "the identity rotation", len(small), V, d)
     return R, means
-
-
-def _smaller_V_advice(count, d):
-    """When most clusters have fewer rows than ``d``: the V (a power of two) that would
-    leave the median cluster at least ``d`` rows, cluster sizes scaling as 1 / V; else ''."""
-    count = np.asarray(count)
-    V = len(count)
-    if np.sum(count < d) * 2 <= V or count.sum() == 0:
-        return ""
-    median = float(np.median(count))
-    ideal = V * median / d if median > 0 else count.sum() / d
-    suggestion = 2 ** int(np.floor(np.log2(max(ideal, 1.0))))
-    return (f"; most clusters are small (median {median:.0f} rows): V={suggestion} "
-            f"would leave most at least {d} rows")
 
 
 def compute_residuals(data, C, backend=None):
@@ -207,51 +266,45 @@ def project_residuals_to_local(residuals, assignments, Rs, mu, backend=None):
 
 def train_coarse_splits(data, V, kmeans_coarse_iters=10, n_init=10, random_state=None,
                         backend=None):
-    """Step 0: k-means of each half of the data. Returns Cs (2, V, D/2) float32."""
-    rng = check_random_state(random_state)
-    h = data.shape[1] // 2
-    Cs = []
-    for split in range(2):
-        centers, _, _ = kmeans(data[:, split * h:(split + 1) * h], V, kmeans_coarse_iters,
-                               n_init, random_state=rng, backend=backend,
-                               label=f" coarse split {split}", return_labels=False)
-        Cs.append(centers)
-    return np.stack(Cs)
+    """Step 0 on in-memory rows: k-means of each half of ``data`` (n, D), in shared passes.
+    Returns Cs (2, V, D/2) float32."""
+    return kmeans_rows(ArrayRows(data, backend), 2, V, kmeans_coarse_iters, n_init,
+                       random_state=random_state, label=" coarse (step 0)", backend=backend)
 
 
-def train_rotations(data, Cs, M, backend=None, shrinkage=ROTATION_SHRINKAGE):
-    """Step 1: local rotations and mean residuals of each half (covariances shrunk by
-    ``shrinkage``, see `compute_rotations_from_accumulators`).
-
-    Returns:
-        Rs (2, V, h, h) float32, mus (2, V, h) float32.
-    """
-    h = data.shape[1] // 2
+def rotations_from_statistics(A, sums, counts, M, shrinkage=ROTATION_SHRINKAGE):
+    """Step 1 from the statistics of `lopq.rows.covariance_statistics` (both splits):
+    Rs (2, V, h, h) float32, mus (2, V, h) float32."""
     Rs, mus = [], []
     for split in range(2):
-        A, sums, counts, _, _ = accumulate_covariance_estimators(
-            data[:, split * h:(split + 1) * h], Cs[split], backend)
-        R, mu = compute_rotations_from_accumulators(A, sums, counts, M // 2, shrinkage)
+        R, mu = compute_rotations_from_accumulators(A[split], sums[split], counts[split],
+                                                    M // 2, shrinkage)
         Rs.append(R)
         mus.append(mu)
     return np.stack(Rs).astype(np.float32), np.stack(mus).astype(np.float32)
 
 
+def train_rotations(data, Cs, M, backend=None, shrinkage=ROTATION_SHRINKAGE):
+    """Step 1 on in-memory rows: local rotations and mean residuals of each half
+    (covariances shrunk by ``shrinkage``, see `compute_rotations_from_accumulators`).
+
+    Returns:
+        Rs (2, V, h, h) float32, mus (2, V, h) float32.
+    """
+    data = kernels.as_float32_rows(data)
+    Cs = np.ascontiguousarray(Cs, dtype=np.float32)
+    return rotations_from_statistics(*covariance_statistics(data, Cs, backend), M, shrinkage)
+
+
 def project_data(data, Cs, Rs, mus, backend=None):
     """Coarse-assign both halves and project their residuals: (n, D) float32."""
-    h = data.shape[1] // 2
-    halves = []
-    for split in range(2):
-        half = kernels.as_float32_rows(data[:, split * h:(split + 1) * h])
-        labels, _ = kernels.assign(half, Cs[split], backend)
-        halves.append(kernels.project_residuals(half, labels, Cs[split], Rs[split],
-                                                mus[split], backend))
-    return np.hstack(halves)
+    return project_rows(kernels.as_float32_rows(data), Cs, Rs, mus, backend)
 
 
 def train_codebooks(projected, M, subquantizer_clusters=256, kmeans_local_iters=20,
                     n_init=10, random_state=None, backend=None):
-    """Step 2: one k-means per subvector of the projected residuals.
+    """Step 2 on in-memory rows: k-means of each of the M subvectors of the projected
+    residuals, in shared passes.
 
     Args:
         projected: (n, D) projected residuals (both halves side by side).
@@ -259,16 +312,9 @@ def train_codebooks(projected, M, subquantizer_clusters=256, kmeans_local_iters=
     Returns:
         subs (M, S, D/M) float32 codebooks.
     """
-    rng = check_random_state(random_state)
-    ds = projected.shape[1] // M
-    subs = []
-    for j in range(M):
-        centers, _, _ = kmeans(projected[:, j * ds:(j + 1) * ds], subquantizer_clusters,
-                               kmeans_local_iters, n_init, random_state=rng,
-                               backend=backend, label=f" subquantizer {j}",
-                               return_labels=False)
-        subs.append(centers)
-    return np.stack(subs)
+    return kmeans_rows(ArrayRows(projected, backend), M, subquantizer_clusters,
+                       kmeans_local_iters, n_init, random_state=random_state,
+                       label=" subquantizers (step 2)", backend=backend)
 
 
 #: Rows per subquantizer centroid used by the rotation refinement (a sample beyond).
@@ -309,6 +355,79 @@ def _procrustes_rotations(centred, quantized, labels, R, prior=None):
     return out
 
 
+def _procrustes_prior(centred, labels, R, shrinkage, backend=None):
+    """The prior term of every cluster's Procrustes problem: ``k_c R[c] P`` (V, d, d)
+    float64, with ``P`` the pooled covariance of the sampled ``centred`` (n, d) rows and
+    ``k_c`` pseudo-rows; None for ``shrinkage=0``.
+
+    ``"auto"``: ``k_c = n_c rho_c / (1 - rho_c)`` with ``rho_c`` the shrinkage intensity of
+    the cluster's own sampled rows (`shrinkage_intensities`), so the prior weighs in the
+    fit exactly as the pooled covariance weighs in the cluster's shrunk covariance. A
+    number ``s``: ``k_c = s d^2 / (n_c + d)`` (a constant ``s d`` pseudo-rows, faded as a
+    cluster's rows outnumber its dimensions).
+    """
+    shrinkage = check_shrinkage(shrinkage)
+    if shrinkage == 0:
+        return None
+    V, d = R.shape[0], R.shape[1]
+    if shrinkage == "auto":
+        A, sums, counts = kernels.accumulate_covariance(centred, labels, V, backend)
+        _, pooled, _, rho = shrunk_covariances(A, sums, counts, "auto")
+        # rho = 1 (no rows, or nothing to tell the cluster from the pooled covariance):
+        # a weight that dwarfs the data keeps the starting rotation.
+        strength = (counts + 1) * rho / np.maximum(1 - rho, 1e-6)
+    else:
+        pooled = (centred.T @ centred).astype(np.float64) / max(len(centred), 1)
+        rows = np.bincount(labels, minlength=V)
+        strength = shrinkage * d * d / (rows + d)
+    return strength[:, None, None] * (R.astype(np.float64) @ pooled)
+
+
+def _refine_on_sample(sample, Cs, Rs, mus, subs, iters, shrinkage, backend=None):
+    """The rounds of `refine_local_rotations` on in-memory ``sample`` (s, D) rows:
+    refined (Rs, subs) float32 copies."""
+    half_m = subs.shape[0] // 2
+    h = sample.shape[1] // 2
+    Rs, subs = Rs.copy(), subs.copy()
+    for s in range(2):
+        books = subs[s * half_m:(s + 1) * half_m]
+        half = kernels.as_float32_rows(sample[:, s * h:(s + 1) * h])
+        labels, _ = kernels.assign(half, Cs[s], backend)
+        centred = half - Cs[s][labels] - mus[s][labels]
+        zeros = np.zeros_like(Cs[s])
+        prior = _procrustes_prior(centred, labels, Rs[s], shrinkage, backend)
+        for _ in range(iters):
+            projected = kernels.project_residuals(centred, labels, zeros, Rs[s], zeros,
+                                                  backend)
+            codes = kernels.encode_fine(projected, books, backend)
+            books = _update_codebooks(projected, codes, books, backend)
+            quantized = kernels.decode_fine(codes, books)
+            Rs[s] = _procrustes_rotations(centred, quantized, labels, Rs[s], prior)
+        subs[s * half_m:(s + 1) * half_m] = books
+    return Rs, subs
+
+
+def refine_rotations(source, Cs, Rs, mus, subs, iters=3, random_state=None,
+                     shrinkage=ROTATION_SHRINKAGE, backend=None):
+    """`refine_local_rotations` over a row source: the rounds on a sample of at most
+    `REFINE_POINTS_PER_CENTROID` rows per subquantizer centroid (sized by the model),
+    then, when the sample is not every row, one Lloyd step of the codebooks over every
+    row (one projection pass)."""
+    rng = check_random_state(random_state)
+    n = source.n_rows
+    indices = sample_indices(n, REFINE_POINTS_PER_CENTROID * subs.shape[1], rng)
+    sample = source.take(indices)
+    Rs, subs = _refine_on_sample(sample, Cs, Rs, mus, subs, iters, shrinkage, backend)
+    if len(indices) < n:
+        projected = source.projected(Cs, Rs, mus)
+        try:
+            subs, _ = update_centers(subs, projected.lloyd_pass(subs))
+        finally:
+            projected.release()
+    logger.info("refined the local rotations in %d rounds on %d rows", iters, len(sample))
+    return Rs, subs
+
+
 def refine_local_rotations(data, Cs, Rs, mus, subs, iters=3, random_state=None,
                            backend=None, shrinkage=ROTATION_SHRINKAGE):
     """Optimise each coarse cluster's rotation together with the subquantizers
@@ -319,10 +438,10 @@ def refine_local_rotations(data, Cs, Rs, mus, subs, iters=3, random_state=None,
     The reference stops at the parametric rotations; on Oxford5k this round trip lowers
     the reconstruction error from 0.18 to 0.16 and raises recall@1 by about 0.03. Rounds
     run on a sample of at most 64 rows per subquantizer centroid; a last Lloyd step on
-    all rows follows. With ``shrinkage > 0`` each cluster's fit also counts
-    ``shrinkage * d`` pseudo-rows with the split's pooled covariance that its starting
-    rotation quantizes exactly, so a cluster with few sampled rows is not fitted to them
-    alone (the prior of `shrunk_covariances`, in the Procrustes problem).
+    all rows follows. Unless ``shrinkage=0``, each cluster's fit also counts pseudo-rows
+    with the split's pooled covariance that its starting rotation quantizes exactly, so
+    a cluster with few sampled rows is not fitted to them alone (`_procrustes_prior`:
+    the prior of `shrunk_covariances`, in the Procrustes problem).
 
     Args:
         data: (n, D) float32 rows; Cs, Rs, mus, subs: the trained parameters.
@@ -330,94 +449,117 @@ def refine_local_rotations(data, Cs, Rs, mus, subs, iters=3, random_state=None,
     Returns:
         (Rs, subs) refined float32 arrays (the inputs are not modified).
     """
+    return refine_rotations(ArrayRows(data, backend), Cs, Rs, mus, subs, iters,
+                            random_state, shrinkage, backend)
+
+
+#: Parameter names in the order of ``(Cs, Rs, mus, subs)``, and the training step that
+#: fits each: 0 coarse, 1 rotations (and mean residuals), 2 subquantizers.
+PARAMETER_STEPS = (0, 1, 1, 2)
+
+
+def parameters_to_keep(parameters, steps):
+    """What of ``parameters = (Cs, Rs, mus, subs)`` survives retraining ``steps``: a
+    parameter is dropped (None) when its own step or a step it depends on is retrained
+    (the rotations depend on the coarse quantizers, the subquantizers on both)."""
+    first = min(steps) if steps else 3
+    return tuple(None if step >= first else value
+                 for value, step in zip(parameters, PARAMETER_STEPS))
+
+
+def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
+                   kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
+                   subquantizer_sample_ratio=1.0, random_state=None,
+                   rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE,
+                   backend=None, steps=(0, 1, 2)):
+    """The LOPQ training sequence over any row source (`lopq.rows`): fit whatever of
+    ``parameters = (Cs, Rs, mus, subs)`` is None (among the parameters of ``steps``),
+    reusing the rest. Callers that retrain a step drop what it makes stale first
+    (`parameters_to_keep`).
+
+    Step 0: k-means of both halves (`kmeans_rows`, sample warm start). Step 1: per-cluster
+    residual statistics in one pass, local covariances shrunk toward the pooled one by
+    ``rotation_shrinkage`` (`shrunk_covariances`), rotations by eigenvalue allocation.
+    Step 2: the projected residuals (of a ``subquantizer_sample_ratio`` sample of rows),
+    M subquantizer k-means in shared passes. When this call trains both the rotations
+    and the subquantizers, `refine_rotations` follows for ``rotation_refinement_iters``
+    rounds. ``rotation_refinement_iters=0, rotation_shrinkage=0`` train exactly as the
+    reference.
+
+    Every random choice is drawn from ``random_state`` in this order, whatever the
+    source: `LOPQModel.fit` (an `ArrayRows`) and Spark (`lopq.spark.rows.BlockRows`) with
+    the same rows and seed train the same model, up to summation order.
+
+    Returns:
+        ``(Cs, Rs, mus, subs)`` stacked float32 arrays, and a dict of seconds per step.
+    """
+    rotation_shrinkage = check_shrinkage(rotation_shrinkage)
     rng = check_random_state(random_state)
-    half_m = subs.shape[0] // 2
-    h = data.shape[1] // 2
-    Rs, subs = Rs.copy(), subs.copy()
-    limit = REFINE_POINTS_PER_CENTROID * subs.shape[1]
-    sample = data
-    if data.shape[0] > limit:
-        sample = data[np.sort(rng.choice(data.shape[0], limit, replace=False))]
-    for s in range(2):
-        books = subs[s * half_m:(s + 1) * half_m]
-        half = kernels.as_float32_rows(sample[:, s * h:(s + 1) * h])
-        labels, _ = kernels.assign(half, Cs[s], backend)
-        centred = half - Cs[s][labels] - mus[s][labels]
-        zeros = np.zeros_like(Cs[s])
-        prior = None
-        if shrinkage > 0:
-            pooled = (centred.T @ centred).astype(np.float64) / max(len(centred), 1)
-            # k = shrinkage * h pseudo-rows, faded by h / (n + h): a cluster with many
-            # sampled rows fits its own rotation (measured on Oxford5k: an unfaded prior
-            # cost 0.01 recall@1 there, while MiniLM's small clusters need it)
-            rows = np.bincount(labels, minlength=Rs[s].shape[0])
-            strength = shrinkage * h * h / (rows + h)
-            prior = strength[:, None, None] * (Rs[s].astype(np.float64) @ pooled)
-        for _ in range(iters):
-            projected = kernels.project_residuals(centred, labels, zeros, Rs[s], zeros,
-                                                  backend)
-            codes = kernels.encode_fine(projected, books, backend)
-            books = _update_codebooks(projected, codes, books, backend)
-            quantized = kernels.decode_fine(codes, books)
-            Rs[s] = _procrustes_rotations(centred, quantized, labels, Rs[s], prior)
-        if sample is not data:  # one Lloyd step of the codebooks on every row
-            half = kernels.as_float32_rows(data[:, s * h:(s + 1) * h])
-            labels, _ = kernels.assign(half, Cs[s], backend)
-            projected = kernels.project_residuals(half, labels, Cs[s], Rs[s], mus[s],
-                                                  backend)
-            books = _update_codebooks(projected, kernels.encode_fine(projected, books,
-                                                                     backend), books, backend)
-        subs[s * half_m:(s + 1) * half_m] = books
-    logger.info("refined the local rotations in %d rounds on %d rows", iters, len(sample))
-    return Rs, subs
+    Cs, Rs, mus, subs = parameters if parameters is not None else (None,) * 4
+    steps = set(steps)
+    train_rotations = (Rs is None or mus is None) and 1 in steps
+    train_subs = subs is None and 2 in steps
+    refine = train_rotations and train_subs and rotation_refinement_iters > 0
+    n, D = source.n_rows, source.dim
+    timings = {}
+    start = time.time()
+    if Cs is None and 0 in steps:
+        logger.info("step 0: coarse quantizers (V=%d) on %d x %d", V, n, D)
+        Cs = kmeans_rows(source, 2, V, kmeans_coarse_iters, n_init, random_state=rng,
+                         label=" coarse (step 0)", backend=backend)
+        timings["step 0 (coarse)"] = time.time() - start
+        start = time.time()
+    if train_rotations:
+        Cs = np.ascontiguousarray(Cs, dtype=np.float32)
+        logger.info("step 1: local rotations")
+        Rs, mus = rotations_from_statistics(*source.covariance_pass(Cs), M,
+                                            rotation_shrinkage)
+        timings["step 1 (rotations)"] = time.time() - start
+        start = time.time()
+    if train_subs:
+        logger.info("step 2: %d subquantizers of %d clusters", M, subquantizer_clusters)
+        rows = source
+        if subquantizer_sample_ratio != 1.0:
+            size = int(subquantizer_sample_ratio * n)
+            if size < subquantizer_clusters:
+                raise ValueError(f"subquantizer_sample_ratio={subquantizer_sample_ratio} "
+                                 f"leaves {size} rows, fewer than the "
+                                 f"{subquantizer_clusters} subquantizer clusters")
+            rows = source.subset(sample_indices(n, size, rng))
+        projected = rows.projected(Cs, Rs, mus)
+        try:
+            subs = kmeans_rows(projected, M, subquantizer_clusters, kmeans_local_iters,
+                               n_init, random_state=rng, label=" subquantizers (step 2)",
+                               backend=backend)
+        finally:
+            projected.release()
+        timings["step 2 (subquantizers)"] = time.time() - start
+        start = time.time()
+        if refine:
+            Rs, subs = refine_rotations(rows, Cs, Rs, mus, subs, rotation_refinement_iters,
+                                        rng, rotation_shrinkage, backend)
+            timings["rotation refinement"] = time.time() - start
+        if rows is not source:
+            rows.release()
+    for name, seconds in timings.items():
+        logger.info("%s: %.2f s", name, seconds)
+    return (Cs, Rs, mus, subs), timings
 
 
 def train_parameters(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
                      kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
                      subquantizer_sample_ratio=1.0, random_state=None, backend=None,
                      rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE):
-    """Fit whatever of ``parameters = (Cs, Rs, mus, subs)`` is None, reusing the rest.
-
-    Local covariances are shrunk toward the pooled one by ``rotation_shrinkage``
-    (`shrunk_covariances`). When this call trains both the rotations and the
-    subquantizers, they are then refined together for ``rotation_refinement_iters``
-    rounds (`refine_local_rotations`). ``rotation_refinement_iters=0`` and
-    ``rotation_shrinkage=0`` train exactly as the reference.
-
-    Args:
-        data: (n, D) float32 training rows (already validated).
+    """`train_sequence` over in-memory rows ``data`` (n, D) float32 (already validated).
 
     Returns:
         (Cs, Rs, mus, subs) stacked float32 arrays.
     """
-    rng = check_random_state(random_state)
-    Cs, Rs, mus, subs = parameters if parameters is not None else (None,) * 4
-    refine = (Rs is None or mus is None) and subs is None and rotation_refinement_iters > 0
-    if Cs is None:
-        logger.info("step 0: coarse quantizers (V=%d) on %d x %d", V, *data.shape)
-        Cs = train_coarse_splits(data, V, kmeans_coarse_iters, n_init, rng, backend)
-    if Rs is None or mus is None:
-        logger.info("step 1: local rotations")
-        Rs, mus = train_rotations(data, Cs, M, backend, rotation_shrinkage)
-    if subs is None:
-        logger.info("step 2: %d subquantizers of %d clusters", M, subquantizer_clusters)
-        sample = data
-        if subquantizer_sample_ratio != 1.0:
-            n = data.shape[0]
-            size = int(subquantizer_sample_ratio * n)
-            if size < subquantizer_clusters:
-                raise ValueError(f"subquantizer_sample_ratio={subquantizer_sample_ratio} "
-                                 f"leaves {size} rows, fewer than the "
-                                 f"{subquantizer_clusters} subquantizer clusters")
-            sample = data[np.sort(rng.choice(n, size, replace=False))]
-        projected = project_data(sample, Cs, Rs, mus, backend)
-        subs = train_codebooks(projected, M, subquantizer_clusters, kmeans_local_iters,
-                               n_init, rng, backend)
-        if refine:
-            Rs, subs = refine_local_rotations(sample, Cs, Rs, mus, subs,
-                                              rotation_refinement_iters, rng, backend,
-                                              rotation_shrinkage)
-    return Cs, Rs, mus, subs
+    params, _ = train_sequence(ArrayRows(data, backend), V, M, subquantizer_clusters,
+                               parameters, kmeans_coarse_iters, kmeans_local_iters, n_init,
+                               subquantizer_sample_ratio, random_state,
+                               rotation_refinement_iters, rotation_shrinkage, backend)
+    return params
 
 
 # ---------------------------------------------------------------- the reference's layout

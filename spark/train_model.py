@@ -44,10 +44,11 @@ def parse_args(argv=None):
                         help="rounds of local rotation refinement after steps 1 and 2 "
                              "(0 with --rotation_shrinkage 0: the reference's training "
                              "exactly)")
-    parser.add_argument("--rotation_shrinkage", type=float, default=ROTATION_SHRINKAGE,
-                        help="pseudo-rows per dimension pulling each local covariance "
-                             "toward the pooled one, so small clusters still get a "
-                             "rotation (0: the reference, identity below D/2 rows)")
+    parser.add_argument("--rotation_shrinkage", type=cli.shrinkage, default=ROTATION_SHRINKAGE,
+                        help="how far each local covariance leans on the pooled one: "
+                             "'auto' (default) estimates it per cluster from its rows; a "
+                             "number gives that many pseudo-rows per dimension; 0 is the "
+                             "reference (identity rotation below D/2 rows)")
     parser.add_argument("--agg_depth", type=int, default=2,
                         help="depth of tree aggregation of the per-iteration statistics")
     cli.add_overwrite_argument(parser)
@@ -67,8 +68,6 @@ def parse_args(argv=None):
     if args.steps == [STEP_COARSE, STEP_SUBQUANT]:
         parser.error("--steps 0,2 skips step 1: rotations depend on the coarse quantizers, "
                      "so retraining them needs step 1 too (use 0,1,2)")
-    if not args.rotation_shrinkage >= 0:
-        parser.error(f"--rotation_shrinkage must be >= 0, got {args.rotation_shrinkage}")
     return args
 
 
@@ -135,16 +134,8 @@ def main(argv=None):
         if STEP_SUBQUANT in args.steps and args.subquantizer_clusters > n:
             raise cli.UsageError(f"--subquantizer_clusters {args.subquantizer_clusters} is "
                                  f"more than the {n} vectors read from --data {args.data}")
-        existing = model
-        if existing is not None:  # drop parameters that depend on a step being retrained
-            keep = [existing.Cs if 0 not in args.steps else None,
-                    existing.Rs if not {0, 1} & set(args.steps) else None,
-                    existing.mus if not {0, 1} & set(args.steps) else None,
-                    existing.codebooks if not set(args.steps) else None]
-            from lopq import LOPQModel
-            existing = LOPQModel(args.V, args.M, args.subquantizer_clusters, keep)
         trained = train_model(sc, blocks, args.V, args.M, args.subquantizer_clusters,
-                              args.steps, existing, args.seed,
+                              args.steps, model, args.seed,
                               args.subquantizer_sampling_ratio, args.coarse_iters,
                               args.local_iters, args.agg_depth,
                               args.rotation_refinement_iters, n, args.rotation_shrinkage)

@@ -396,15 +396,67 @@ def test_shrinkage_rejects_negative_strength():
         compute_rotations_from_accumulators(A, sums, counts, 2, shrinkage=-1)
 
 
-def test_fit_with_mostly_small_clusters_says_which_V_would_not(caplog):
-    X = make_clustered(2000, 32, n_clusters=8, seed=3)
-    with caplog.at_level("WARNING", logger="lopq"):
-        LOPQModel(V=200, M=4, subquantizer_clusters=16).fit(X, n_init=1, random_state=0)
-    lines = [r.getMessage() for r in caplog.records]
-    lines = [line for line in lines if "most clusters are small" in line]
-    assert len(lines) == 2 and "identity" not in lines[0]  # one line per split
-    suggested = int(lines[0].split("V=")[1].split()[0])
-    assert 1 <= suggested < 200
+def _intensity_by_brute_force(rows, target):
+    """The formula of `shrinkage_intensities` from a cluster's raw rows: np.cov, then
+    the unbiased Gaussian estimates of tr(Sigma^2) and (tr Sigma)^2."""
+    n = len(rows)
+    if n < 3:
+        return 1.0
+    S = np.cov(rows, rowvar=False)
+    nu = n - 1
+    a, b = np.trace(S @ S), np.trace(S) ** 2
+    tr_sq = max(nu * (nu * a - b) / ((nu + 2) * (nu - 1)), 0.0)
+    sq_tr = max(b - 2 * tr_sq / nu, 0.0)
+    gap = np.sum((S - target) ** 2)
+    return 1.0 if gap == 0 else min(1.0, (tr_sq + sq_tr) / nu / gap)
+
+
+def test_shrinkage_intensity_matches_the_formula_on_raw_rows():
+    """Auto shrinkage from accumulators equals the formula computed from the rows
+    themselves, for a big cluster, D/2 rows exactly, small ones, one row and none."""
+    from lopq.training import shrunk_covariances
+    rng = np.random.RandomState(3)
+    d = 6
+    clusters = [rng.normal(size=(200, d)) * np.arange(1, d + 1), rng.normal(size=(d, d)),
+                rng.normal(size=(3, d)), rng.normal(size=(1, d)), np.empty((0, d)),
+                rng.normal(size=(40, d)) + 5]
+    A, sums, counts = _accumulators(clusters)
+    cov, pooled, means, rho = shrunk_covariances(A, sums, counts, "auto")
+    scatter = sum((len(c) - 1) * np.cov(c, rowvar=False) for c in clusters if len(c) > 1)
+    np.testing.assert_allclose(pooled, scatter / sum(max(len(c) - 1, 0) for c in clusters))
+    for i, rows in enumerate(clusters):
+        want = _intensity_by_brute_force(rows, pooled)
+        assert rho[i] == pytest.approx(want, rel=1e-9, abs=1e-12), i
+        own = np.cov(rows, rowvar=False) if len(rows) > 1 else np.zeros((d, d))
+        np.testing.assert_allclose(cov[i], (1 - want) * own + want * pooled, atol=1e-9)
+    assert rho[3] == rho[4] == 1.0 and np.all((rho >= 0) & (rho <= 1))
+
+
+def test_shrinkage_intensity_is_near_the_oracle_on_gaussian_samples():
+    """On Gaussian clusters, the estimated intensity is close to the oracle one,
+    E|S - Sigma|^2 / E|S - T|^2, measured by simulation with the true Sigma."""
+    from lopq.training import shrinkage_intensities
+    rng = np.random.RandomState(0)
+    d = 8
+    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    sigma = Q @ np.diag(np.linspace(0.5, 3.0, d)) @ Q.T
+    target = np.diag(np.linspace(1.0, 2.0, d))
+    for n in (6, 20, 100):
+        samples = rng.multivariate_normal(np.zeros(d), sigma, size=(4000, n))
+        centred = samples - samples.mean(axis=1, keepdims=True)
+        S = np.einsum("tni,tnj->tij", centred, centred) / (n - 1)
+        oracle = (np.mean(np.sum((S - sigma) ** 2, axis=(1, 2)))
+                  / np.mean(np.sum((S - target) ** 2, axis=(1, 2))))
+        estimated = shrinkage_intensities(S, np.full(len(S), n - 1), target)
+        assert np.mean(estimated) == pytest.approx(oracle, rel=0.15), n
+
+
+def test_shrinkage_setting_is_checked():
+    from lopq.training import check_shrinkage
+    assert check_shrinkage("auto") == "auto" and check_shrinkage("0.5") == 0.5
+    for bad in ("often", -1, float("nan")):
+        with pytest.raises(ValueError, match="'auto' or a number >= 0"):
+            check_shrinkage(bad)
 
 
 def test_shrinkage_and_refinement_zero_train_as_the_reference_and_the_default_no_worse():
@@ -414,9 +466,9 @@ def test_shrinkage_and_refinement_zero_train_as_the_reference_and_the_default_no
     X = make_clustered(6000, 64, n_clusters=16, seed=5)
     train, test = X[:5000], X[5000:]
     errors = {}
-    for shrinkage in (0.0, 1.0):
+    for shrinkage in (0.0, 1.0, "auto"):
         model = LOPQModel(V=48, M=8, subquantizer_clusters=32).fit(
             train, n_init=1, random_state=1, rotation_refinement_iters=0,
             rotation_shrinkage=shrinkage)
         errors[shrinkage] = relative_reconstruction_error(test, model)
-    assert errors[1.0] < errors[0.0], errors
+    assert errors[1.0] < errors[0.0] and errors["auto"] < errors[0.0], errors

@@ -29,6 +29,16 @@ def ratio(text):
     return value
 
 
+def shrinkage(text):
+    """argparse type of ``--rotation_shrinkage``: ``auto`` or a number >= 0."""
+    from ..training import check_shrinkage
+    try:
+        return check_shrinkage(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0, got {text!r}") \
+            from None
+
+
 def add_data_arguments(parser, sample_help="proportion of data to sample for training"):
     """The contract's data flags, plus ``--skip_bad_records``."""
     parser.add_argument("--data", default=None, help="hdfs path to input data")

@@ -35,10 +35,18 @@ from pyspark.ml.util import (
 )
 
 from ..model import LOPQModel
-from ..training import ROTATION_SHRINKAGE
+from ..training import ROTATION_SHRINKAGE, check_shrinkage
 
 #: The file that holds the core model inside a saved LOPQSparkModel folder.
 MODEL_FILE = "model.lopq"
+
+
+def _to_shrinkage(value):
+    """Param converter: ``"auto"`` or a float >= 0 (TypeError otherwise, as Spark's)."""
+    try:
+        return check_shrinkage(value)
+    except ValueError as err:
+        raise TypeError(str(err)) from None
 
 
 class _LOPQParams(HasFeaturesCol, HasSeed):
@@ -57,9 +65,9 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
                                     "rounds of local rotation refinement (0: the "
                                     "reference's training)", TypeConverters.toInt)
     rotationShrinkage = Param(Params._dummy(), "rotationShrinkage",
-                              "pseudo-rows per dimension pulling each local covariance "
-                              "toward the pooled one (0: the reference)",
-                              TypeConverters.toFloat)
+                              "how far each local covariance leans on the pooled one: "
+                              "'auto' (estimated per cluster), or pseudo-rows per "
+                              "dimension (0: the reference)", _to_shrinkage)
     samplingRatio = Param(Params._dummy(), "samplingRatio",
                           "fraction of rows to train on, in (0, 1]", TypeConverters.toFloat)
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",

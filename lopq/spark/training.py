@@ -1,189 +1,83 @@
-"""LOPQ training and PCA on Spark: steps 0 (coarse), 1 (rotations), 2 (subquantizers).
+"""LOPQ training and PCA on Spark.
 
-Each step is a few passes over the cached blocks; the model travels as a broadcast and
-the accumulators are sized by the model, never by the data.
+Training is `lopq.training.train_sequence`, the same steps as `LOPQModel.fit`, over the
+cached row blocks (`lopq.spark.rows.BlockRows`): each pass is one job, the model travels
+as a broadcast and the accumulators are sized by the model, never by the data.
 """
 
 import logging
-import time
 
 import numpy as np
 
-from .. import _kernels as kernels
+from ..kmeans import kmeans_rows
 from ..model import LOPQModel
 from ..training import (
-    REFINE_POINTS_PER_CENTROID,
     ROTATION_SHRINKAGE,
-    compute_rotations_from_accumulators,
-    refine_local_rotations,
+    parameters_to_keep,
+    rotations_from_statistics,
+    train_sequence,
 )
-from .kmeans import kmeans_column_groups, sample_rows
+from .rows import BlockRows
 from .session import as_context
 
 logger = logging.getLogger(__name__)
 
 
-def train_coarse_on_blocks(sc, blocks, V, iters=10, seed=None, depth=2, n_rows=None):
-    """Step 0: both coarse quantizers in the same passes. Returns Cs (2, V, D/2)."""
-    sc = as_context(sc)
-    return kmeans_column_groups(sc, blocks, 2, V, iters, seed=seed, depth=depth,
-                                label=" coarse (step 0)", n_rows=n_rows)
+def train_coarse_on_blocks(sc, blocks, V, iters=10, seed=None, depth=2):
+    """Step 0 alone: both coarse quantizers in the same passes. Returns Cs (2, V, D/2)."""
+    return kmeans_rows(BlockRows(sc, blocks, depth), 2, V, iters, 1, random_state=seed,
+                       label=" coarse (step 0)")
 
 
-def _covariance_partition(Cs_bc):
-    def partition(items):
-        Cs = Cs_bc.value
-        V, h = Cs.shape[1], Cs.shape[2]
-        A = np.zeros((2, V, h, h))
-        sums = np.zeros((2, V, h))
-        counts = np.zeros((2, V), dtype=np.int64)
-        for _, X in items:
-            for split in range(2):
-                half = np.ascontiguousarray(X[:, split * h:(split + 1) * h])
-                labels, _ = kernels.assign(half, Cs[split])
-                a, s, c = kernels.accumulate_covariance(half - Cs[split][labels], labels, V)
-                A[split] += a
-                sums[split] += s
-                counts[split] += c
-        yield A, sums, counts
-    return partition
+def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2, shrinkage=ROTATION_SHRINKAGE):
+    """Step 1 alone: per-cluster covariance accumulators aggregated across the cluster,
+    rotations on the driver (`lopq.training.rotations_from_statistics`). Returns
+    Rs (2, V, h, h), mus (2, V, h) float32."""
+    source = BlockRows(sc, blocks, depth)
+    return rotations_from_statistics(*source.covariance_pass(Cs), M, shrinkage)
 
 
-def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2,
-                              shrinkage=ROTATION_SHRINKAGE):
-    """Step 1: per-cluster covariance accumulators aggregated across the cluster, then
-    rotations on the driver (`compute_rotations_from_accumulators`, covariances shrunk by
-    ``shrinkage`` as in `LOPQModel.fit`). Returns Rs (2, V, h, h), mus (2, V, h)
-    float32."""
-    sc = as_context(sc)
-    start = time.time()
-    sc.setJobDescription("lopq rotations (step 1): covariance accumulators")
-    Cs_bc = sc.broadcast(np.ascontiguousarray(Cs, dtype=np.float32))
-    V, h = Cs.shape[1], Cs.shape[2]
-    zero = (np.zeros((2, V, h, h)), np.zeros((2, V, h)), np.zeros((2, V), dtype=np.int64))
-
-    def add(a, b):
-        return a[0] + b[0], a[1] + b[1], a[2] + b[2]
-
-    A, sums, counts = blocks.mapPartitions(_covariance_partition(Cs_bc)).treeAggregate(
-        zero, add, add, depth=depth)
-    Cs_bc.unpersist()
-    Rs, mus = [], []
-    for split in range(2):
-        R, mu = compute_rotations_from_accumulators(A[split], sums[split], counts[split],
-                                                    M // 2, shrinkage)
-        Rs.append(R)
-        mus.append(mu)
-    logger.info("step 1: rotations of 2 x %d clusters in %.2f s", V, time.time() - start)
-    return np.stack(Rs).astype(np.float32), np.stack(mus).astype(np.float32)
-
-
-def _projection_partition(model_bc, fraction, seed):
-    base_seed = 0 if seed is None else int(seed)
-
-    def partition(index, items):
-        model = model_bc.value
-        rng = np.random.RandomState((base_seed * 7919 + index) % (2 ** 32))
-        for ids, X in items:
-            if fraction < 1.0:
-                X = X[rng.random_sample(X.shape[0]) < fraction]
-                if X.shape[0] == 0:
-                    continue
-            _, projected = model.project_rows(X)
-            yield ids, projected
-    return partition
-
-
-def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20,
-                                  sample_ratio=1.0, seed=None, depth=2):
-    """Step 2: project the residuals once (cached), then train all M subquantizers in the
-    same passes. Returns subs (M, S, D/M) float32."""
-    sc = as_context(sc)
-    V = Cs.shape[1]
-    partial = LOPQModel(V, M, S, (Cs, Rs, mus, None))
-    model_bc = sc.broadcast(partial)
-    from pyspark import StorageLevel
-    projected = blocks.mapPartitionsWithIndex(
-        _projection_partition(model_bc, sample_ratio, seed)).persist(
-            StorageLevel.MEMORY_AND_DISK)
+def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, seed=None,
+                                  depth=2):
+    """Step 2 alone: project the residuals once (cached), then train all M
+    subquantizers in the same passes. Returns subs (M, S, D/M) float32."""
+    projected = BlockRows(sc, blocks, depth).projected(Cs, Rs, mus)
     try:
-        subs = kmeans_column_groups(sc, projected, M, S, iters, seed=seed, depth=depth,
-                                    label=" subquantizers (step 2)")
+        return kmeans_rows(projected, M, S, iters, 1, random_state=seed,
+                           label=" subquantizers (step 2)")
     finally:
-        projected.unpersist()
-        model_bc.unpersist()
-    return subs
-
-
-def refine_rotations(sc, blocks, n, Cs, Rs, mus, subs, iters=3, seed=None, depth=2,
-                     shrinkage=ROTATION_SHRINKAGE):
-    """`lopq.training.refine_local_rotations` on a driver-side sample of at most 64 rows
-    per subquantizer centroid (bounded by the model, not the data), then one Lloyd step
-    of the codebooks over all rows on the cluster."""
-    sc = as_context(sc)
-    S = subs.shape[1]
-    rng = np.random.RandomState(seed)
-    sc.setJobDescription("lopq rotation refinement: sample")
-    sample = sample_rows(blocks, min(1.0, REFINE_POINTS_PER_CENTROID * S / n),
-                         rng.randint(2 ** 31))
-    Rs, subs = refine_local_rotations(sample, Cs, Rs, mus, subs, iters, rng,
-                                      shrinkage=shrinkage)
-    if sample.shape[0] < n:
-        V, M = Cs.shape[1], subs.shape[0]
-        model_bc = sc.broadcast(LOPQModel(V, M, S, (Cs, Rs, mus, None)))
-        projected = blocks.mapPartitionsWithIndex(_projection_partition(model_bc, 1.0, 0))
-        subs = kmeans_column_groups(sc, projected, M, S, 1, depth=depth, init=subs,
-                                    label=" rotation refinement: codebook update")
-        model_bc.unpersist()
-    return Rs, subs
+        projected.release()
 
 
 def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=None,
                 subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=2,
                 rotation_refinement_iters=3, n_rows=None,
-                rotation_shrinkage=ROTATION_SHRINKAGE):
-    """Run the requested steps, reusing ``existing`` parameters for the others.
+                rotation_shrinkage=ROTATION_SHRINKAGE, n_init=1):
+    """`lopq.training.train_sequence` over the blocks: fit what ``existing`` lacks.
 
-    Step 1 shrinks the local covariances toward the pooled one by
-    ``rotation_shrinkage``; when steps 1 and 2 both run, `refine_rotations` follows for
-    ``rotation_refinement_iters`` rounds (both 0: the reference's training exactly).
+    What the retrained ``steps`` make stale is dropped first
+    (`lopq.training.parameters_to_keep`), then the parameters of ``steps`` are trained.
+    With the same rows (in the same order), seed and ``n_init``, the model is
+    `LOPQModel.fit`'s, up to summation order.
 
     Args:
         existing: an `LOPQModel` whose parameters are reused (or None).
-        n_rows: number of rows in blocks, if known.
+        steps: training steps to run (0 coarse, 1 rotations, 2 subquantizers).
+        n_rows: ignored (the rows are counted per partition once).
 
     Returns:
-        the trained `LOPQModel`.
+        the trained `LOPQModel` (``.timings``: seconds per step).
     """
     sc = as_context(sc)
-    Cs = Rs = mus = subs = None
+    parameters = (None,) * 4
     if existing is not None:
-        Cs, Rs, mus, subs = existing.Cs, existing.Rs, existing.mus, existing.codebooks
-    rng = np.random.RandomState(seed)
-    timings = {}
-    if 0 in steps:
-        start = time.time()
-        Cs = train_coarse_on_blocks(sc, blocks, V, coarse_iters, rng.randint(2 ** 31), depth,
-                                    n_rows)
-        timings["step 0 (coarse)"] = time.time() - start
-    if 1 in steps:
-        start = time.time()
-        Rs, mus = train_rotations_on_blocks(sc, blocks, Cs, M, depth, rotation_shrinkage)
-        timings["step 1 (rotations)"] = time.time() - start
-    if 2 in steps:
-        start = time.time()
-        subs = train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S, local_iters,
-                                   subquantizer_sampling_ratio, rng.randint(2 ** 31), depth)
-        timings["step 2 (subquantizers)"] = time.time() - start
-        if 1 in steps and rotation_refinement_iters > 0:
-            start = time.time()
-            n = n_rows if n_rows is not None else blocks.map(lambda b: b[1].shape[0]).sum()
-            Rs, subs = refine_rotations(sc, blocks, n, Cs, Rs, mus, subs,
-                                        rotation_refinement_iters, rng.randint(2 ** 31), depth,
-                                        rotation_shrinkage)
-            timings["rotation refinement"] = time.time() - start
-    for name, seconds in timings.items():
-        logger.info("%s: %.2f s", name, seconds)
+        parameters = parameters_to_keep(
+            (existing.Cs, existing.Rs, existing.mus, existing.codebooks), steps)
+    source = BlockRows(sc, blocks, depth)
+    (Cs, Rs, mus, subs), timings = train_sequence(
+        source, V, M, S, parameters, coarse_iters, local_iters, n_init,
+        subquantizer_sampling_ratio, seed, rotation_refinement_iters, rotation_shrinkage,
+        steps=steps)
     model = LOPQModel(V, M, S if subs is None else subs.shape[1], (Cs, Rs, mus, subs))
     model.timings = timings
     return model

@@ -1,0 +1,174 @@
+"""The training's row source on Spark: cached row blocks, one job per pass.
+
+`BlockRows` offers the interface of `lopq.rows` (``n_rows``, ``dim``, ``take``,
+``subset``, ``lloyd_pass``, ``covariance_pass``, ``projected``, ``release``) over an RDD
+of ``(ids, X)`` blocks, so `lopq.training.train_sequence` runs on it unchanged. Rows
+have a global order (partition by partition, block by block), fixed once the blocks are
+cached: ``take`` returns exactly the rows an in-memory array would, so the same seed
+draws the same samples as `LOPQModel.fit` does. Centres and models travel as
+broadcasts; every pass returns statistics sized by the model, reduced by
+``treeAggregate``.
+"""
+
+import logging
+
+import numpy as np
+
+from ..kmeans import as_lloyd_step, lloyd_statistics, merge_lloyd_statistics
+from ..rows import covariance_statistics, project_rows
+from .session import as_context
+
+
+def _add(a, b):
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def _partition_rows(items):
+    yield sum(X.shape[0] for _, X in items)
+
+
+class BlockRows:
+    """A row source over cached row blocks.
+
+    Args:
+        sc: SparkContext or SparkSession.
+        blocks: RDD of ``(ids, X)``, X (b, D) float32, cached by the caller (or
+            ``owned=True``: this source unpersists it on `release`).
+        depth: ``treeAggregate`` depth.
+        partition_rows: rows per partition, when known (else one job counts them).
+        dim: D, when known.
+        owned: the blocks were cached by this source (`release` unpersists them).
+        broadcast: a broadcast the blocks' lineage reads, unpersisted with them.
+    """
+
+    #: Every Lloyd pass is a Spark job: log each at INFO, as the drivers' progress.
+    log_level = logging.INFO
+
+    def __init__(self, sc, blocks, depth=2, partition_rows=None, dim=None, owned=False,
+                 backend=None, broadcast=None):
+        self.sc = as_context(sc)
+        self.blocks = blocks
+        self.depth = depth
+        self.backend = backend
+        self.owned = owned
+        self._broadcast = broadcast  # what the blocks' lineage reads: freed with them
+        if partition_rows is None:
+            self.sc.setJobDescription("lopq training: rows per partition")
+            partition_rows = blocks.mapPartitions(_partition_rows).collect()
+        self.partition_rows = np.asarray(partition_rows, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.partition_rows)])
+        self._dim = dim
+
+    @property
+    def n_rows(self):
+        return int(self.offsets[-1])
+
+    @property
+    def dim(self):
+        if self._dim is None:
+            self._dim = int(self.blocks.map(lambda b: b[1].shape[1]).first())
+        return self._dim
+
+    def _local_indices(self, indices):
+        """Per partition, the sorted local row indices among global ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        cuts = np.searchsorted(indices, self.offsets)
+        return [indices[cuts[p]:cuts[p + 1]] - self.offsets[p]
+                for p in range(len(self.partition_rows))]
+
+    def _selected(self, indices, description):
+        """An RDD of ``(ids, X)`` blocks holding only the rows at global ``indices``."""
+        self.sc.setJobDescription(description)
+        local = self.sc.broadcast(self._local_indices(indices))
+
+        def select(index, items):
+            wanted = local.value[index]
+            start = 0
+            for ids, X in items:
+                lo, hi = np.searchsorted(wanted, [start, start + X.shape[0]])
+                if hi > lo:
+                    rows = wanted[lo:hi] - start
+                    yield (None if ids is None else [ids[i] for i in rows]), X[rows]
+                start += X.shape[0]
+
+        return self.blocks.mapPartitionsWithIndex(select), local
+
+    def take(self, indices):
+        """Rows at sorted global ``indices``, collected: (s, D) float32."""
+        selected, local = self._selected(indices, "lopq training: sample")
+        parts = selected.map(lambda b: b[1]).collect()
+        local.unpersist()
+        if not parts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.concatenate(parts)
+
+    def subset(self, indices):
+        """A cached `BlockRows` of the rows at sorted global ``indices``."""
+        from pyspark import StorageLevel
+        selected, local = self._selected(indices, "lopq training: subset of rows")
+        selected = selected.persist(StorageLevel.MEMORY_AND_DISK)
+        counts = [len(part) for part in self._local_indices(indices)]
+        return BlockRows(self.sc, selected, self.depth, counts, self._dim, owned=True,
+                         backend=self.backend, broadcast=local)
+
+    def lloyd_pass(self, centers):
+        self.sc.setJobDescription(f"lopq k-means: Lloyd pass of {centers.shape[0]} group(s), "
+                                  f"k={centers.shape[1]}")
+        backend = self.backend
+        shipped = self.sc.broadcast(np.ascontiguousarray(centers, dtype=np.float32))
+        G, k, dg = centers.shape
+        zero = (np.zeros((G, k, dg)), np.zeros((G, k), dtype=np.int64), np.zeros(G),
+                [[] for _ in range(G)])
+
+        def partition(items):
+            total = zero
+            for _, X in items:
+                total = merge_lloyd_statistics(total,
+                                               lloyd_statistics(X, shipped.value, backend))
+            yield total
+
+        statistics = self.blocks.mapPartitions(partition).treeAggregate(
+            zero, merge_lloyd_statistics, merge_lloyd_statistics, depth=self.depth)
+        shipped.unpersist()
+        return as_lloyd_step(statistics)
+
+    def covariance_pass(self, Cs):
+        self.sc.setJobDescription("lopq rotations (step 1): covariance accumulators")
+        backend = self.backend
+        shipped = self.sc.broadcast(np.ascontiguousarray(Cs, dtype=np.float32))
+        V, h = Cs.shape[1], Cs.shape[2]
+        zero = (np.zeros((2, V, h, h)), np.zeros((2, V, h)), np.zeros((2, V), dtype=np.int64))
+
+        def partition(items):
+            total = zero
+            for _, X in items:
+                total = _add(total, covariance_statistics(X, shipped.value, backend))
+            yield total
+
+        statistics = self.blocks.mapPartitions(partition).treeAggregate(
+            zero, _add, _add, depth=self.depth)
+        shipped.unpersist()
+        return statistics
+
+    def projected(self, Cs, Rs, mus):
+        """A cached `BlockRows` of the projected residuals (same partitions and order)."""
+        from pyspark import StorageLevel
+        backend = self.backend
+        shipped = self.sc.broadcast(tuple(np.ascontiguousarray(p, dtype=np.float32)
+                                          for p in (Cs, Rs, mus)))
+
+        def partition(items):
+            Cs, Rs, mus = shipped.value
+            for ids, X in items:
+                yield ids, project_rows(X, Cs, Rs, mus, backend)
+
+        projected = self.blocks.mapPartitions(partition).persist(StorageLevel.MEMORY_AND_DISK)
+        return BlockRows(self.sc, projected, self.depth, self.partition_rows, self._dim,
+                         owned=True, backend=backend, broadcast=shipped)
+
+    def release(self):
+        """Unpersist what this source cached itself (never the caller's blocks)."""
+        if self.owned:
+            self.blocks.unpersist()
+            if self._broadcast is not None:
+                self._broadcast.unpersist()
