@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 SHARED = Path(os.environ.get("LOPQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
-PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "spark",
+PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "accuracy", "spark",
          "spark_search"]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SCALE = 1.0
@@ -551,6 +551,12 @@ def load_fashion_mnist():
     return np.concatenate(parts).astype(np.float32)
 
 
+def part_accuracy(res, quick):
+    """The training defaults side by side on every data set (`benchmarks/accuracy.py`)."""
+    import accuracy
+    accuracy.part_accuracy(res, quick, sys.modules[__name__])
+
+
 def part_fashion(res, quick):
     """Fashion-MNIST: PCA to 128 dims, LOPQ at 8 and 16 bytes per code, faiss peers."""
     from lopq import LOPQModel, LOPQSearcher
@@ -1074,6 +1080,8 @@ def plot(res, out):
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "training_time.png", dpi=100)
+    import accuracy
+    accuracy.plot_accuracy(res, out, plt)
     curves = [r for r in res.rows if "curve" in r]
     for data in dict.fromkeys(r["data"] for r in curves):
         fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -300,13 +300,14 @@ def test_training_default_refines_rotations_and_0_trains_as_the_reference(oxford
     """rotation_refinement_iters=0 with rotation_shrinkage=0 reaches the reference's own
     numbers (its Python 3 port measured recall@[1, 10, 100] = [0.499, 0.925, 0.978],
     exhaustive LOPQ ranking, seeds 40-42); the defaults (shrinkage, 3 rounds of
-    refinement) do better, in recall and distortion."""
+    refinement) do better, in recall and distortion. Averaged over eight seeds: one
+    seed's recall@1 varies by +-0.02 on 1013 queries."""
     from lopq.eval import rank_by_lopq_distance, recall_at, relative_reconstruction_error
     train, test, nns = oxford
     results = {}
     for iters in (0, 3):
         recalls, errors = [], []
-        for seed in (40, 41, 42):
+        for seed in range(40, 48):
             model = LOPQModel(V=16, M=8).fit(
                 train, n_init=1, random_state=seed, rotation_refinement_iters=iters,
                 **({"rotation_shrinkage": 0.0} if iters == 0 else {}))

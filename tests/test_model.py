@@ -453,9 +453,9 @@ def test_shrinkage_intensity_is_near_the_oracle_on_gaussian_samples():
 
 def test_shrinkage_setting_is_checked():
     from lopq.training import check_shrinkage
-    assert check_shrinkage("auto") == "auto" and check_shrinkage("0.5") == 0.5
+    assert [check_shrinkage(s) for s in ("auto", "lw", "0.5", 2)] == ["auto", "lw", 0.5, 2.0]
     for bad in ("often", -1, float("nan")):
-        with pytest.raises(ValueError, match="'auto' or a number >= 0"):
+        with pytest.raises(ValueError, match="'auto', 'lw' or a number >= 0"):
             check_shrinkage(bad)
 
 

@@ -441,3 +441,26 @@ def test_step_1_on_spark_shrinks_small_clusters_as_fit_does(sc, small_data):
     np.testing.assert_allclose(mus, want_mu, atol=1e-4)
     identity = np.all(np.isclose(Rs, np.eye(h)), axis=(2, 3))
     assert not identity.any()
+
+
+def test_spark_training_is_fits_training_on_the_same_rows_and_seed(sc, small_data):
+    """One training sequence: Spark (row blocks in several partitions) and `fit` (an
+    array) draw the same samples from the same seed, so they give the same model up to
+    summation order, and the same reconstruction error."""
+    from lopq.eval import relative_reconstruction_error
+    from lopq.spark import load_blocks
+    from lopq.spark.training import train_model
+    path, X = small_data
+    blocks, n, _ = load_blocks(sc, str(path), block_rows=700)
+    assert blocks.getNumPartitions() > 1
+    V, M, S = 8, 4, 32  # 3000 rows >= 4 * 64 rows per centroid: the sample warm start runs
+    spark_model = train_model(sc, blocks, V, M, S, seed=11, local_iters=12)
+    local = LOPQModel(V, M, S).fit(X, n_init=1, random_state=11, kmeans_local_iters=12)
+    blocks.unpersist()
+    np.testing.assert_allclose(spark_model.Cs, local.Cs, atol=1e-4)
+    np.testing.assert_allclose(spark_model.mus, local.mus, atol=1e-4)
+    signs = np.sign((spark_model.Rs * local.Rs).sum(axis=3, keepdims=True))
+    np.testing.assert_allclose(spark_model.Rs * signs, local.Rs, atol=2e-3)
+    np.testing.assert_allclose(spark_model.codebooks, local.codebooks, atol=2e-3)
+    errors = [relative_reconstruction_error(X, m) for m in (spark_model, local)]
+    assert errors[0] == pytest.approx(errors[1], rel=0.005)
