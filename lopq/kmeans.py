@@ -209,8 +209,9 @@ class ArrayLloydSource:
         X: (n, d) rows (converted to C-contiguous float32 once).
     """
 
-    #: Lloyd iterations over every row are logged at this level.
-    log_level = logging.DEBUG
+    #: Lloyd iterations over every row are logged at this level (shown by
+    #: ``fit(verbose=True)``; those on the warm-start sample stay at DEBUG).
+    log_level = logging.INFO
 
     def __init__(self, X, backend=None):
         self.X = kernels.as_float32_rows(X)

@@ -1,6 +1,8 @@
 """`LOPQModel`: the reference API on stacked parameters and batched kernels."""
 
+import contextlib
 import logging
+import sys
 from collections import namedtuple
 
 import numpy as np
@@ -88,6 +90,30 @@ def _stack_parameters(V, M, parameters):
     if subs is not None and subs.ndim == 4:  # (2, M/2, S, ds) -> (M, S, ds)
         subs = subs.reshape(-1, *subs.shape[2:])
     return Cs, Rs, mus, subs
+
+
+@contextlib.contextmanager
+def progress_on_stderr(verbose):
+    """While the block runs, show lopq's INFO lines (each step, each k-means iteration on
+    every row) when ``verbose``: through the user's handlers if logging is configured,
+    else on stderr. The ``lopq`` logger's level and handlers are restored afterwards."""
+    if not verbose:
+        yield
+        return
+    log = logging.getLogger("lopq")
+    level = log.level
+    handler = None
+    if not log.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s lopq: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        if handler is not None:
+            log.removeHandler(handler)
 
 
 class LOPQModel:
@@ -212,13 +238,12 @@ class LOPQModel:
             raise ValueError(f"{self.subquantizer_clusters} subquantizer clusters need at "
                              f"least that many training rows, got {n} (sample ratio "
                              f"{subquantizer_sample_ratio})")
-        if verbose:
-            logging.getLogger("lopq").setLevel(logging.INFO)
-        Cs, Rs, mus, subs = train_parameters(
-            data, self.V, self.M, self.subquantizer_clusters,
-            (self.Cs, self.Rs, self.mus, self.codebooks), kmeans_coarse_iters,
-            kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state, backend,
-            rotation_refinement_iters, rotation_shrinkage)
+        with progress_on_stderr(verbose):
+            Cs, Rs, mus, subs = train_parameters(
+                data, self.V, self.M, self.subquantizer_clusters,
+                (self.Cs, self.Rs, self.mus, self.codebooks), kmeans_coarse_iters,
+                kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state,
+                backend, rotation_refinement_iters, rotation_shrinkage)
         self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, subs
         return self
 

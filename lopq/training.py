@@ -530,6 +530,7 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
     for shrinkage in candidates:
         Rs, mus = rotations_from_statistics(*statistics, M, shrinkage)
         projected = ArrayRows(project_rows(base, Cs, Rs, mus, backend), backend)
+        projected.log_level = logging.DEBUG  # a side computation: its iterations stay quiet
         subs = kmeans_rows(projected, M, subquantizer_clusters, iters, 1, random_state=rng,
                            label=f" shrinkage {shrinkage!r} (selection)", backend=backend)
         if refinement_iters > 0:

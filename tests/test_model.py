@@ -472,3 +472,26 @@ def test_shrinkage_and_refinement_zero_train_as_the_reference_and_the_default_no
             rotation_shrinkage=shrinkage)
         errors[shrinkage] = relative_reconstruction_error(test, model)
     assert errors[1.0] < errors[0.0] and errors["auto"] < errors[0.0], errors
+
+
+def test_verbose_fit_shows_steps_and_iterations_on_stderr_in_a_plain_script():
+    """A script with no logging set up sees each step and k-means iteration, as the
+    reference printed them; the lopq logger is left as it was."""
+    import subprocess
+    import sys
+    script = (
+        "import logging, numpy as np\n"
+        "from lopq import LOPQModel\n"
+        "X = np.random.RandomState(0).rand(3000, 16).astype(np.float32)\n"
+        "LOPQModel(V=4, M=4, subquantizer_clusters=8).fit(X, n_init=1, verbose=True)\n"
+        "log = logging.getLogger('lopq')\n"
+        "print(log.level, len(log.handlers))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, check=True)
+    for line in ("step 0: coarse quantizers", "step 1: local rotations",
+                 "step 2: 4 subquantizers", "Lloyd iteration 1/"):
+        assert line in out.stderr, out.stderr
+    assert out.stdout.split() == ["0", "0"]
+    quiet = subprocess.run([sys.executable, "-c", script.replace("verbose=True", "")],
+                           capture_output=True, text=True, timeout=300, check=True)
+    assert "Lloyd iteration" not in quiet.stderr
