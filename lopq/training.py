@@ -31,7 +31,7 @@ def eigenvalue_allocation(num_buckets, eigenvalues):
 
     Eigenvalues are divided by the smallest non-zero |eigenvalue|, walked in descending
     order, and each goes to the non-full bucket with the smallest running sum of
-    log2|eigenvalue|.
+    log2|eigenvalue| (the first such bucket on a tie).
 
     Args:
         num_buckets: number of buckets; must divide ``len(eigenvalues)``.
@@ -40,25 +40,41 @@ def eigenvalue_allocation(num_buckets, eigenvalues):
     Returns:
         (D,) int permutation: bucket 0's indices, then bucket 1's, ...
     """
+    return eigenvalue_allocations(num_buckets, np.asarray(eigenvalues)[None])[0]
+
+
+def eigenvalue_allocations(num_buckets, eigenvalues):
+    """`eigenvalue_allocation` of many eigenvalue sets at once (one greedy step for all
+    sets at a time, instead of a Python loop per set).
+
+    Args:
+        eigenvalues: (V, D) eigenvalues, one set per row.
+
+    Returns:
+        (V, D) int permutations.
+    """
     eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
-    D = eigenvalues.shape[0]
+    V, D = eigenvalues.shape
     if num_buckets < 1 or D % num_buckets:
         raise ValueError(f"cannot split {D} eigenvalues into {num_buckets} equal buckets")
     per_bucket = D // num_buckets
-    log_sum = np.zeros(num_buckets)
-    size = np.zeros(num_buckets, dtype=int)
-    permutation = np.zeros((num_buckets, per_bucket), dtype=int)
-    nonzero = np.abs(eigenvalues[eigenvalues != 0])
-    scaled = eigenvalues / nonzero.min() if nonzero.size else eigenvalues
+    magnitude = np.abs(eigenvalues)
+    smallest = np.where(eigenvalues != 0, magnitude, np.inf).min(axis=1)
+    scaled = eigenvalues / np.where(np.isfinite(smallest), smallest, 1.0)[:, None]
     with np.errstate(divide="ignore"):
         log_eigs = np.log2(np.abs(scaled))
-    for ind in np.argsort(scaled)[::-1]:
-        eligible = np.flatnonzero(size < per_bucket)
-        bucket = eligible[np.argmin(log_sum[eligible])]
-        log_sum[bucket] += log_eigs[ind]
-        permutation[bucket, size[bucket]] = ind
-        size[bucket] += 1
-    return permutation.reshape(D)
+    order = np.argsort(scaled, axis=1)[:, ::-1]
+    rows = np.arange(V)
+    log_sum = np.zeros((V, num_buckets))
+    size = np.zeros((V, num_buckets), dtype=np.int64)
+    permutation = np.zeros((V, num_buckets, per_bucket), dtype=np.int64)
+    for step in range(D):
+        ind = order[:, step]
+        bucket = np.argmin(np.where(size < per_bucket, log_sum, np.inf), axis=1)
+        log_sum[rows, bucket] += log_eigs[rows, ind]
+        permutation[rows, bucket, size[rows, bucket]] = ind
+        size[rows, bucket] += 1
+    return permutation.reshape(V, D)
 
 
 def accumulate_covariance_estimators(data, C, backend=None):
@@ -239,14 +255,14 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0
                 small.append(i)
                 continue
             cov[i] = (A[i] + A[i].T) / (2 * (n - 1)) - np.outer(means[i], means[i])
-    small = set(small)
     R = np.zeros((V, d, d))
-    for i in range(V):
-        if i in small:
-            R[i] = np.eye(d)
-            continue
-        eigenvalues, eigenvectors = np.linalg.eigh(cov[i])
-        R[i] = eigenvectors[:, eigenvalue_allocation(num_buckets, eigenvalues)].T
+    R[small] = np.eye(d)
+    rotated = np.setdiff1d(np.arange(V), small)
+    if rotated.size:
+        eigenvalues, eigenvectors = np.linalg.eigh(cov[rotated])
+        permutations = eigenvalue_allocations(num_buckets, eigenvalues)
+        R[rotated] = np.take_along_axis(eigenvectors, permutations[:, None, :],
+                                        axis=2).transpose(0, 2, 1)
     if small:
         logger.warning("%d of %d clusters have fewer points than dimensions (%d): they get "
                        "the identity rotation", len(small), V, d)
@@ -348,14 +364,18 @@ def _procrustes_rotations(centred, quantized, labels, R, prior=None):
     order, offsets = kernels.group_rows(labels, R.shape[0])
     q, r = quantized[order], centred[order]
     out = R.copy()
-    clusters = range(R.shape[0]) if prior is not None else np.flatnonzero(np.diff(offsets))
-    for c in clusters:
+    clusters = np.arange(R.shape[0]) if prior is not None else \
+        np.flatnonzero(np.diff(offsets))
+    if clusters.size == 0:
+        return out
+    B = np.empty((len(clusters),) + R.shape[1:])
+    for i, c in enumerate(clusters):
         lo, hi = offsets[c], offsets[c + 1]
-        B = (q[lo:hi].T @ r[lo:hi]).astype(np.float64)
-        if prior is not None:
-            B += prior[c]
-        U, _, Vt = np.linalg.svd(B)
-        out[c] = (U @ Vt).astype(np.float32)
+        B[i] = q[lo:hi].T @ r[lo:hi]
+    if prior is not None:
+        B += prior[clusters]
+    U, _, Vt = np.linalg.svd(B)  # one stacked call for every cluster
+    out[clusters] = (U @ Vt).astype(np.float32)
     return out
 
 

@@ -466,12 +466,12 @@ def test_shrinkage_and_refinement_zero_train_as_the_reference_and_the_default_no
     X = make_clustered(6000, 64, n_clusters=16, seed=5)
     train, test = X[:5000], X[5000:]
     errors = {}
-    for shrinkage in (0.0, 1.0, "auto"):
+    for shrinkage in (0.0, 1.0, "lw"):
         model = LOPQModel(V=48, M=8, subquantizer_clusters=32).fit(
             train, n_init=1, random_state=1, rotation_refinement_iters=0,
             rotation_shrinkage=shrinkage)
         errors[shrinkage] = relative_reconstruction_error(test, model)
-    assert errors[1.0] < errors[0.0] and errors["auto"] < errors[0.0], errors
+    assert errors[1.0] < errors[0.0] and errors["lw"] < errors[0.0], errors
 
 
 def test_verbose_fit_shows_steps_and_iterations_on_stderr_in_a_plain_script():
@@ -495,3 +495,39 @@ def test_verbose_fit_shows_steps_and_iterations_on_stderr_in_a_plain_script():
     quiet = subprocess.run([sys.executable, "-c", script.replace("verbose=True", "")],
                            capture_output=True, text=True, timeout=300, check=True)
     assert "Lloyd iteration" not in quiet.stderr
+
+
+def _greedy_allocation_one_at_a_time(num_buckets, eigenvalues):
+    """The allocation rule written plainly, one eigenvalue at a time (the reference's
+    loop): scaled by the smallest non-zero |eigenvalue|, descending, each into the
+    non-full bucket of smallest log2 sum (the first one on a tie)."""
+    D = len(eigenvalues)
+    per = D // num_buckets
+    nonzero = np.abs(eigenvalues[eigenvalues != 0])
+    scaled = eigenvalues / nonzero.min() if nonzero.size else eigenvalues
+    buckets = [[] for _ in range(num_buckets)]
+    sums = [0.0] * num_buckets
+    with np.errstate(divide="ignore"):
+        for ind in np.argsort(scaled)[::-1]:
+            best = None
+            for b in range(num_buckets):
+                if len(buckets[b]) < per and (best is None or sums[b] < sums[best]):
+                    best = b
+            sums[best] += np.log2(np.abs(scaled[ind]))
+            buckets[best].append(ind)
+    return np.concatenate(buckets)
+
+
+def test_batched_eigenvalue_allocation_equals_the_plain_greedy_rule():
+    """Random spectra, ties, zeros, negative values and an all-zero set."""
+    from lopq.training import eigenvalue_allocations
+    rng = np.random.RandomState(2)
+    sets = [np.sort(rng.gamma(0.5, size=32)), rng.normal(size=32),
+            np.repeat([3.0, 1.0, 0.5, 0.0], 8), np.zeros(32),
+            np.concatenate([np.full(16, 2.0), rng.rand(16)])]
+    E = np.stack(sets)
+    for buckets in (1, 2, 4, 8):
+        got = eigenvalue_allocations(buckets, E)
+        for row, values in enumerate(sets):
+            np.testing.assert_array_equal(got[row],
+                                          _greedy_allocation_one_at_a_time(buckets, values))
