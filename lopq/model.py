@@ -17,7 +17,6 @@ from .training import (  # noqa: F401 (reference API)
     compute_rotations_from_accumulators,
     eigenvalue_allocation,
     project_residuals_to_local,
-    train,
     train_coarse,
     train_parameters,
     train_subquantizers,
@@ -472,3 +471,36 @@ class LOPQModel:
 __all__ = ["LOPQModel", "LOPQCode", "eigenvalue_allocation",
            "accumulate_covariance_estimators", "compute_rotations_from_accumulators",
            "compute_residuals", "project_residuals_to_local", "check_rows"]
+
+
+def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
+          kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
+          subquantizer_sample_ratio=1.0, random_state=None, verbose=False, n_jobs=1,
+          rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE):
+    """Reference API: fit the missing ``parameters`` of an LOPQ model.
+
+    The arguments bind positionally as in the reference (``verbose``, then ``n_jobs``,
+    accepted for compatibility: the kernels are compiled and batched).
+    ``rotation_refinement_iters`` and ``rotation_shrinkage`` (additions, keyword only in
+    practice) refine the rotations and shrink the local covariances as `LOPQModel.fit`
+    does; both 0 train as the reference.
+
+    Args:
+        data: (n, D) training rows.
+        parameters: ``(Cs, Rs, mus, subquantizers)``, any None, in the reference layout
+            or stacked.
+
+    Returns:
+        ``((C0, C1), (R0, R1), (mu0, mu1), (subs0, subs1))``: per split, (V, D/2)
+        centroids, (V, D/2, D/2) rotations, (V, D/2) mean residuals and a list of M/2
+        (S, D/M) codebooks, float32, the reference's layout (``LOPQModel(parameters=``
+        takes it).
+    """
+    model = LOPQModel(V, M, subquantizer_clusters, parameters)
+    model.fit(data, kmeans_coarse_iters, kmeans_local_iters, n_init,
+              subquantizer_sample_ratio, random_state, verbose,
+              rotation_refinement_iters=rotation_refinement_iters,
+              rotation_shrinkage=rotation_shrinkage)
+    Cs, Rs, mus, subs = model.parameters
+    return ((Cs[0], Cs[1]), (Rs[0], Rs[1]), (mus[0], mus[1]),
+            (list(subs[0]), list(subs[1])))

@@ -10,7 +10,6 @@ non-contiguous, read-only) and hand the backend float32 C-contiguous arrays.
 
 import importlib
 import os
-import sys
 
 import numpy as np
 
@@ -52,8 +51,8 @@ def get_backend(name=None):
         raise ImportError(f"kernel backend {name!r} is not available ({err}); "
                           "install lopq with `pip install .` to build it, "
                           "or set LOPQ_KERNELS=numba") from err
-    if not _announced:
-        _announce_in_spark_task(name)
+    if not _announced and _first_use_hooks:
+        _announce(name)
     return module
 
 
@@ -70,30 +69,29 @@ def compiled_search():
 
 
 _announced = False
+_first_use_hooks = []
 
 
-def _announce_in_spark_task(name):
-    """Once per Python worker of a Spark executor, one line on stderr (the executor's
-    log): the backend its tasks run, where lopq came from, and on numba how to get the
-    compiled one."""
+def call_on_first_use(hook):
+    """Call ``hook(backend_name)`` when a kernel backend is resolved in this process, until
+    a hook returns True (it has said what it wanted to). Layers above use it to report
+    the backend (`lopq.spark.executor`); the kernels know nothing of them."""
+    _first_use_hooks.append(hook)
+
+
+def _announce(name):
     global _announced
-    if "pyspark" not in sys.modules:
-        return
-    from pyspark import TaskContext
-    if TaskContext.get() is None:  # the driver, or a library user's own process
-        return
-    _announced = True
-    import lopq
-    line = f"lopq executor: kernel backend {name}"
-    if name == "cython":
+    _announced = any([hook(name) for hook in _first_use_hooks])
+
+
+def isa():
+    """The instruction set of the compiled C loops (``avx2`` or ``portable``), or None
+    when the Cython extension is not built."""
+    try:
         from . import _cython
-        line += f" (C loops {_cython.ISA})"
-    line += f", lopq from {os.path.dirname(lopq.__file__)}"
-    if name == "numba" and not os.environ.get("LOPQ_KERNELS"):
-        line += ("; for the compiled cython backend install lopq on the nodes or ship a "
-                 "packed environment with --archives (README: Deployment), not --py-files")
-    sys.stderr.write(line + "\n")  # one write: workers share the executor's stderr
-    sys.stderr.flush()
+    except ImportError:
+        return None
+    return _cython.ISA
 
 
 def as_float32_rows(X):

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 
 from ..formats import decode_vector_line
+from .errors import MAX_EXAMPLES, DataError  # noqa: F401 (DataError: lopq.spark.data's API)
 
 logger = logging.getLogger(__name__)
 
@@ -19,12 +20,6 @@ logger = logging.getLogger(__name__)
 ROWS_PER_CACHED_BLOCK = 8192
 #: Partitions per core of the cached blocks (input splits beyond that are coalesced).
 PARTITIONS_PER_CORE = 4
-#: Bad records quoted in an error message.
-MAX_EXAMPLES = 3
-
-
-class DataError(ValueError):
-    """Input data that cannot be used, with a message for the user."""
 
 
 def _blocks_from_records(records, with_ids, block_rows):

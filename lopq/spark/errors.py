@@ -1,4 +1,12 @@
-"""Turning a failed Spark task into the one line a user needs."""
+"""Errors of the Spark layer: bad input data, and a failed Spark task turned into the one
+line a user needs."""
+
+#: Bad records quoted per error message.
+MAX_EXAMPLES = 3
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with a message for the user."""
 
 
 def python_cause(err):

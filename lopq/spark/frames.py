@@ -10,7 +10,7 @@ import pickle
 
 import numpy as np
 
-from .data import MAX_EXAMPLES, DataError
+from .errors import MAX_EXAMPLES, DataError
 
 #: What a vector column may hold.
 VECTOR_TYPES = "array<float>, array<double> or a pyspark.ml.linalg Vector"

@@ -16,7 +16,7 @@ import os
 import uuid
 
 from . import fs
-from .data import DataError
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import zlib
 import numpy as np
 
 from ..model import LOPQModel
-from .data import DataError
+from .errors import DataError
 from .session import as_context
 
 logger = logging.getLogger(__name__)
