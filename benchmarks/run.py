@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lopq._help import help_texts
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -28,6 +30,10 @@ PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "accuracy", 
          "spark_search"]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SCALE = 1.0
+
+
+#: The --help epilog's example, runnable as written after `make demo`.
+EXAMPLE = ('.venv/bin/python benchmarks/run.py --quick --only kernels --out bench-out')
 
 
 def scaled(n):
@@ -1120,7 +1126,7 @@ def plot(res, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(**help_texts(__doc__, EXAMPLE))
     parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
     parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only this part (repeatable)")

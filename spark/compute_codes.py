@@ -11,13 +11,18 @@ format), or with ``--output_format parquet`` a table of ``id``, ``coarse`` (2 in
 
 import time
 
+from lopq._help import help_texts
 from lopq.spark import cli, fs
 from lopq.spark.codes import code_lines, code_rows_frame
 from lopq.spark.data import load_blocks
 
+#: The --help epilog's example, runnable as written after `make demo`.
+EXAMPLE = ('.venv/bin/spark-submit spark/compute_codes.py --data demo-out/data.txt '
+           '--model_proto demo-out/model.lopq --output codes')
+
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser = cli.Parser(**help_texts(__doc__, EXAMPLE))
     cli.add_data_arguments(parser, "proportion of data to sample")
     parser.add_argument("--output", default=None, help="hdfs output path")
     parser.add_argument("--model_pkl", default=None, help="file name of the model pickle")

@@ -11,12 +11,17 @@ import os
 import pickle
 import sys
 
+from lopq._help import help_texts
 from lopq.formats import safe_load_pickle
 from lopq.spark.training import prepare_pca
 
+#: The --help epilog's example, runnable as written after `make demo`.
+EXAMPLE = ('.venv/bin/python spark/pca_preparation.py --pca_params pca.pkl --D 32 --output '
+           'pca_prepared.pkl  # after the train_pca.py example')
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(**help_texts(__doc__, EXAMPLE))
     parser.add_argument("--pca_params", required=True,
                         help="pickle written by train_pca.py")
     parser.add_argument("--D", type=int, required=True,

@@ -19,6 +19,7 @@ excluded.
 import json
 import time
 
+from lopq._help import help_texts
 from lopq.spark import cli, fs
 from lopq.spark.data import load_blocks
 from lopq.spark.search import (
@@ -29,9 +30,13 @@ from lopq.spark.search import (
     load_codes,
 )
 
+#: The --help epilog's example, runnable as written after `make demo`.
+EXAMPLE = ('.venv/bin/spark-submit spark/search.py --model_proto demo-out/model.lopq --codes '
+           'demo-out/codes --data demo-out/data.txt --k 10 --output neighbours')
+
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser = cli.Parser(**help_texts(__doc__, EXAMPLE))
     parser.add_argument("--model_pkl", default=None, help="file name of the model pickle")
     parser.add_argument("--model_proto", default=None,
                         help="file name of the model protobuf file")

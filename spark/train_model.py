@@ -8,6 +8,7 @@ Resume from an existing model with --existing_model_pkl / --existing_model_proto
 
 import time
 
+from lopq._help import help_texts
 from lopq.spark import cli
 from lopq.spark.data import load_blocks
 from lopq.spark.training import train_model
@@ -16,8 +17,13 @@ from lopq.training import ROTATION_SHRINKAGE
 STEP_COARSE, STEP_ROTATION, STEP_SUBQUANT = 0, 1, 2
 
 
+#: The --help epilog's example, runnable as written after `make demo`.
+EXAMPLE = ('.venv/bin/spark-submit spark/train_model.py --data demo-out/data.txt --V 16 --M '
+           '8 --model_proto model.lopq')
+
+
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser = cli.Parser(**help_texts(__doc__, EXAMPLE))
     cli.add_data_arguments(parser)
     parser.add_argument("--subquantizer_sampling_ratio", type=cli.ratio, default=1.0,
                         help="proportion of data to subsample for subquantizer training")

@@ -8,13 +8,18 @@ the covariance, ``mu`` the mean and ``c`` the count. Then run pca_preparation.py
 
 import pickle
 
+from lopq._help import help_texts
 from lopq.spark import cli, fs
 from lopq.spark.data import load_blocks
 from lopq.spark.training import pca_statistics
 
+#: The --help epilog's example, runnable as written after `make demo`.
+EXAMPLE = ('.venv/bin/spark-submit spark/train_pca.py --data demo-out/data.txt --output '
+           'pca.pkl')
+
 
 def parse_args(argv=None):
-    parser = cli.Parser(description=__doc__.split("\n")[0])
+    parser = cli.Parser(**help_texts(__doc__, EXAMPLE))
     cli.add_data_arguments(parser)
     parser.add_argument("--agg_depth", type=int, default=4,
                         help="depth of tree aggregation for computing covariance - increase "
