@@ -84,12 +84,14 @@ def _faiss_row(base, queries, nns, V, M, quota):
     return recall_at(ids, nns, (1, 10, 100)), float(sizes[lists].sum(axis=1).mean()), nprobe
 
 
-def part_accuracy(res, quick, run):
+def part_accuracy(res, quick, run, only=None):
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import exact_neighbors, recall_at, relative_reconstruction_error
     configs = [(64, 8)] if quick else [(64, 8), (64, 16), (256, 8), (256, 16)]
     fit_args = {"n_init": 1} if quick else {}
     for name, base, queries in datasets(run, quick):
+        if only and not any(word in name for word in only):
+            continue
         nns = exact_neighbors(queries, base)[:, 0]
         quota = int(QUOTA_SHARE * len(base))
         for V, M in configs:

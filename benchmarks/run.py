@@ -560,7 +560,7 @@ def load_fashion_mnist():
 def part_accuracy(res, quick):
     """The training defaults side by side on every data set (`benchmarks/accuracy.py`)."""
     import accuracy
-    accuracy.part_accuracy(res, quick, sys.modules[__name__])
+    accuracy.part_accuracy(res, quick, sys.modules[__name__], res.args.data)
 
 
 def part_fashion(res, quick):
@@ -1131,6 +1131,9 @@ def main(argv=None):
     parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only this part (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="threads for every library")
+    parser.add_argument("--data", action="append", default=None,
+                        help="accuracy part: only the data sets whose name contains this "
+                             "(repeatable), e.g. --data Oxford --data MiniLM")
     parser.add_argument("--out", default=str(ROOT / "bench-out"), help="output folder")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply data sizes (tests use a tiny scale)")
