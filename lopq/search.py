@@ -242,6 +242,19 @@ class LOPQSearcher(LOPQSearcherBase):
         self._pending = []
         self._set_arrays(coarse, fine, ids)
 
+    @classmethod
+    def from_arrays(cls, model, coarse, fine, ids):
+        """A searcher over codes computed elsewhere, stored in cell order at once.
+
+        Args:
+            model: the `LOPQModel` of the codes.
+            coarse: (n, 2) int coarse codes; fine: (n, M) fine codes.
+            ids: (n,) array of item ids.
+        """
+        searcher = cls(model)
+        searcher._set_arrays(coarse, fine, ids)
+        return searcher
+
     def _set_arrays(self, coarse, fine, ids):
         V = self.model.V
         cells = coarse[:, 0].astype(np.int64) * V + coarse[:, 1]

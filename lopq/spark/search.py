@@ -325,8 +325,8 @@ def _score_partition(model_bc, k, exclude_self, max_distance, candidates):
         if not items or index is None:
             return
         _, ids, coarse, fine, vectors = index
-        searcher = LOPQSearcher(model)
-        searcher._set_arrays(coarse, fine, ids)  # already in cell order: a stable no-op
+        # already in cell order: the stable sort of from_arrays leaves it as it is
+        searcher = LOPQSearcher.from_arrays(model, coarse, fine, ids)
         keys = np.concatenate([item[3] for item in items])
         Q = np.concatenate([item[4] for item in items])
         cell_lists = [cells for item in items
