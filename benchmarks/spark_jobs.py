@@ -11,27 +11,28 @@ Run ``i`` writes to ``OUT/run<i>``.
 """
 
 import argparse
-import contextlib
-import io
-import re
-import sys
 import time
-from pathlib import Path
 
 from lopq import LOPQModel
+from lopq.spark import cli
+from lopq.spark.codes import compute_codes as encode_and_write
 from lopq.spark.ml import LOPQSparkModel
 from lopq.spark.session import get_session
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark"))
-
 
 def compute_codes(spark, argv, output):
-    """`spark/compute_codes.py` with ``argv``: the rows it reports."""
-    import compute_codes as driver
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        driver.main([*argv, "--output", output])
-    return int(re.search(r"wrote codes of (\d+) vectors", captured.getvalue()).group(1))
+    """What `spark/compute_codes.py` runs (`lopq.spark.codes.compute_codes`, the same
+    route choice), for its data flags, ``--model_proto`` and ``--output_format``: the
+    rows written."""
+    parser = argparse.ArgumentParser()
+    cli.add_data_arguments(parser)
+    parser.add_argument("--model_proto", required=True)
+    parser.add_argument("--output_format", choices=("text", "parquet"), default="text")
+    args = parser.parse_args(argv)
+    model = LOPQModel.load_proto(args.model_proto)
+    rows, _ = encode_and_write(spark.sparkContext, args.data, model, output,
+                               cli.data_options(args, with_ids=True), args.output_format)
+    return rows
 
 
 def transform(spark, argv, output):

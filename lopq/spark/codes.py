@@ -1,6 +1,7 @@
 """Encoding ``(id, vector)`` blocks on Spark: the compute_codes job."""
 
 from ..formats import format_code_line
+from .errors import DataError
 from .session import as_context
 
 
@@ -241,3 +242,91 @@ def encode_frame(df, model, vector_col="features", keep=None, coarse_col="coarse
         _encode_batches(model_bc, vector_col, shown_col, id_col, keep, coarse_col, fine_col,
                         cell_col, skip_bad_records, skipped, encoded_rows), StructType(fields))
     return encoded, (skipped, encoded_rows)
+
+
+def compute_codes(sc, data_path, model, output, data_options, output_format="text",
+                  overwrite=False, partition_by_cell=False):
+    """The compute_codes job: encode ``data_path`` with ``model`` and write ``output``.
+
+    The route is chosen here, for ``spark/compute_codes.py`` and the benchmarks alike:
+    a table in and Parquet out runs on Arrow batches (local Parquet files read by the
+    executors directly, `lopq.spark.parquet`); everything else loads row blocks and
+    writes text lines (the reference's format) or a Parquet table of codes.
+
+    Args:
+        data_path: ``--data``; data_options: `lopq.spark.cli.data_options` of the data
+            flags (``with_ids=True``).
+        output_format: ``"text"`` or ``"parquet"``; partition_by_cell: Parquet output
+            partitioned by cell.
+
+    Returns:
+        (rows written, malformed rows skipped).
+
+    Raises:
+        DataError for bad input (nothing is written), including data of another
+        dimension than the model's.
+    """
+    from . import fs
+    from .data import load_blocks
+    sc = as_context(sc)
+    if output_format == "parquet" and data_options["data_format"] != "text" \
+            and not data_options["data_udf"]:
+        return _table_to_table(sc, data_path, model, output, data_options, overwrite,
+                               partition_by_cell)
+    blocks, n, D = load_blocks(sc, data_path, **data_options)
+    if D != model.D:
+        raise DataError(f"the model is for D={model.D} but --data {data_path} has vectors "
+                        f"of dimension {D}")
+    sc.setJobDescription("lopq compute_codes: encode and write")
+    if output_format == "text":
+        fs.save_text_atomically(sc, code_lines(sc, blocks, model), output, overwrite)
+    else:
+        fs.save_frame_atomically(sc, code_rows_frame(sc, blocks, model, partition_by_cell),
+                                 output, overwrite, "cell" if partition_by_cell else None)
+    return n, 0
+
+
+def _table_to_table(sc, data_path, model, output, options, overwrite, partition_by_cell):
+    """Parquet (or any table) in, Parquet out: codes on Arrow batches, no Python row
+    objects; local Parquet files are read by the executors directly (lopq.spark.parquet).
+    Returns (rows written, malformed rows skipped)."""
+    from pyspark.sql import SparkSession
+
+    from . import fs
+    from .data import read_table
+    from .frames import vector_column
+    from .parquet import encode_parquet_files, row_groups
+    vector_col, id_col = options["vector_col"], options["id_col"]
+    sampling_ratio = options["sampling_ratio"]
+    if options["data_format"] == "parquet" and sampling_ratio == 1.0 \
+            and not partition_by_cell and fs.local_path(sc, output):
+        units = row_groups(sc, data_path, vector_col, id_col)
+        if units is not None:
+            sc.setJobDescription("lopq compute_codes: encode Parquet row groups")
+            return encode_parquet_files(
+                sc, units, model, output, overwrite, vector_col, id_col,
+                options["skip_bad_records"], f"--data {data_path}")
+    spark = SparkSession.builder.getOrCreate()
+    df = read_table(spark, sc, data_path, options["data_format"])
+    vector_column(df, vector_col)  # a missing or non-vector column, said in one line
+    if id_col not in df.columns:
+        raise DataError(f"--id_col {id_col!r}: no such column in --data {data_path} "
+                        f"(columns: {', '.join(df.columns)})")
+    if sampling_ratio < 1.0:
+        df = df.sample(False, sampling_ratio, options["seed"])
+    encoded, (skipped, written) = encode_frame(
+        df.select(id_col, vector_col), model, vector_col, keep=[id_col], id_col=id_col,
+        cell_col="cell" if partition_by_cell else None,
+        skip_bad_records=options["skip_bad_records"])
+    if id_col != "id":
+        encoded = encoded.withColumnRenamed(id_col, "id")
+
+    def refuse_empty(tmp):
+        if not written.value:
+            raise DataError(f"no vectors in --data {data_path}"
+                            + (" after sampling" if sampling_ratio < 1 else ""))
+
+    sc.setJobDescription("lopq compute_codes: encode Arrow batches and write Parquet")
+    fs.save_frame_atomically(sc, encoded, output, overwrite,
+                             "cell" if partition_by_cell else None, refuse_empty)
+    return written.value, skipped.value
