@@ -164,3 +164,31 @@ def plot_accuracy(res, out, plt):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "training_accuracy.png", dpi=100)
+
+
+def summary_table(rows):
+    """Markdown lines: one row per data set and (V, M), R@1 / relative error of each
+    setting, faiss's R@1 / R@10, and the default's distance to the best setting."""
+    rows = [r for r in rows if r["part"] == "accuracy" and r["setting"] != "verdict"]
+    if not rows:
+        return []
+    settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if s != "faiss"]
+    lines = ["| data | V | M | " + " | ".join(f"{s}: R@1 / err" for s in settings)
+             + " | faiss R@1 / R@10 | default - best R@1 | default err / best err |",
+             "|---" * (5 + len(settings)) + "|---|"]
+    for key in dict.fromkeys((r["data"], r["V"], r["M"]) for r in rows):
+        group = {r["setting"]: r for r in rows if (r["data"], r["V"], r["M"]) == key}
+        cells = [f"{group[s]['value']:.3f} / {group[s]['relative_error']:.3f}"
+                 if s in group else "-" for s in settings]
+        faiss = group.get("faiss")
+        ours = [group[s] for s in settings if s in group]
+        default = group.get("auto (default)")
+        best_r1 = max(r["value"] for r in ours)
+        best_err = min(r["relative_error"] for r in ours)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " | "
+                     + (f"{faiss['value']:.3f} / {faiss['recall_at_10']:.3f}" if faiss
+                        else "-") + " | "
+                     + (f"{default['value'] - best_r1:+.3f} | "
+                        f"{default['relative_error'] / best_err:.3f}" if default
+                        else "- | -") + " |")
+    return lines

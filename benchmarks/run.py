@@ -1055,6 +1055,10 @@ def write_reports(res, out, env):
                                 if k not in ("part", "name", "value", "unit"))
             lines.append(f"| {r['name']} | {r['value']:,.4g} | {r['unit']} | {details} |")
         lines.append("")
+    import accuracy
+    summary = accuracy.summary_table(res.rows)
+    if summary:
+        lines += ["## accuracy, side by side", ""] + summary + [""]
     (out / "results.md").write_text("\n".join(lines))
     try:
         plot(res, out)
