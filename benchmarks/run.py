@@ -181,6 +181,33 @@ def part_kernels(res, quick):
                     speedup_vs_reference=round(t_ref / t, 2),
                     agreement=round(float(agree(out, ref)), 5))
     _kernel_rotated_tables(res, rng, quick)
+    _kernel_vector_lines(res, rng, quick)
+
+
+def _kernel_vector_lines(res, rng, quick):
+    """Reading the default data format (``id<TAB>base64(pickle)`` lines, D=128): the
+    batch decoder (`VectorLineDecoder`) against the per-line decoder it falls back to,
+    on the pickles the reference's users have (protocol 2 from Python 3 and 2, 0)."""
+    import base64
+    import pickle
+
+    from lopq.formats import VectorLineDecoder, decode_vector_line
+    n = scaled(5000 if quick else 50000)
+    for dtype in (np.float32, np.float64):
+        X = rng.randn(n, 128).astype(dtype)
+        for protocol in (2, 0):
+            lines = [f"{i}\t{base64.b64encode(pickle.dumps(x, protocol)).decode()}"
+                     for i, x in enumerate(X)]
+            t_ref, ref = best_of(lambda: [decode_vector_line(line) for line in lines], 2)
+            t, out = best_of(lambda: VectorLineDecoder().decode(lines), 2)
+            rows = np.concatenate([item[3] for item in out if item[0] == "rows"])
+            agree = float(np.array_equal(rows, np.stack([v for _, v in ref[-len(rows):]])))
+            params = dict(n=n, D=128, dtype=np.dtype(dtype).name, protocol=protocol)
+            res.add("kernels", f"decode vector lines {np.dtype(dtype).name} protocol "
+                    f"{protocol}: per line", n / t_ref, "rows/s", **params)
+            res.add("kernels", f"decode vector lines {np.dtype(dtype).name} protocol "
+                    f"{protocol}: batch", n / t, "rows/s", **params,
+                    speedup_vs_reference=round(t_ref / t, 2), agreement=agree)
 
 
 def _kernel_rotated_tables(res, rng, quick):

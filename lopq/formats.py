@@ -19,6 +19,7 @@ against the installed protobuf runtime.
 """
 
 import base64
+import binascii
 import json
 import pickle
 import warnings
@@ -266,7 +267,6 @@ def decode_vector_line(line):
     rebuild numpy arrays (`RestrictedUnpickler`). Raises ValueError saying what is wrong with
     the line.
     """
-    import binascii
     key, sep, payload = line.rstrip("\r\n").partition("\t")
     if not sep:
         if line.startswith("PAR1"):  # Parquet's magic number
@@ -294,6 +294,219 @@ def decode_vector_line(line):
         raise ValueError(f"the pickle holds a {vector.dtype} array of shape {vector.shape}, "
                          "expected a 1-D float array")
     return key, vector
+
+
+# ------------------------------------------------------- batch decoding of vector lines
+# Every line that one program wrote for vectors of one dtype and dimension pickles them
+# the same way: the same opcodes before the array's bytes, one string opcode holding
+# them, the same opcodes after. `VectorPickleLayout` learns that frame once from a line
+# the restricted unpickler has read, then reads the array bytes of matching lines
+# directly. A line that does not match byte for byte goes through `decode_vector_line`.
+
+#: Pickle opcodes that can hold an array's bytes: how their argument is framed.
+_STRING_OPCODES = {
+    b"T": ("bytes", 4), b"U": ("bytes", 1),  # BINSTRING, SHORT_BINSTRING (Python 2)
+    b"B": ("bytes", 4), b"C": ("bytes", 1),  # BINBYTES, SHORT_BINBYTES (protocol 3+)
+    b"\x8e": ("bytes", 8), b"\x96": ("bytes", 8),  # BINBYTES8, BYTEARRAY8
+    b"X": ("utf8", 4), b"\x8c": ("utf8", 1), b"\x8d": ("utf8", 8),  # BINUNICODE (Python 3
+    # protocols 1-2: numpy stores the bytes as latin-1 text), SHORT_BINUNICODE, BINUNICODE8
+    b"V": ("unicode_line", 0),  # UNICODE (protocol 0): raw-unicode-escape up to a newline
+    b"S": ("string_line", 0),  # STRING (Python 2 protocol 0): a quoted literal, a newline
+}
+
+try:
+    binascii.a2b_base64(b"", strict_mode=True)
+
+    def _b64decode(payload):
+        return binascii.a2b_base64(payload, strict_mode=True)
+except TypeError:  # Python < 3.11: the validating decoder of the per-line path
+    def _b64decode(payload):
+        return base64.b64decode(payload, validate=True)
+
+
+def _opcode_spans(raw):
+    """(start, end) byte offsets of the opcodes of pickle ``raw``, as far as pickletools
+    can take it apart; a STRING opcode it cannot show (a Python 2 string of non-ASCII
+    bytes) is taken as the newline-terminated line it is, and the walk stops there."""
+    import io
+    import pickletools
+    stream = io.BytesIO(raw)
+    ops = pickletools.genops(stream)
+    spans = []
+    while True:
+        start = stream.tell()
+        try:
+            next(ops)
+        except StopIteration:
+            break
+        except Exception:  # noqa: BLE001 - pickletools refuses it: our own reading
+            end = raw.find(b"\n", start) + 1
+            if raw[start:start + 1] == b"S" and end:
+                spans.append((start, end))
+            break
+        spans.append((start, stream.tell()))
+    return spans
+
+
+class VectorPickleLayout:
+    """The fixed frame of one kind of vector pickle: ``prefix`` (up to and including the
+    opcode that holds the array's bytes), that opcode's argument, ``suffix``.
+
+    Built by `learn` from a pickle the restricted unpickler has read, and checked once
+    more by unpickling a pickle with other bytes in the same frame. A pickle that starts
+    with ``prefix``, ends with ``suffix`` and holds exactly one well-formed argument of
+    the right size between them is, opcode for opcode, the learned pickle with other
+    array bytes: the unpickler would build the same array from them, and run nothing.
+    """
+
+    def __init__(self, prefix, suffix, kind, length_bytes, dtype, dim):
+        self.prefix, self.suffix = prefix, suffix
+        self.kind, self.length_bytes = kind, length_bytes
+        self.dtype, self.dim = np.dtype(dtype), int(dim)
+        self.nbytes = self.dtype.itemsize * self.dim
+
+    @classmethod
+    def learn(cls, raw, vector):
+        """The layout of ``raw``, the pickle of ``vector`` (an array the restricted
+        unpickler built from it), or None when it holds the bytes some other way."""
+        if not isinstance(vector, np.ndarray) or vector.ndim != 1 or not vector.size \
+                or vector.dtype.kind not in "fiu":
+            return None
+        target = np.ascontiguousarray(vector).tobytes()
+        for start, end in _opcode_spans(raw):
+            framing = _STRING_OPCODES.get(raw[start:start + 1])
+            if framing is None:
+                continue
+            layout = cls(raw[:start + 1], raw[end:], *framing, vector.dtype, len(vector))
+            if layout.array_bytes(raw) == target and layout._reads_other_bytes():
+                return layout
+        return None
+
+    def _reads_other_bytes(self):
+        """The restricted unpickler, given this frame around other bytes (all 256 byte
+        values, quotes and newlines among them), builds the array of those bytes."""
+        other = bytes((7 * i + 10) % 256 for i in range(self.nbytes))
+        try:
+            rebuilt = load_array_pickle(self.prefix + self._argument(other) + self.suffix)
+        except Exception:  # noqa: BLE001
+            return False
+        return isinstance(rebuilt, np.ndarray) and rebuilt.dtype == self.dtype \
+            and rebuilt.shape == (self.dim,) and rebuilt.tobytes() == other
+
+    def _argument(self, data):
+        """The string opcode's argument holding ``data``, framed as the kind says."""
+        if self.kind == "bytes":
+            return len(data).to_bytes(self.length_bytes, "little") + data
+        if self.kind == "utf8":
+            text = data.decode("latin-1").encode("utf-8")
+            return len(text).to_bytes(self.length_bytes, "little") + text
+        if self.kind == "unicode_line":
+            text = data.decode("latin-1")
+            for char in "\\\0\n\r\x1a":
+                text = text.replace(char, f"\\u{ord(char):04x}")
+            return text.encode("raw-unicode-escape") + b"\n"
+        import codecs
+        return b"'" + codecs.escape_encode(data)[0] + b"'\n"
+
+    def array_bytes(self, raw):
+        """The array's bytes if ``raw`` is a pickle of this layout, else None."""
+        head, tail = len(self.prefix), len(self.suffix)
+        if len(raw) < head + tail or not raw.startswith(self.prefix) \
+                or not raw.endswith(self.suffix):
+            return None
+        body = raw[head:len(raw) - tail]
+        try:
+            if self.kind in ("bytes", "utf8"):
+                size = self.length_bytes
+                if int.from_bytes(body[:size], "little") != len(body) - size:
+                    return None
+                data = body[size:]
+                if self.kind == "utf8":
+                    data = data.decode("utf-8").encode("latin-1")
+            else:  # newline-terminated: the opcode reads up to its first newline
+                if not body.endswith(b"\n") or b"\n" in body[:-1]:
+                    return None
+                if self.kind == "unicode_line":
+                    data = body[:-1].decode("raw-unicode-escape").encode("latin-1")
+                else:
+                    import codecs
+                    quoted = body[:-1]
+                    if len(quoted) < 2 or quoted[:1] not in (b"'", b'"') \
+                            or quoted[-1:] != quoted[:1]:
+                        return None
+                    data = codecs.escape_decode(quoted[1:-1])[0]
+        except (UnicodeError, ValueError):
+            return None
+        return data if len(data) == self.nbytes else None
+
+
+#: Layouts one decoder learns at most (a file of that many kinds of pickle is odd).
+MAX_LAYOUTS = 8
+
+
+class VectorLineDecoder:
+    """Decodes many default-format lines at once (`decode_vector_line`'s results, in
+    order), reading the array bytes of lines that match a learned `VectorPickleLayout`
+    directly; every other line goes through `decode_vector_line` itself, so a bad line
+    gets exactly its error. Keep one decoder per partition: layouts are learned once."""
+
+    def __init__(self):
+        self.layouts = []
+
+    def decode(self, lines):
+        """Decode ``lines`` (strings).
+
+        Returns:
+            a list, in line order, of ``("rows", first, keys, X)`` runs of lines that
+            matched one layout (``X`` (k, D) in the pickled dtype, lines
+            ``first .. first + k - 1``) and ``("line", index, key, vector, error)`` for
+            the others (``vector`` None and ``error`` the message when the line is bad).
+        """
+        out = []
+        run_layout, run_keys, run_data, run_first = None, [], [], 0
+
+        def close_run():
+            if run_keys:
+                X = np.frombuffer(b"".join(run_data), dtype=run_layout.dtype)
+                out.append(("rows", run_first, list(run_keys),
+                            X.reshape(len(run_keys), run_layout.dim)))
+                run_keys.clear()
+                run_data.clear()
+
+        for index, line in enumerate(lines):
+            key, sep, payload = line.rstrip("\r\n").partition("\t")
+            data = layout = raw = None
+            if sep:
+                try:  # strict: what it accepts, the per-line path reads the same way
+                    raw = _b64decode(payload)
+                except (binascii.Error, ValueError):
+                    pass
+            if raw is not None:
+                for layout in self.layouts:
+                    data = layout.array_bytes(raw)
+                    if data is not None:
+                        break
+            if data is None:  # the full, safe path, with its exact messages
+                close_run()
+                run_layout = None
+                try:
+                    key, vector = decode_vector_line(line)
+                except ValueError as err:
+                    out.append(("line", index, key if sep else None, None, str(err)))
+                    continue
+                out.append(("line", index, key, vector, None))
+                if sep and len(self.layouts) < MAX_LAYOUTS and raw is not None:
+                    learned = VectorPickleLayout.learn(raw, vector)
+                    if learned is not None:
+                        self.layouts.append(learned)
+                continue
+            if layout is not run_layout:
+                close_run()
+                run_layout, run_first = layout, index
+            run_keys.append(key)
+            run_data.append(data)
+        close_run()
+        return out
 
 
 def format_code_line(key, coarse, fine):

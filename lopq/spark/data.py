@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from ..formats import decode_vector_line
+from ..formats import VectorLineDecoder
 from .errors import MAX_EXAMPLES, DataError  # noqa: F401 (DataError: lopq.spark.data's API)
 
 logger = logging.getLogger(__name__)
@@ -22,46 +22,103 @@ ROWS_PER_CACHED_BLOCK = 8192
 PARTITIONS_PER_CORE = 4
 
 
+#: Lines decoded together by `lopq.formats.VectorLineDecoder` (one numpy array a run).
+LINES_PER_DECODE = 2048
+
+
+class _Buffer:
+    """The rows of one dimension waiting to fill a block: chunks of ids and arrays."""
+
+    def __init__(self):
+        self.ids, self.chunks, self.rows = [], [], 0
+
+    def add(self, ids, X):
+        self.ids.extend(ids)
+        self.chunks.append(X)
+        self.rows += X.shape[0]
+
+    def take(self, rows):
+        """The first ``rows`` rows as one (ids, float32 block); the rest stay."""
+        X = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        ids, self.ids = self.ids[:rows], self.ids[rows:]
+        block, rest = X[:rows], X[rows:]
+        self.chunks = [rest] if len(rest) else []
+        self.rows -= rows
+        return ids, np.ascontiguousarray(block, dtype=np.float32)
+
+
 def _blocks_from_records(records, with_ids, block_rows):
     """Group the checked records of one partition into blocks, one dimension per block.
 
-    ``records`` yields ``(id, vector, error, where)``, ``where`` = (split, position) of the
-    record in its input. Yields ``(ids, X, report)``: ``report`` is None except in the
-    last tuple of the partition (which carries no rows), where it is
-    ``(bad_count, bad_examples, {dim: [rows, (where, id) of the first]})``. Which
-    dimension is right is decided on the driver, from every partition's counts.
+    ``records`` yields single records ``(id, vector, error, where)``, ``where`` = (split,
+    position) of the record in its input, and runs of decoded lines
+    ``("run", ids, X (k, D), split, positions)``. Yields ``(ids, X, report)``:
+    ``report`` is None except in the last tuple of the partition (which carries no
+    rows), where it is ``(bad_count, bad_examples, {dim: [rows, (where, id) of the
+    first]})``. Which dimension is right is decided on the driver, from every
+    partition's counts.
     """
     buffers, bad, examples, dims = {}, 0, [], {}
-    for key, vector, error, where in records:
+
+    def reject(where, key, error):
+        nonlocal bad
+        bad += 1
+        if len(examples) < MAX_EXAMPLES:
+            examples.append((where, key, error))
+
+    def accept(ids, X, first_where):
+        dim = X.shape[1]
+        if dim not in dims:
+            dims[dim] = [0, (first_where, ids[0])]
+            buffers[dim] = _Buffer()
+        dims[dim][0] += X.shape[0]
+        buffer = buffers[dim]
+        buffer.add(ids, X)
+        while buffer.rows >= block_rows:
+            ids, block = buffer.take(block_rows)
+            yield (ids if with_ids else None, block, None)
+
+    for item in records:
+        if len(item) == 5:  # a run of lines decoded together: checked as one array
+            _, keys, X, split, positions = item
+            if X.shape[1] == 0:
+                good = np.zeros(len(keys), dtype=bool)
+                error = "the vector is empty (0 values)"
+            else:
+                good = np.isfinite(X).all(axis=1)
+                error = "the vector has NaN or infinite values"
+            for i in np.flatnonzero(~good):
+                reject((split, positions[i]), keys[i], error)
+            if not good.all():
+                keep = np.flatnonzero(good)
+                keys, X, positions = [keys[i] for i in keep], X[keep], \
+                    [positions[i] for i in keep]
+            if len(keys):
+                yield from accept(keys, X, (split, positions[0]))
+            continue
+        key, vector, error, where = item
         if error is None:
             if not vector.shape[0]:
                 error = "the vector is empty (0 values)"
             elif not np.all(np.isfinite(vector)):
                 error = "the vector has NaN or infinite values"
         if error is not None:
-            bad += 1
-            if len(examples) < MAX_EXAMPLES:
-                examples.append((where, key, error))
+            reject(where, key, error)
             continue
-        dim = vector.shape[0]
-        if dim not in dims:
-            dims[dim] = [0, (where, key)]
-            buffers[dim] = ([], [])
-        dims[dim][0] += 1
-        ids, rows = buffers[dim]
-        ids.append(key)
-        rows.append(vector)
-        if len(rows) == block_rows:
-            yield (ids if with_ids else None, np.asarray(rows, dtype=np.float32), None)
-            buffers[dim] = ([], [])
-    for ids, rows in buffers.values():
-        if rows:
-            yield (ids if with_ids else None, np.asarray(rows, dtype=np.float32), None)
+        yield from accept([key], vector[None, :], where)
+    for buffer in buffers.values():
+        if buffer.rows:
+            ids, block = buffer.take(buffer.rows)
+            yield (ids if with_ids else None, block, None)
     yield (None, np.empty((0, 0), dtype=np.float32), (bad, examples, dims))
 
 
 def _parse_split(sampling_ratio, seed):
-    """Parse (a Bernoulli sample of) the lines of one input split into checked records.
+    """Parse (a Bernoulli sample of) the lines of one input split into checked records:
+    runs of lines decoded together (`lopq.formats.VectorLineDecoder`, which reads the
+    array bytes of lines whose pickle matches a layout it verified once), and single
+    records for the lines it hands to the per-line decoder (bad lines among them, with
+    that decoder's messages).
 
     Sampling here, seeded by the split, keeps each line's position for error messages
     and parses only the sampled lines.
@@ -71,19 +128,33 @@ def _parse_split(sampling_ratio, seed):
     def parse(split, lines):
         rng = np.random.RandomState((base_seed * 1000003 + split) % (2 ** 32)) \
             if sampling_ratio < 1.0 else None
+        decoder = VectorLineDecoder()
+        chunk, positions = [], []
         for position, line in enumerate(lines):
             if rng is not None and rng.random_sample() >= sampling_ratio:
                 continue
             if not line.strip():
                 continue
-            try:
-                key, vector = decode_vector_line(line)
-            except ValueError as err:
-                key = line.partition("\t")[0] if "\t" in line else None
-                yield key, None, f"{err} (the line starts {line[:40]!r})", (split, position)
-                continue
-            yield key, vector, None, (split, position)
+            chunk.append(line)
+            positions.append(position)
+            if len(chunk) == LINES_PER_DECODE:
+                yield from _decoded(decoder, chunk, positions, split)
+                chunk, positions = [], []
+        if chunk:
+            yield from _decoded(decoder, chunk, positions, split)
     return parse
+
+
+def _decoded(decoder, lines, positions, split):
+    for item in decoder.decode(lines):
+        if item[0] == "rows":
+            _, first, keys, X = item
+            yield "run", keys, X, split, positions[first:first + len(keys)]
+            continue
+        _, index, key, vector, error = item
+        if error is not None:
+            error = f"{error} (the line starts {lines[index][:40]!r})"
+        yield key, vector, error, (split, positions[index])
 
 
 def _check_vector(value):
