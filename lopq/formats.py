@@ -514,6 +514,28 @@ def format_code_line(key, coarse, fine):
     return f"{key}\t{json.dumps([[int(c) for c in coarse], [int(f) for f in fine]])}"
 
 
+def format_code_lines(keys, coarse, fine):
+    """`format_code_line` of many rows at once, joined by newlines (no newline at the
+    end): one C-level formatting of the whole block instead of a call per row.
+
+    Args:
+        keys: n ids; coarse: (n, 2) int; fine: (n, M) int.
+
+    Returns:
+        str, byte for byte the lines `format_code_line` gives, joined by newlines.
+    """
+    coarse, fine = np.asarray(coarse), np.asarray(fine)
+    n, M = fine.shape
+    if n == 0:
+        return ""
+    row = "%s\t[[%d, %d], [" + ", ".join(["%d"] * M) + "]]"
+    values = np.empty((n, 3 + M), dtype=object)
+    values[:, 0] = list(keys)
+    values[:, 1:3] = coarse.tolist()
+    values[:, 3:] = fine.tolist()
+    return "\n".join([row] * n) % tuple(values.ravel().tolist())
+
+
 def parse_code_line(line):
     """Inverse of `format_code_line`: ``(id, (c0, c1), (f0, ...))``."""
     key, sep, payload = line.rstrip("\r\n").partition("\t")

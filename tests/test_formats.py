@@ -149,3 +149,15 @@ def test_a_pickle_that_runs_code_runs_nothing_in_a_large_batch(tmp_path):
     assert len(errors) == 4 and all("posix.system" in e or "os.system" in e for e in errors)
     assert_same(got, per_line(lines))
     assert not marker.exists()
+
+
+def test_code_lines_of_a_block_are_the_per_row_lines_byte_for_byte():
+    from lopq.formats import format_code_line, format_code_lines
+    rng = np.random.RandomState(3)
+    for n, M, dtype in ((1, 2, np.uint8), (500, 16, np.uint8), (40, 8, np.uint16)):
+        keys = [f"id{i}" for i in range(n - 1)] + [("tuple", 1)]
+        coarse = rng.randint(0, 1000, (n, 2)).astype(np.int32)
+        fine = rng.randint(0, np.iinfo(dtype).max, (n, M)).astype(dtype)
+        want = "\n".join(format_code_line(k, c, f) for k, c, f in zip(keys, coarse, fine))
+        assert format_code_lines(keys, coarse, fine) == want
+    assert format_code_lines([], np.zeros((0, 2), int), np.zeros((0, 4), int)) == ""

@@ -1,25 +1,32 @@
 """Encoding ``(id, vector)`` blocks on Spark: the compute_codes job."""
 
-from ..formats import format_code_line
+from ..formats import format_code_lines
 from .errors import DataError
 from .session import as_context
 
 
-def _encode_partition(model_bc):
+def _encode_partition(model_bc, per_line):
     def partition(items):
         model = model_bc.value
         for ids, X in items:
-            coarse, fine = model.encode(X)
-            for key, c, f in zip(ids, coarse.tolist(), fine.tolist()):
-                yield format_code_line(key, c, f)
+            text = format_code_lines(ids, *model.encode(X))
+            if text:
+                yield from text.split("\n") if per_line else (text,)
     return partition
 
 
 def code_lines(sc, blocks, model):
     """RDD of ``id<TAB>[[c0, c1], [f0, ..., fM-1]]`` lines for blocks with ids."""
     sc = as_context(sc)
-    model_bc = sc.broadcast(model)
-    return blocks.mapPartitions(_encode_partition(model_bc))
+    return blocks.mapPartitions(_encode_partition(sc.broadcast(model), True))
+
+
+def code_text(sc, blocks, model):
+    """The same lines, one newline-joined string per block: what ``saveAsTextFile``
+    writes (each element, then a newline) is byte for byte the file of `code_lines`,
+    without a Python object per row."""
+    sc = as_context(sc)
+    return blocks.mapPartitions(_encode_partition(sc.broadcast(model), False))
 
 
 def code_rows_frame(sc, blocks, model, with_cell=False):
@@ -279,7 +286,7 @@ def compute_codes(sc, data_path, model, output, data_options, output_format="tex
                         f"of dimension {D}")
     sc.setJobDescription("lopq compute_codes: encode and write")
     if output_format == "text":
-        fs.save_text_atomically(sc, code_lines(sc, blocks, model), output, overwrite)
+        fs.save_text_atomically(sc, code_text(sc, blocks, model), output, overwrite)
     else:
         fs.save_frame_atomically(sc, code_rows_frame(sc, blocks, model, partition_by_cell),
                                  output, overwrite, "cell" if partition_by_cell else None)
