@@ -86,7 +86,7 @@ def _faiss_row(base, queries, nns, V, M, quota):
     return recall_at(ids, nns, (1, 10, 100)), float(sizes[lists].sum(axis=1).mean()), nprobe
 
 
-def part_accuracy(res, quick, run, only=None):
+def part_accuracy(res, quick, run, only=None, settings=None):
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import exact_neighbors, recall_at, relative_reconstruction_error
     configs = [(64, 8)] if quick else [(64, 8), (64, 16), (256, 8), (256, 16)]
@@ -102,6 +102,8 @@ def part_accuracy(res, quick, run, only=None):
             params = dict(data=name, n=len(base), queries=len(queries), D=base.shape[1],
                           V=V, M=M, quota=quota, **fit_args)
             for setting, kwargs in SETTINGS.items():
+                if settings and not any(word in setting for word in settings):
+                    continue
                 start = time.perf_counter()
                 model = LOPQModel(V, M).fit(base, random_state=0, **fit_args, **kwargs)
                 fit_s = time.perf_counter() - start
@@ -114,7 +116,7 @@ def part_accuracy(res, quick, run, only=None):
                         **params, setting=setting, recall_at_10=round(r10, 4),
                         recall_at_100=round(r100, 4), relative_error=round(error, 4),
                         fit_s=round(fit_s, 1))
-            if run.have_faiss():
+            if run.have_faiss() and not settings:
                 (r1, r10, r100), visited, nprobe = _faiss_row(base, queries, nns, V, M, quota)
                 res.add("accuracy", f"faiss OPQ{M},IVF{V},PQ{M} nprobe={nprobe}, {name}, "
                         f"V={V} M={M}", r1, "recall@1", **params, setting="faiss",
@@ -128,7 +130,9 @@ def _verdicts(res):
     rows = [r for r in res.rows if r["part"] == "accuracy" and r["setting"] != "faiss"]
     for key in dict.fromkeys((r["data"], r["V"], r["M"]) for r in rows):
         group = [r for r in rows if (r["data"], r["V"], r["M"]) == key]
-        default = next(r for r in group if r["setting"] == "auto (default)")
+        default = next((r for r in group if r["setting"] == "auto (default)"), None)
+        if default is None or len(group) < 2:
+            continue
         best_r1 = max(r["value"] for r in group)
         best_error = min(r["relative_error"] for r in group)
         res.add("accuracy", f"default minus best R@1, {key[0]}, V={key[1]} M={key[2]}",

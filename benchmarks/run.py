@@ -587,7 +587,8 @@ def load_fashion_mnist():
 def part_accuracy(res, quick):
     """The training defaults side by side on every data set (`benchmarks/accuracy.py`)."""
     import accuracy
-    accuracy.part_accuracy(res, quick, sys.modules[__name__], res.args.data)
+    accuracy.part_accuracy(res, quick, sys.modules[__name__], res.args.data,
+                           res.args.setting)
 
 
 def part_fashion(res, quick):
@@ -1162,6 +1163,9 @@ def main(argv=None):
     parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only this part (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="threads for every library")
+    parser.add_argument("--setting", action="append", default=None,
+                        help="accuracy part: only the training settings whose name contains "
+                             "this (repeatable), e.g. --setting auto")
     parser.add_argument("--data", action="append", default=None,
                         help="accuracy part: only the data sets whose name contains this "
                              "(repeatable), e.g. --data Oxford --data MiniLM")
