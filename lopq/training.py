@@ -556,8 +556,9 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
     if size - fit_size - n_queries < 1:
         n_queries = 0
     if n_queries < 50 or fit_size < 2 * subquantizer_clusters:
-        logger.info("rotation shrinkage: %d rows are too few to compare settings: 'lw'", n)
-        return "lw"
+        logger.info("rotation shrinkage: %d rows are too few to compare settings: %r", n,
+                    SHRINKAGE_FALLBACK)
+        return SHRINKAGE_FALLBACK
     rows = source.take(sample_indices(n, size, rng))
     order = rng.permutation(size)
     halves = [order[:fit_size], order[fit_size:]]  # in random order: queries come first
@@ -678,8 +679,8 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
         Cs = np.ascontiguousarray(Cs, dtype=np.float32)
         logger.info("step 1: local rotations")
         statistics = source.covariance_pass(Cs)
-        if rotation_shrinkage == "auto":
-            rotation_shrinkage = "lw"
+        if rotation_shrinkage == "auto":  # without subquantizers to compare: the fallback
+            rotation_shrinkage = SHRINKAGE_FALLBACK
             if train_subs:
                 rotation_shrinkage = choose_shrinkage(
                     source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
