@@ -224,9 +224,9 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0
     rows of ``R[i]``.
 
     With ``shrinkage=0`` (the reference) a cluster with fewer points than dimensions gets
-    the identity (and an empty cluster a zero mean). Otherwise (``"auto"``, what `fit`
-    and ``train_model.py`` use by default, or a fixed pseudo-count) every covariance is
-    first shrunk toward the pooled one (`shrunk_covariances`): small clusters get a
+    the identity (and an empty cluster a zero mean). Otherwise (``"lw"``, or a fixed
+    pseudo-count; ``"auto"`` is resolved to one of them by `train_sequence`) every
+    covariance is first shrunk toward the pooled one (`shrunk_covariances`): small clusters get a
     rotation close to the pooled one instead of none.
 
     Args:

@@ -52,9 +52,11 @@ def parse_args(argv=None):
                              "exactly)")
     parser.add_argument("--rotation_shrinkage", type=cli.shrinkage, default=ROTATION_SHRINKAGE,
                         help="how far each local covariance leans on the pooled one: "
-                             "'auto' (default) estimates it per cluster from its rows; a "
-                             "number gives that many pseudo-rows per dimension; 0 is the "
-                             "reference (identity rotation below D/2 rows)")
+                             "'auto' (default) keeps 1.0 unless 'lw' or 0 ranks held-back "
+                             "training rows clearly better; 'lw' estimates it per cluster "
+                             "(Ledoit-Wolf); a number gives that many pseudo-rows per "
+                             "dimension; 0 is the reference (identity rotation below D/2 "
+                             "rows)")
     parser.add_argument("--agg_depth", type=int, default=2,
                         help="depth of tree aggregation of the per-iteration statistics")
     cli.add_overwrite_argument(parser)

@@ -66,8 +66,9 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
                                     "reference's training)", TypeConverters.toInt)
     rotationShrinkage = Param(Params._dummy(), "rotationShrinkage",
                               "how far each local covariance leans on the pooled one: "
-                              "'auto' (estimated per cluster), or pseudo-rows per "
-                              "dimension (0: the reference)", _to_shrinkage)
+                              "'auto' (1.0 unless 'lw' or 0 ranks held-back rows "
+                              "clearly better), 'lw' (per-cluster Ledoit-Wolf), or "
+                              "pseudo-rows per dimension (0: the reference)", _to_shrinkage)
     samplingRatio = Param(Params._dummy(), "samplingRatio",
                           "fraction of rows to train on, in (0, 1]", TypeConverters.toFloat)
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
