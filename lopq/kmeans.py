@@ -110,9 +110,25 @@ def lloyd_statistics(X, centers, backend=None):
         sums[g] += s
         counts[g] += c
         objective[g] += sqdist.sum(dtype=np.float64)
-        top = np.argsort(sqdist, kind="stable")[::-1][:REPAIR_CANDIDATES]
+        top = _farthest(sqdist, REPAIR_CANDIDATES)
         far.append([(float(sqdist[i]), sub[i].copy()) for i in top])
     return sums, counts, objective, far
+
+
+def _farthest(sqdist, count):
+    """Indices of the ``count`` largest ``sqdist``, largest first, ties higher index
+    first (the order of a reversed stable sort), without sorting every row."""
+    if sqdist.size > count:
+        part = np.argpartition(sqdist, sqdist.size - count)[sqdist.size - count:]
+        # the partition may cut through a tie: keep exactly the sorted order's choice
+        threshold = sqdist[part].min()
+        above = np.flatnonzero(sqdist > threshold)
+        tied = np.flatnonzero(sqdist == threshold)
+        candidates = np.concatenate([above, tied[tied.size - (count - above.size):]])
+    else:
+        candidates = np.arange(sqdist.size)
+    order = np.lexsort((-candidates, -sqdist[candidates].astype(np.float64)))
+    return candidates[order][:count]
 
 
 def merge_lloyd_statistics(a, b):

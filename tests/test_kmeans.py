@@ -56,3 +56,30 @@ def test_sample_warm_start_nearly_reaches_the_full_lloyd_objective(caplog, monke
     monkeypatch.setattr(km, "WARM_START_POINTS_PER_CLUSTER", len(X))  # never sample
     full = [km.kmeans(X, k, max_iter=20, random_state=seed)[2] for seed in range(4)]
     assert np.mean(warm) <= 1.015 * np.mean(full)
+
+
+def test_farthest_rows_are_those_of_a_full_sort_ties_included():
+    """The repair candidates come from a partial selection; they must be exactly the
+    rows a reversed stable sort puts first (ties, fewer rows than asked, one row)."""
+    from lopq.kmeans import _farthest
+    rng = np.random.RandomState(0)
+    for trial in range(2000):
+        n = rng.randint(1, 40)
+        if trial % 2:  # few distinct values: ties everywhere, also across the cut
+            sqdist = rng.randint(0, 4, n).astype(np.float32)
+        else:
+            sqdist = rng.rand(n).astype(np.float32)
+        count = rng.randint(1, 10)
+        expected = np.argsort(sqdist, kind="stable")[::-1][:count]
+        np.testing.assert_array_equal(_farthest(sqdist, count), expected)
+
+
+def test_joined_blocks_keep_row_order_and_join_up_to_the_size():
+    from lopq.spark.rows import joined_blocks
+    blocks = [(None, np.full((size, 2), i, dtype=np.float32))
+              for i, size in enumerate([3, 4, 0, 5, 1, 9])]
+    joined = list(joined_blocks(iter(blocks), rows=7))
+    assert [len(X) for X in joined] == [7, 15]  # 3+4, then 0+5+1+9
+    np.testing.assert_array_equal(np.concatenate(joined),
+                                  np.concatenate([X for _, X in blocks]))
+    assert list(joined_blocks(iter([]), rows=7)) == []
