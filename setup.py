@@ -36,7 +36,7 @@ setup(
     # What the core needs at run time. Cython is a build requirement (pyproject.toml);
     # PySpark is an extra: clusters bring their own Spark, and a pip pyspark beside it
     # could shadow the cluster's version.
-    install_requires=["numpy>=1.24", "numba>=0.59", "protobuf>=4.21"],
+    install_requires=["numpy>=1.24", "numba>=0.59", "protobuf>=4.21", "threadpoolctl>=3"],
     extras_require={
         "spark": ["pyspark>=3.5", "pyarrow>=11", "pandas>=2.2,<3"],
         "mat": ["scipy"],

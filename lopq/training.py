@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import _kernels as kernels
+from ._kernels.blas import small_gemms, small_matrices
 from .kmeans import (
     LloydStep,
     check_random_state,
@@ -263,7 +264,8 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0
     R[small] = np.eye(d)
     rotated = np.setdiff1d(np.arange(V), small)
     if rotated.size:
-        eigenvalues, eigenvectors = np.linalg.eigh(cov[rotated])
+        with small_matrices(d):
+            eigenvalues, eigenvectors = np.linalg.eigh(cov[rotated])
         permutations = eigenvalue_allocations(num_buckets, eigenvalues)
         R[rotated] = np.take_along_axis(eigenvectors, permutations[:, None, :],
                                         axis=2).transpose(0, 2, 1)
@@ -373,12 +375,15 @@ def _procrustes_rotations(centred, quantized, labels, R, prior=None):
     if clusters.size == 0:
         return out
     B = np.empty((len(clusters),) + R.shape[1:])
-    for i, c in enumerate(clusters):
-        lo, hi = offsets[c], offsets[c + 1]
-        B[i] = q[lo:hi].T @ r[lo:hi]
+    d = R.shape[1]
+    with small_gemms(len(r) / len(clusters) * d * d, len(clusters)):
+        for i, c in enumerate(clusters):
+            lo, hi = offsets[c], offsets[c + 1]
+            B[i] = q[lo:hi].T @ r[lo:hi]
     if prior is not None:
         B += prior[clusters]
-    U, _, Vt = np.linalg.svd(B)  # one stacked call for every cluster
+    with small_matrices(B.shape[1]):
+        U, _, Vt = np.linalg.svd(B)  # one stacked call for every cluster
     out[clusters] = (U @ Vt).astype(np.float32)
     return out
 

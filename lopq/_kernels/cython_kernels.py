@@ -9,6 +9,7 @@ compiled argmin. Per-cluster work groups rows with numpy's stable argsort. Built
 import numpy as np
 
 from . import _cython, reference
+from .blas import small_gemms
 from .reference import code_dtype
 
 #: Which copy of the fused loops runs: "avx2" (8-wide FMA) or "portable" (4-wide; forced
@@ -120,10 +121,12 @@ def accumulate_covariance(residuals, labels, V):
     d = residuals.shape[1]
     A = np.zeros((V, d, d))
     sums = np.zeros((V, d))
-    for cluster in np.flatnonzero(np.diff(offsets)):
-        g = grouped[offsets[cluster]:offsets[cluster + 1]]
-        A[cluster] = g.T @ g
-        sums[cluster] = g.sum(axis=0)
+    clusters = np.flatnonzero(np.diff(offsets))
+    with small_gemms(len(grouped) / max(len(clusters), 1) * d * d, len(clusters)):
+        for cluster in clusters:
+            g = grouped[offsets[cluster]:offsets[cluster + 1]]
+            A[cluster] = g.T @ g
+            sums[cluster] = g.sum(axis=0)
     return A, sums, np.diff(offsets).astype(np.int64)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import reference
 from ._jit import njit
+from .blas import small_gemms
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True)
 #: Rows per sgemm block of the large-dimension assignment (the reference's block size).
@@ -238,10 +239,12 @@ def accumulate_covariance(residuals, labels, V):
     _gather_float64(residuals, order, grouped)
     A = np.zeros((V, d, d))
     sums = np.zeros((V, d))
-    for cluster in np.flatnonzero(np.diff(offsets)):
-        g = grouped[offsets[cluster]:offsets[cluster + 1]]
-        np.dot(g.T, g, out=A[cluster])
-        sums[cluster] = g.sum(axis=0)
+    clusters = np.flatnonzero(np.diff(offsets))
+    with small_gemms(n / max(len(clusters), 1) * d * d, len(clusters)):
+        for cluster in clusters:
+            g = grouped[offsets[cluster]:offsets[cluster + 1]]
+            np.dot(g.T, g, out=A[cluster])
+            sums[cluster] = g.sum(axis=0)
     return A, sums, np.diff(offsets)
 
 

@@ -10,6 +10,8 @@ distances are ``float32``; accumulators are ``float64``.
 
 import numpy as np
 
+from .blas import small_gemms
+
 #: Rows per block in distance computations: bounds the (block, k) temporary.
 DISTANCE_BLOCK_ROWS = 4096
 
@@ -219,9 +221,13 @@ def project_grouped(X, labels, C, R, mu):
     centred = X[order]
     centred -= (C + mu)[sorted_labels]
     P = np.empty_like(centred)
-    for cluster in np.flatnonzero(np.diff(offsets)):
-        lo, hi = offsets[cluster], offsets[cluster + 1]
-        np.dot(centred[lo:hi], R[cluster].T, out=P[lo:hi])
+    clusters = np.flatnonzero(np.diff(offsets))
+    d = X.shape[1]
+    per_gemm = len(X) / max(len(clusters), 1) * d * d  # multiply-adds of one cluster's GEMM
+    with small_gemms(per_gemm, calls=len(clusters)):
+        for cluster in clusters:
+            lo, hi = offsets[cluster], offsets[cluster + 1]
+            np.dot(centred[lo:hi], R[cluster].T, out=P[lo:hi])
     return P, order
 
 
