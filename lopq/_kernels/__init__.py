@@ -68,6 +68,13 @@ def compiled_search():
     return _search
 
 
+def grouped_table_operands(Rs, books):
+    """The grouped table kernel's operands for rotations ``Rs`` (2, V, h, h) and
+    codebooks ``books`` (2, M/2, S, ds): see `cython_kernels.grouped_table_operands`."""
+    from . import cython_kernels
+    return cython_kernels.grouped_table_operands(Rs, books)
+
+
 _announced = False
 _first_use_hooks = []
 

@@ -161,3 +161,15 @@ def kmeanspp(X, first, uniforms):
     sample of at most 32 rows per centre, and C would gain nothing measurable)."""
     from .numba_kernels import kmeanspp as compiled
     return compiled(X, first, uniforms)
+
+
+def grouped_table_operands(Rs, books):
+    """What the grouped table kernel (`_search.search_cells_grouped`) reads: rotations
+    transposed with columns padded to the vector width, RTp (2, V, h, hp), and per split
+    ``-2 books^T`` (2, M/2, ds, Sp) with the codebooks' squared norms (2, M/2, Sp), all
+    float32. ``Rs`` (2, V, h, h); ``books`` (2, M/2, S, ds)."""
+    RT = Rs.transpose(0, 1, 3, 2)
+    RTp = np.zeros(RT.shape[:3] + (_padded(RT.shape[3]),), dtype=np.float32)
+    RTp[..., :RT.shape[3]] = RT
+    CBTm2, sqnorm = score_columns(books)
+    return RTp, CBTm2, sqnorm

@@ -1,6 +1,12 @@
 """A Spark standalone cluster on this machine's loopback: one master, N workers.
 
-For the cluster tests and benchmarks, and for trying the cluster path on one machine::
+For trying the cluster path on one machine before a real cluster, from a shell::
+
+    python -m lopq.spark.localcluster --workers 2 --dir /tmp/lopq-cluster
+    # prints the master URL; in another shell:
+    spark-submit --master spark://127.0.0.1:<port> spark/train_model.py ...
+
+(Ctrl-C stops the cluster), and from Python, as the cluster tests and benchmarks do::
 
     with StandaloneCluster("/tmp/cluster", workers=2, cores=1) as cluster:
         subprocess.run(["spark-submit", "--master", cluster.master_url, ...])
@@ -207,3 +213,49 @@ class StandaloneCluster:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         return pids
+
+
+def main(argv=None):
+    """``python -m lopq.spark.localcluster``: run a loopback standalone cluster until
+    interrupted, printing its master URL."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="python -m lopq.spark.localcluster",
+        description="Run a Spark standalone cluster (one master, N workers) on this "
+                    "machine's loopback until Ctrl-C, to try spark-submit --master "
+                    "spark://... before a real cluster.",
+        epilog="example:\n  python -m lopq.spark.localcluster --workers 2 --cores 1 "
+               "--dir /tmp/lopq-cluster",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2, help="worker count (default 2)")
+    parser.add_argument("--cores", type=int, default=1, help="cores per worker (default 1)")
+    parser.add_argument("--memory", default="2g", help="memory per worker (default 2g)")
+    parser.add_argument("--dir", default="lopq-cluster",
+                        help="folder for daemon logs, pid files and the workers' work "
+                             "directories (default ./lopq-cluster)")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.cores < 1:
+        parser.error("--workers and --cores must be at least 1")
+    cluster = StandaloneCluster(Path(args.dir).resolve(), workers=args.workers,
+                                cores=args.cores, memory=args.memory)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        cluster.start()
+        print(f"master {cluster.master_url} (web UI {cluster.webui_url}), "
+              f"{args.workers} worker(s) of {args.cores} core(s); logs in "
+              f"{cluster.base / 'log'}; Ctrl-C stops it", flush=True)
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
