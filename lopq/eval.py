@@ -152,20 +152,25 @@ def rank_by_lopq_distance(model, queries, coarse, fine, limit=None):
     limit = n if limit is None else min(limit, n)
     h = model.D // 2
     out = np.empty((len(queries), limit), dtype=np.int64)
+    # Per split, where each item's table entries sit in the flattened (V, M/2, S) tables
+    # of a query: computed once, then every query gathers its distances with one take.
+    half_m, S = model.subquantizers.shape[1], model.subquantizers.shape[2]
+    slots = [((coarse[:, split].astype(np.int64)[:, None] * half_m + np.arange(half_m))
+              * S + fine[:, split * half_m:(split + 1) * half_m]) for split in range(2)]
     for qi, x in enumerate(queries):
         dists = np.zeros(n, dtype=np.float32)
         for split in range(2):
-            books = model.subquantizers[split]
             # One table per coarse cluster of this split: project x in every local frame.
             r = x[split * h:(split + 1) * h][None, :] - model.Cs[split] - model.mus[split]
             local = np.einsum("vij,vj->vi", model.Rs[split], r).astype(np.float32)
-            tables = kernels.adc_tables(local, books)  # (V, M/2, S)
-            codes = fine[:, split * books.shape[0]:(split + 1) * books.shape[0]]
-            tab = tables[coarse[:, split]]  # (n, M/2, S)
-            dists += np.take_along_axis(tab, codes[:, :, None].astype(np.int64),
-                                        axis=2)[:, :, 0].sum(axis=1)
-        order = np.argsort(dists, kind="stable")
-        out[qi] = order[:limit]
+            tables = kernels.adc_tables(local, model.subquantizers[split])  # (V, M/2, S)
+            dists += tables.ravel()[slots[split]].sum(axis=1)
+        if limit < n:  # the `limit` nearest, then their order; ties keep index order
+            kth = np.partition(dists, limit - 1)[limit - 1]
+            candidates = np.flatnonzero(dists <= kth)
+            out[qi] = candidates[np.argsort(dists[candidates], kind="stable")][:limit]
+        else:
+            out[qi] = np.argsort(dists, kind="stable")
     return out
 
 
