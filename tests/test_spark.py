@@ -146,7 +146,9 @@ def test_spark_submit_reports_bad_input_without_partial_output(workdir):
     assert not out.exists()
 
 
-def test_oxford5k_model_trained_on_spark_reaches_the_recall_bar(oxford, workdir):
+def test_oxford5k_model_trained_on_spark_reaches_the_recall_bar(oxford, workdir, train_model):
+    """The driver in this process, on the shared session (spark-submit itself is tested
+    above): one JVM for the three seeds."""
     from lopq.eval import rank_by_lopq_distance, recall_at
     train, test, nns = oxford
     data = workdir / "oxford_train.txt"
@@ -154,8 +156,8 @@ def test_oxford5k_model_trained_on_spark_reaches_the_recall_bar(oxford, workdir)
     recalls = []
     for seed in (40, 41, 42):
         out = workdir / f"oxford_{seed}.lopq"
-        spark_submit("train_model.py", "--data", data, "--V", 16, "--M", 8, "--seed", seed,
-                     "--model_proto", out)
+        train_model.main(["--data", str(data), "--V", "16", "--M", "8", "--seed", str(seed),
+                          "--model_proto", str(out)])
         model = LOPQModel.load_proto(out)
         coarse, fine = model.encode(train)
         recalls.append(recall_at(rank_by_lopq_distance(model, test, coarse, fine, 100),
