@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import _kernels as kernels
-from .model import check_rows
 
 
 class BatchSearch:
@@ -56,9 +55,16 @@ class BatchSearch:
             and their (k,) float32 distances.
         """
         self._merge_pending()
-        Q = check_rows(queries, self.model.D, "queries", min_rows=0)
+        Q = self.model.model_queries(queries, "queries")
         if quota is None or quota <= 0:
             raise ValueError(f"quota must be a positive number of items, got {quota!r}")
+        results = self._search_batch_model_space(Q, quota, limit, threads)
+        if self.model.metric == "l2":
+            return results
+        return [(ids, self.model.metric_distances(d, q)) for (ids, d), q in zip(results, Q)]
+
+    def _search_batch_model_space(self, Q, quota, limit, threads):
+        """`search_batch` of queries already in the model space, squared L2 distances."""
         threads = max(1, min(threads or os.cpu_count() or 1, len(Q)))
         compiled = kernels.compiled_search()
         if (compiled is None or limit is None or self.fine.dtype not in (np.uint8, np.uint16)
@@ -134,7 +140,11 @@ class BatchSearch:
             dists (q, limit) float32, inf padded; nearest first.
         """
         self._merge_pending()
-        Q = check_rows(queries, self.model.D, "queries", min_rows=0)
+        Q = self.model.model_queries(queries, "queries")
+        rows, dists = self._score_cells_model_space(Q, cell_lists, limit)
+        return rows, self.model.metric_distances(dists, Q)
+
+    def _score_cells_model_space(self, Q, cell_lists, limit):
         V = self.model.V
         rows = np.full((len(Q), limit), -1, dtype=np.int64)
         dists = np.full((len(Q), limit), np.inf, dtype=np.float32)

@@ -55,7 +55,12 @@ def _build_messages():
         ("Cs", rep, F.TYPE_MESSAGE, "Matrix", False),
         ("Rs", rep, F.TYPE_MESSAGE, "Matrix", False),
         ("mus", rep, F.TYPE_MESSAGE, "Vector", False),
-        ("subs", rep, F.TYPE_MESSAGE, "Matrix", False)])
+        ("subs", rep, F.TYPE_MESSAGE, "Matrix", False),
+        # Additions (fields 9-11, absent for L2 models): readers of the reference's
+        # schema skip unknown fields, so they read the model as L2 of dimension D.
+        ("metric", opt, F.TYPE_STRING, None, False),
+        ("input_dim", opt, F.TYPE_UINT32, None, False),
+        ("max_norm", opt, F.TYPE_DOUBLE, None, False)])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return message_factory.GetMessageClass(
@@ -70,12 +75,21 @@ def _matrix(msg, array):
     msg.shape.extend(array.shape)
 
 
-def params_to_proto_bytes(D, V, M, S, Cs, Rs, mus, subs):
+def params_to_proto_bytes(D, V, M, S, Cs, Rs, mus, subs, metric="l2", dim=None,
+                          max_norm=None):
     """Serialise stacked parameters (any may be None) to `.lopq` bytes.
 
-    Args: Cs (2, V, D/2), Rs (2, V, D/2, D/2), mus (2, V, D/2), subs (M, S, D/M).
+    Args: Cs (2, V, D/2), Rs (2, V, D/2, D/2), mus (2, V, D/2), subs (M, S, D/M);
+    ``metric``, ``dim`` (input dimension) and ``max_norm`` are written only for a
+    metric other than L2 (an L2 model's bytes are the reference's).
     """
     params = LOPQModelParams(D=D, V=V, M=M, num_subquantizers=S)
+    if metric != "l2":
+        params.metric = metric
+        if dim is not None:
+            params.input_dim = dim
+        if max_norm is not None:
+            params.max_norm = max_norm
     if Cs is not None:
         for C in Cs:
             _matrix(params.Cs.add(), C)
@@ -100,9 +114,11 @@ def _from_matrix(msg, what, source):
     return values.reshape(shape)
 
 
-def params_from_proto_bytes(data, source="<bytes>"):
+def params_from_proto_bytes(data, source="<bytes>", with_metric=False):
     """Parse `.lopq` bytes into ``(D, V, M, S, Cs, Rs, mus, subs)`` stacked float32 arrays
-    (a missing parameter kind is None). Raises ValueError naming what is wrong."""
+    (a missing parameter kind is None); with ``with_metric`` a ninth item, the dict
+    ``{"metric", "dim", "max_norm"}`` ("l2", None, None for a reference file). Raises
+    ValueError naming what is wrong."""
     from google.protobuf.message import DecodeError
     params = LOPQModelParams()
     try:
@@ -143,7 +159,12 @@ def params_from_proto_bytes(data, source="<bytes>"):
             raise ValueError(f"{source}: subquantizers of {subs.shape[2]} dims, expected "
                              f"D/M = {D // M}")
         S = subs.shape[1]
-    return D, V, M, S, Cs, Rs, mus, subs
+    if not with_metric:
+        return D, V, M, S, Cs, Rs, mus, subs
+    metric = {"metric": params.metric if params.HasField("metric") else "l2",
+              "dim": params.input_dim if params.HasField("input_dim") else None,
+              "max_norm": params.max_norm if params.HasField("max_norm") else None}
+    return D, V, M, S, Cs, Rs, mus, subs, metric
 
 
 # ---------------------------------------------------------------------------- xvecs

@@ -33,9 +33,10 @@ class CellIndex:
         self.ids = np.empty(0, dtype=object)
 
     def add_data(self, data, ids=None, num_procs=1):
-        """Encode rows of ``data`` (n, D) and index them under ``ids`` (default 0..n-1)."""
-        data = check_rows(data, self.model.D, "data", min_rows=0)
-        coarse, fine = self.model.encode(data)
+        """Encode rows of ``data`` (n, dim) and index them under ``ids`` (default
+        0..n-1)."""
+        coarse, fine = self.model.encode(check_rows(data, self.model.dim, "data",
+                                                    min_rows=0))
         self._add_arrays(coarse, fine, ids)
 
     def add_codes(self, codes, ids=None):

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _kernels as kernels
 from . import formats
+from .metric import Metric, check_metric, largest_norm, model_dimension
 from .training import (  # noqa: F401 (reference API)
     ROTATION_SHRINKAGE,
     accumulate_covariance_estimators,
@@ -126,6 +127,14 @@ class LOPQModel:
             reference layout (tuples per split) or stacked. When given, V comes from
             the coarse parameters and M and S from the subquantizers, as in the
             reference, whatever the V, M, S arguments say.
+        metric: ``"l2"`` (the reference's), ``"cosine"`` or ``"inner_product"``: what
+            "nearest" means for `encode`'s input and for search (see `lopq.metric`).
+            Cosine and inner product are reductions to L2 applied to every row and
+            query, so the parameters are those of an L2 model of dimension ``D``.
+        dim: dimension of the input vectors, where it differs from the model's ``D``
+            (inner product adds coordinates); default ``D``, or the training data's.
+        max_norm: inner product only: the norm rows are lifted to (default: the largest
+            training row's, set by `fit`).
 
     Attributes (stacked float32 arrays; ``h = D / 2``, indexing ``[split]`` gives the
     reference's per-split values):
@@ -133,11 +142,13 @@ class LOPQModel:
         Rs: (2, V, h, h) local rotations (rows are the rotated axes).
         mus: (2, V, h) mean residuals.
         subquantizers: (2, M/2, S, D/M) codebooks (`codebooks` is the (M, S, D/M) view).
+        metric, dim, max_norm: as the arguments (``dim`` None until known).
     """
 
     num_coarse_splits = 2
 
-    def __init__(self, V=8, M=4, subquantizer_clusters=256, parameters=None):
+    def __init__(self, V=8, M=4, subquantizer_clusters=256, parameters=None, metric="l2",
+                 dim=None, max_norm=None):
         Cs, Rs, mus, codebooks = _stack_parameters(V, M, parameters)
         # As the reference: the parameters given decide V, M and S over the arguments.
         for p in (Cs, mus, Rs):
@@ -152,7 +163,16 @@ class LOPQModel:
         self.M = int(M)
         self.subquantizer_clusters = int(subquantizer_clusters)
         self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, codebooks
+        self.metric = check_metric(metric)
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self._dim = None if dim is None else int(dim)
         self._check_parameter_shapes()
+        if (self._dim is not None and self.D is not None
+                and model_dimension(self.metric, self._dim, self.M) != self.D):
+            raise ValueError(f"a model of metric {self.metric} and M={self.M} over "
+                             f"vectors of dimension {self._dim} has D="
+                             f"{model_dimension(self.metric, self._dim, self.M)}, but its "
+                             f"parameters are for D={self.D}")
 
     # ------------------------------------------------------------------ structure
     @property
@@ -168,6 +188,43 @@ class LOPQModel:
         if self.codebooks is not None:
             return self.M * self.codebooks.shape[2]
         return None
+
+    @property
+    def dim(self):
+        """Dimension of the input vectors (``D`` but for inner product), or None before
+        it is known."""
+        if self._dim is not None:
+            return self._dim
+        return self.D if self.metric != "inner_product" else None
+
+    def metric_transform(self):
+        """The `lopq.metric.Metric` of this model (rows and queries into the model
+        space, distances back into the metric)."""
+        return Metric(self.metric, self.dim, self.D, self.max_norm)
+
+    def model_rows(self, X, name="vectors", min_rows=0):
+        """Validate input rows X (n, dim) and map them into the model space of the
+        metric: (n, D) float32 (L2: the checked rows themselves)."""
+        X = check_rows(X, self.dim, name, min_rows=min_rows)
+        return X if self.metric == "l2" else self.metric_transform().rows(X, name)
+
+    def model_queries(self, Q, name="queries", min_rows=0):
+        """As `model_rows` for queries (inner product pads them with zeros)."""
+        Q = check_rows(Q, self.dim, name, min_rows=min_rows)
+        return Q if self.metric == "l2" else self.metric_transform().queries(Q, name)
+
+    def metric_distances(self, squared_l2, model_queries):
+        """Squared L2 distances of the model space (any shape, one row per query in
+        ``model_queries`` (q, D), or one query (D,)) as distances of the metric:
+        ascending is nearer (see `lopq.metric`)."""
+        if self.metric == "l2":
+            return squared_l2
+        Q = np.asarray(model_queries, dtype=np.float64)
+        sq = np.einsum("...i,...i->...", Q, Q)
+        d = np.asarray(squared_l2)
+        if Q.ndim == 2 and d.ndim >= 1:
+            sq = sq.reshape(-1, *([1] * (d.ndim - 1)))
+        return self.metric_transform().distances(d, sq).astype(d.dtype, copy=False)
 
     @property
     def subquantizers(self):
@@ -223,8 +280,17 @@ class LOPQModel:
         `lopq.training.shrunk_covariances`). ``rotation_refinement_iters=0,
         rotation_shrinkage=0`` give exactly the reference's training. Returns self.
         """
-        D = self.D
-        data = check_rows(data, D, "training data")
+        data = check_rows(data, self.dim, "training data")
+        dim, max_norm = data.shape[1], self.max_norm
+        if self.metric == "inner_product":
+            D = model_dimension(self.metric, dim, self.M)
+            if self.D is not None and self.D != D:
+                raise ValueError(f"training data has dimension {dim}, but the model's "
+                                 f"parameters are for D={self.D}")
+            if max_norm is None:
+                max_norm = largest_norm(data)
+        data = Metric(self.metric, dim, model_dimension(self.metric, dim, self.M),
+                      max_norm).rows(data, "training data")
         n, d = data.shape
         if d % 2:
             raise ValueError(f"data dimension D={d} must be even (two coarse splits)")
@@ -244,6 +310,7 @@ class LOPQModel:
                 kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state,
                 backend, rotation_refinement_iters, rotation_shrinkage)
         self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, subs
+        self._dim, self.max_norm = dim, max_norm
         return self
 
     # ------------------------------------------------------------------ batched coding
@@ -251,13 +318,13 @@ class LOPQModel:
         """LOPQ codes of many vectors.
 
         Args:
-            X: (n, D) vectors (any float dtype).
+            X: (n, dim) vectors (any float dtype; ``dim`` is ``D`` but for inner product).
 
         Returns:
             coarse: (n, 2) int32 coarse codes; fine: (n, M) uint8 (S <= 256) or uint16.
         """
         self.require_parameters("Cs", "Rs", "mus", "codebooks")
-        X = check_rows(X, self.D, "vectors", min_rows=0)
+        X = self.model_rows(X, "vectors")
         n, h, half_m = X.shape[0], X.shape[1] // 2, self.M // 2
         coarse = np.empty((n, 2), dtype=np.int32)
         fine = np.empty((n, self.M), dtype=kernels.code_dtype(self.subquantizer_clusters))
@@ -295,7 +362,9 @@ class LOPQModel:
         return coarse, projected
 
     def decode(self, codes):
-        """Reconstruct vectors from ``(coarse (n, 2), fine (n, M))``: (n, D) float32."""
+        """Reconstruct vectors from ``(coarse (n, 2), fine (n, M))``: (n, dim) float32
+        (cosine: the unit vectors' reconstructions; inner product: without the added
+        coordinates)."""
         self.require_parameters("Cs", "Rs", "mus", "codebooks")
         coarse, fine = (np.atleast_2d(np.asarray(c)) for c in codes)
         self.check_codes(coarse, fine)
@@ -311,7 +380,7 @@ class LOPQModel:
                 # R is orthogonal: rotating back is multiplying by R^T (row form: p @ R).
                 half[rows] = (part[rows] @ self.Rs[split][cluster] + self.mus[split][cluster]
                               + self.Cs[split][cluster])
-        return out
+        return self.metric_transform().original(out)
 
     def check_codes(self, coarse, fine):
         """Raise ValueError unless ``coarse`` (n, 2) and ``fine`` (n, M) are codes of
@@ -325,17 +394,23 @@ class LOPQModel:
             raise ValueError(f"fine codes must be in [0, {self.subquantizer_clusters})")
 
     # ------------------------------------------------------------------ reference API
+    # One vector at a time, as the reference. The vector is in the input space (``dim``);
+    # predict/project read it as a data row, get_subquantizer_distances as a query (the
+    # two differ for inner product only).
     def predict(self, x):
-        """LOPQ code of one vector x (D,): ``LOPQCode((c0, c1), (f0, ..., fM-1))`` of ints."""
-        coarse, fine = self.encode(self._one(x))
+        """LOPQ code of one vector x (dim,): ``LOPQCode((c0, c1), (f0, ..., fM-1))`` of
+        ints."""
+        coarse, fine = self.encode(self._one(x, "vector", transform=False))
         return LOPQCode(tuple(int(c) for c in coarse[0]), tuple(int(f) for f in fine[0]))
 
     def predict_coarse(self, x):
         """Coarse codes ``(c0, c1)`` of one vector."""
         self.require_parameters("Cs")
-        x = self._one(x)
+        return self._coarse_of(self._one(x))
+
+    def _coarse_of(self, xm):
         h = self.D // 2
-        return tuple(int(kernels.assign(x[:, s * h:(s + 1) * h], self.Cs[s])[0][0])
+        return tuple(int(kernels.assign(xm[:, s * h:(s + 1) * h], self.Cs[s])[0][0])
                      for s in range(2))
 
     def predict_fine(self, x, coarse_codes=None):
@@ -348,29 +423,40 @@ class LOPQModel:
     def project(self, x, coarse_codes=None, coarse_split=None):
         """Projected residual of one vector: (D,) float32, or (D/2,) for ``coarse_split``."""
         self.require_parameters("Cs", "Rs", "mus")
-        x = self._one(x)
+        return self.project_model_space(self._one(x), coarse_codes, coarse_split)
+
+    def project_model_space(self, xm, coarse_codes=None, coarse_split=None):
+        """`project` of a vector already in the model space (D,) (see `model_rows`)."""
+        xm = np.asarray(xm, dtype=np.float32).reshape(1, -1)
         if coarse_codes is None:
-            coarse_codes = self.predict_coarse(x)
+            coarse_codes = self._coarse_of(xm)
         coarse = np.asarray(coarse_codes, dtype=np.int32).reshape(1, 2)
-        _, projected = self.project_rows(x, coarse=coarse)
+        _, projected = self.project_rows(xm, coarse=coarse)
         if coarse_split is None:
             return projected[0]
         h = self.D // 2
         return projected[0, coarse_split * h:(coarse_split + 1) * h]
 
     def reconstruct(self, codes):
-        """Approximate vector (D,) of one code ``((c0, c1), (f0, ...))``."""
+        """Approximate vector (dim,) of one code ``((c0, c1), (f0, ...))``."""
         coarse, fine = codes
         return self.decode((np.asarray([coarse]), np.asarray([fine])))[0]
 
     def get_subquantizer_distances(self, x, coarse_codes, coarse_split=None):
-        """Squared distances of x's projected subvectors to every subquantizer centroid.
+        """Squared distances of query x's projected subvectors to every subquantizer
+        centroid, in the model space.
 
         Returns:
             list of M (or M/2 for one ``coarse_split``) arrays (S,) float32.
         """
         self.require_parameters("Cs", "Rs", "mus", "codebooks")
-        px = self.project(x, coarse_codes, coarse_split)
+        return self.query_tables(self._one(x, "query", queries=True), coarse_codes,
+                                 coarse_split)
+
+    def query_tables(self, qm, coarse_codes, coarse_split=None):
+        """`get_subquantizer_distances` of a query already in the model space (D,) (see
+        `model_queries`)."""
+        px = self.project_model_space(qm, coarse_codes, coarse_split)
         books = self.codebooks if coarse_split is None else self.subquantizers[coarse_split]
         tables = kernels.adc_tables(px.reshape(1, -1), books)[0]
         return list(tables)
@@ -383,21 +469,23 @@ class LOPQModel:
         """Inverse of `get_cell_id_for_coarse_codes`."""
         return (int(cell_id) // self.V, int(cell_id) % self.V)
 
-    def _one(self, x):
+    def _one(self, x, name="vector", queries=False, transform=True):
+        """One input vector (dim,) (or a one-row batch) as a (1, D) model-space row (a
+        (1, dim) checked row without ``transform``)."""
         x = np.asarray(x)
         if x.ndim == 2 and x.shape[0] == 1:  # already a one-row batch
             x = x[0]
         if x.ndim != 1:
             raise ValueError(f"expected one vector of shape (D,), got shape {x.shape}; "
                              "use encode() for many")
-        return check_rows(x, self.D, "vector")
+        if not transform:
+            return check_rows(x, self.dim, name)
+        return (self.model_queries if queries else self.model_rows)(x, name, min_rows=1)
 
     # ------------------------------------------------------------------ formats
     def export_proto(self, f):
         """Write the model as `.lopq` protobuf to a path or binary file object."""
-        data = formats.params_to_proto_bytes(
-            self.D or 0, self.V, self.M, self.subquantizer_clusters,
-            self.Cs, self.Rs, self.mus, self.codebooks)
+        data = self.to_proto_bytes()
         if hasattr(f, "write"):
             f.write(data)
         else:
@@ -416,13 +504,20 @@ class LOPQModel:
 
     @staticmethod
     def from_proto_bytes(data, source="<bytes>"):
-        D, V, M, S, Cs, Rs, mus, subs = formats.params_from_proto_bytes(data, source)
-        return LOPQModel(V, M, S, (Cs, Rs, mus, subs))
+        """An LOPQModel from `.lopq` bytes (``source`` names them in errors)."""
+        D, V, M, S, Cs, Rs, mus, subs, metric = formats.params_from_proto_bytes(
+            data, source, with_metric=True)
+        try:
+            return LOPQModel(V, M, S, (Cs, Rs, mus, subs), **metric)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     def to_proto_bytes(self):
+        """The `.lopq` bytes of this model (an L2 model's are the reference's format)."""
         return formats.params_to_proto_bytes(
             self.D or 0, self.V, self.M, self.subquantizer_clusters,
-            self.Cs, self.Rs, self.mus, self.codebooks)
+            self.Cs, self.Rs, self.mus, self.codebooks, self.metric, self._dim,
+            self.max_norm)
 
     def export_mat(self, filename):
         """Write the parameters as a MATLAB `.mat` file (needs scipy), in the reference's
@@ -450,8 +545,11 @@ class LOPQModel:
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
-        return {"V": self.V, "M": self.M, "subquantizer_clusters": self.subquantizer_clusters,
-                "Cs": self.Cs, "Rs": self.Rs, "mus": self.mus, "codebooks": self.codebooks}
+        state = {"V": self.V, "M": self.M, "subquantizer_clusters": self.subquantizer_clusters,
+                 "Cs": self.Cs, "Rs": self.Rs, "mus": self.mus, "codebooks": self.codebooks}
+        if self.metric != "l2":  # L2 pickles keep the keys they always had
+            state.update(metric=self.metric, dim=self._dim, max_norm=self.max_norm)
+        return state
 
     def __setstate__(self, state):
         # Also reads pickles of the reference model (per-split tuples, `subquantizers`).
@@ -462,10 +560,13 @@ class LOPQModel:
             self.V, self.M, (state.get("Cs"), state.get("Rs"), state.get("mus"), subs))
         if self.codebooks is not None:
             self.subquantizer_clusters = self.codebooks.shape[1]
+        self.metric = check_metric(state.get("metric", "l2"))
+        self._dim, self.max_norm = state.get("dim"), state.get("max_norm")
 
     def __repr__(self):
+        metric = "" if self.metric == "l2" else f", metric={self.metric!r}, dim={self.dim}"
         return (f"LOPQModel(V={self.V}, M={self.M}, subquantizer_clusters="
-                f"{self.subquantizer_clusters}, D={self.D})")
+                f"{self.subquantizer_clusters}, D={self.D}{metric})")
 
 
 __all__ = ["LOPQModel", "LOPQCode", "eigenvalue_allocation",

@@ -80,7 +80,7 @@ class LOPQSearcherBase:
     def add_data(self, data, ids=None, num_procs=1):
         """Encode rows of ``data`` (n, D) and index them under ``ids`` (default 0..n-1).
         ``num_procs`` is accepted for compatibility: encoding is batched and compiled."""
-        data = check_rows(data, self.model.D, "data", min_rows=0)
+        data = check_rows(data, self.model.dim, "data", min_rows=0)
         coarse, fine = self.model.encode(data)
         self.add_codes(_codes_as_tuples(coarse, fine), ids)
 
@@ -112,7 +112,7 @@ class LOPQSearcherBase:
         ``split``, memoised in ``memo[split]`` (one table per cluster and query)."""
         if code not in memo[split]:
             coarse = (code, code)  # only this split's code matters for coarse_split
-            memo[split][code] = np.stack(self.model.get_subquantizer_distances(
+            memo[split][code] = np.stack(self.model.query_tables(
                 x, coarse, coarse_split=split))
         return memo[split][code]
 
@@ -126,7 +126,7 @@ class LOPQSearcherBase:
             table = np.concatenate([self._split_table(x, 0, int(c0), memo),
                                     self._split_table(x, 1, int(c1), memo)])
             dist = kernels.adc_scan(table, np.asarray(fine).reshape(1, -1))[0]
-            out.append((float(dist), item))
+            out.append((float(self.model.metric_distances(dist, x)), item))
         return out
 
     def search(self, x, quota=10, limit=None, with_dists=False):
@@ -150,10 +150,11 @@ class LOPQSearcherBase:
         return [Result(item[0], item[1]) for _, item in scored], visited
 
     def _query(self, x):
+        """One query (dim,) checked and mapped into the model space: (D,) float32."""
         x = np.asarray(x)
         if x.ndim != 1:
             raise ValueError(f"a query must be one vector of shape (D,), got {x.shape}")
-        return check_rows(x, self.model.D, "query")[0]
+        return self.model.model_queries(x, "query", min_rows=1)[0]
 
 
 def _codes_as_tuples(coarse, fine):
@@ -263,6 +264,7 @@ class LOPQSearcher(CellIndex, BatchSearch, IndexFiles, LOPQSearcherBase):
         from .model import LOPQCode
         x = self._query(x)
         rows, dists, visited = self._ranked(x, quota, quota if limit is None else limit)
+        dists = self.model.metric_distances(dists, x)
         results = []
         coarse, fine = self.coarse[rows].tolist(), self.fine[rows].tolist()
         ids = self.ids[rows].tolist()  # Python ints whether in memory or memory-mapped
