@@ -139,12 +139,14 @@ class BatchSearch:
             rows (q, limit) int64 indices into this searcher's arrays, -1 padded, and
             dists (q, limit) float32, inf padded; nearest first.
         """
-        self._merge_pending()
         Q = self.model.model_queries(queries, "queries")
-        rows, dists = self._score_cells_model_space(Q, cell_lists, limit)
+        rows, dists = self.score_cells_model_space(Q, cell_lists, limit)
         return rows, self.model.metric_distances(dists, Q)
 
-    def _score_cells_model_space(self, Q, cell_lists, limit):
+    def score_cells_model_space(self, Q, cell_lists, limit):
+        """`score_cells` of queries already in the model space (q, D) float32 (see
+        `LOPQModel.model_queries`): distances are squared L2 in that space."""
+        self._merge_pending()
         V = self.model.V
         rows = np.full((len(Q), limit), -1, dtype=np.int64)
         dists = np.full((len(Q), limit), np.inf, dtype=np.float32)

@@ -161,3 +161,28 @@ class Metric:
         if self.name == "inner_product":
             return Xm[:, inner_product_layout(self.dim, self.model_dim)[0]]
         return Xm
+
+
+def candidate_distances(metric, Q, C):
+    """Exact distances of the metric from each query to its candidates, computed in the
+    input space (re-ranking: no quantisation, and no clipping of rows longer than phi).
+
+    Args:
+        metric: one of `METRICS`.
+        Q: (q, d) queries; C: (q, l, d) the candidates of each query.
+
+    Returns:
+        (q, l) float32, ascending is nearer (the module table's distances).
+    """
+    Q = np.asarray(Q, dtype=np.float32)
+    C = np.asarray(C, dtype=np.float32)
+    if metric == "inner_product":
+        return -np.einsum("qd,qld->ql", Q, C)
+    if metric == "cosine":
+        q_norms = np.sqrt(np.einsum("qd,qd->q", Q, Q))[:, None]
+        c_norms = np.sqrt(np.einsum("qld,qld->ql", C, C))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.einsum("qd,qld->ql", Q, C) / (q_norms * c_norms)
+        return (1.0 - np.nan_to_num(cos, nan=0.0)).astype(np.float32)
+    diff = C - Q[:, None, :]
+    return np.einsum("qld,qld->ql", diff, diff)

@@ -33,6 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--partition_by_cell", action="store_true",
                         help="with --output_format parquet: add a `cell` column "
                              "(c0 * V + c1) and partition the table by it")
+    cli.add_metric_argument(parser)
     cli.add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.partition_by_cell and args.output_format != "parquet":
@@ -55,6 +56,7 @@ def main(argv=None):
         if model.codebooks is None or model.Rs is None or model.Cs is None:
             raise cli.UsageError("the model is not fully trained (it lacks coarse "
                                  "quantizers, rotations or subquantizers)")
+        cli.check_metric(args.metric, model, args.model_pkl or args.model_proto)
         n, skipped = compute_codes(
             sc, args.data, model, args.output, cli.data_options(args, with_ids=True),
             output_format=args.output_format, overwrite=args.overwrite,

@@ -9,6 +9,9 @@ gives (whole cells in multi-sequence order until the quota, ranked by LOPQ dista
 without any task holding all codes: codes are grouped by cell into shards, and each query
 goes only to the shards holding the cells it visits (see lopq/spark/search.py).
 
+Distances are those of the model's metric (`train_model.py --metric`): squared L2,
+1 - cosine, or minus the inner product; ascending in every metric.
+
 Output, one record per query: text lines ``query_id<TAB>[[id, ...], [distance, ...]]``
 (JSON; ids as in the codes, integers where they are), or with --output_format parquet a
 table of ``query_id``, ``ids``, ``distances``. With --self_join: ``id<TAB>neighbour_id
@@ -57,10 +60,12 @@ def parse_args(argv=None):
                         help="neighbours of every indexed item among the indexed items "
                              "(itself excluded); --data is then not used")
     parser.add_argument("--max_distance", type=float, default=None,
-                        help="keep neighbours at most this squared distance away")
+                        help="keep neighbours at most this distance away, in the model's "
+                             "metric (l2: squared distance; cosine: 1 - cosine; "
+                             "inner_product: minus the dot product)")
     parser.add_argument("--rerank_data", default=None,
                         help="the indexed items' original vectors (same flags as --data): "
-                             "candidates are re-ranked by exact squared distance")
+                             "candidates are re-ranked by their exact distance")
     parser.add_argument("--rerank_candidates", type=int, default=None,
                         help="with --rerank_data: LOPQ-nearest candidates per query and "
                              "shard re-ranked exactly (default 4 x --k); more finds more "
@@ -70,6 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None, help="hdfs output path")
     parser.add_argument("--output_format", choices=("text", "parquet"), default="text",
                         help="text lines (JSON lists) or a Parquet table")
+    cli.add_metric_argument(parser)
     cli.add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.model_pkl is None and args.model_proto is None:
@@ -89,8 +95,8 @@ def parse_args(argv=None):
         parser.error(f"--k must be a positive number of neighbours, got {args.k}")
     if args.quota <= 0:
         parser.error(f"--quota must be a positive number of codes, got {args.quota}")
-    if args.max_distance is not None and not args.max_distance >= 0:
-        parser.error(f"--max_distance must be >= 0, got {args.max_distance}")
+    if args.max_distance is not None and args.max_distance != args.max_distance:
+        parser.error("--max_distance must be a number, got nan")
     if args.rows_per_shard <= 0:
         parser.error(f"--rows_per_shard must be positive, got {args.rows_per_shard}")
     if args.codes_format is None:
@@ -101,9 +107,9 @@ def parse_args(argv=None):
 
 def _load_vectors(sc, args, path, model, flag):
     blocks, n, D = load_blocks(sc, path, flag=flag, **cli.data_options(args, with_ids=True))
-    if D != model.D:
-        raise cli.UsageError(f"the model is for D={model.D} but {flag} {path} has vectors "
-                             f"of dimension {D}")
+    if D != model.dim:
+        raise cli.UsageError(f"the model is for vectors of dimension {model.dim} but "
+                             f"{flag} {path} has vectors of dimension {D}")
     return blocks, n
 
 
@@ -116,6 +122,11 @@ def main(argv=None):
         model = cli.load_model(sc, args.model_pkl, args.model_proto, "--model_pkl",
                                "--model_proto")
         check_model_for_search(model)
+        cli.check_metric(args.metric, model, args.model_pkl or args.model_proto)
+        if args.max_distance is not None and args.max_distance < 0 \
+                and model.metric != "inner_product":
+            raise cli.UsageError(f"--max_distance {args.max_distance}: {model.metric} "
+                                 "distances are never negative")
         codes = load_codes(sc, args.codes, model, args.codes_format).cache()
         rerank = None
         if args.rerank_data:

@@ -9,8 +9,10 @@ Resume from an existing model with --existing_model_pkl / --existing_model_proto
 import time
 
 from lopq._help import help_texts
+from lopq.metric import model_dimension
 from lopq.spark import cli
 from lopq.spark.data import load_blocks
+from lopq.spark.metric import blocks_for_metric
 from lopq.spark.training import train_model
 from lopq.training import ROTATION_SHRINKAGE
 
@@ -59,6 +61,7 @@ def parse_args(argv=None):
                              "rows)")
     parser.add_argument("--agg_depth", type=int, default=2,
                         help="depth of tree aggregation of the per-iteration statistics")
+    cli.add_metric_argument(parser, training=True)
     cli.add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.data is None:
@@ -129,13 +132,25 @@ def main(argv=None):
             fs.check_output_path(sc, path, args.overwrite, flag)
         model = cli.load_model(sc, args.existing_model_pkl, args.existing_model_proto)
         validate_arguments(args, model)
+        metric = args.metric or (model.metric if model is not None else "l2")
+        if model is not None and metric != model.metric:
+            raise cli.UsageError(f"--metric {metric}, but the existing model is of metric "
+                                 f"{model.metric}: train a new model for {metric} (no "
+                                 "--existing_model_*) or drop --metric")
         blocks, n, D = load_blocks(sc, args.data, **cli.data_options(args))
-        if model is not None and model.D is not None and model.D != D:
-            raise cli.UsageError(f"the existing model is for D={model.D} but --data has "
-                                 f"vectors of dimension {D}")
-        if D % 2 or D % args.M:
+        if model is not None and model.dim is not None and model.dim != D:
+            raise cli.UsageError(f"the existing model is for vectors of dimension "
+                                 f"{model.dim} but --data has vectors of dimension {D}")
+        D_model = model_dimension(metric, D, args.M)
+        if D_model % 2 or D_model % args.M:
             raise cli.UsageError(f"the data dimension D={D} must be even and divisible by "
                                  f"--M {args.M}")
+        blocks, largest, dropped = blocks_for_metric(sc, blocks, metric, f"--data {args.data}",
+                                                     args.skip_bad_records)
+        n -= dropped
+        max_norm = None
+        if metric == "inner_product":
+            max_norm = model.max_norm if model is not None and model.max_norm else largest
         if STEP_COARSE in args.steps and args.V > n:
             raise cli.UsageError(f"--V {args.V} is more than the {n} vectors read from "
                                  f"--data {args.data}: lower --V (or give more data)")
@@ -146,7 +161,8 @@ def main(argv=None):
                               args.steps, model, args.seed,
                               args.subquantizer_sampling_ratio, args.coarse_iters,
                               args.local_iters, args.agg_depth,
-                              args.rotation_refinement_iters, n, args.rotation_shrinkage)
+                              args.rotation_refinement_iters, n, args.rotation_shrinkage,
+                              metric=metric, dim=D, max_norm=max_norm)
         cli.save_model(sc, trained, args.model_pkl, args.model_proto, args.overwrite)
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in trained.timings.items())
         print(f"trained {trained} on {n} vectors: {steps}; total {time.time() - started:.1f} s")

@@ -149,7 +149,7 @@ def test_self_join_with_rerank_finds_planted_duplicates(sc, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("dimension", "the model is for D=16 but --data"),
+    ("dimension", "the model is for vectors of dimension 16 but --data"),
     ("model", "come from another model"),
     ("k", "--k must be a positive number"),
     ("empty", "--data"),

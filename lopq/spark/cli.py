@@ -69,6 +69,30 @@ def data_options(args, with_ids=False):
                 data_format=data_format, vector_col=args.vector_col, id_col=args.id_col)
 
 
+def add_metric_argument(parser, training=False):
+    """``--metric``: chosen when training; after that it travels in the model file, and
+    the other drivers only check it."""
+    from ..metric import METRICS
+    if training:
+        text = ("what 'nearest' means: l2 (the reference's squared distance), cosine "
+                "(rows and queries normalised) or inner_product (largest dot products "
+                "first, through an extra coordinate; see the README). Default: the "
+                "existing model's, else l2")
+    else:
+        text = ("the metric the model was trained for (it is stored in the model file, "
+                "so this only checks it): l2, cosine or inner_product")
+    parser.add_argument("--metric", choices=METRICS, default=None, help=text)
+
+
+def check_metric(flag_value, model, where):
+    """UsageError when ``--metric`` names another metric than the model's."""
+    if flag_value is not None and model is not None and flag_value != model.metric:
+        raise UsageError(f"--metric {flag_value}, but {where} is a model of metric "
+                         f"{model.metric}: the metric is fixed when a model is trained "
+                         "(train_model.py --metric); drop --metric or use a model trained "
+                         f"for {flag_value}")
+
+
 def add_overwrite_argument(parser):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs that already exist (default: refuse)")

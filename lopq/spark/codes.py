@@ -2,6 +2,7 @@
 
 from ..formats import format_code_lines
 from .errors import DataError
+from .metric import blocks_for_metric
 from .session import as_context
 
 
@@ -155,9 +156,14 @@ def encode_arrow_batch(batch, model, vector_col, keep, code_names, shown_col=Non
     from .frames import arrow_matrix
     names = batch.schema.names
     groups, bad, _ = arrow_matrix(batch.column(names.index(vector_col)))
-    good = [(r, X) for r, X in groups if X.shape[1] == model.D]
-    wrong = [(int(r[0]), f"vector of length {X.shape[1]}, the model is for D={model.D}")
-             for r, X in groups if X.shape[1] != model.D]
+    good = [(r, X) for r, X in groups if X.shape[1] == model.dim]
+    wrong = [(int(r[0]), f"vector of length {X.shape[1]}, the model is for vectors of "
+                         f"dimension {model.dim}")
+             for r, X in groups if X.shape[1] != model.dim]
+    if model.metric == "cosine":  # a zero vector has no direction
+        good, zero = _split_zero_rows(good)
+        wrong += [(int(r), "the vector has norm 0 (cosine is undefined for it)")
+                  for r in zero]
     problems = bad + wrong
     if problems and not skip_bad_records:
         row, reason = problems[0]
@@ -173,7 +179,7 @@ def encode_arrow_batch(batch, model, vector_col, keep, code_names, shown_col=Non
         sort = np.argsort(order, kind="stable")  # keep the input row order
         X, taken = X[sort], batch.take(pa.array(order[sort]))
     else:
-        X, taken = np.empty((0, model.D), np.float32), batch.slice(0, 0)
+        X, taken = np.empty((0, model.dim), np.float32), batch.slice(0, 0)
     coarse, fine = model.encode(X)
     columns = [taken.column(names.index(c)) for c in keep]
     columns += [_list_array(coarse, 2), _list_array(fine, model.M)]
@@ -185,12 +191,26 @@ def encode_arrow_batch(batch, model, vector_col, keep, code_names, shown_col=Non
     return pa.RecordBatch.from_arrays(columns, out_names), batch.num_rows - X.shape[0]
 
 
+def _split_zero_rows(groups):
+    """``(rows, X)`` groups without their zero rows, and the row numbers of those."""
+    import numpy as np
+    kept, zero = [], []
+    for rows, X in groups:
+        nonzero = np.einsum("ij,ij->i", X, X) > 0
+        if not nonzero.all():
+            zero.extend(rows[~nonzero].tolist())
+            rows, X = rows[nonzero], X[nonzero]
+        if len(rows):
+            kept.append((rows, X))
+    return kept, zero
+
+
 def _encode_batches(model_bc, vector_col, shown_col, id_col, keep, coarse_col, fine_col,
                     cell_col, skip_bad_records, skipped, encoded_rows):
     """mapInArrow function: each batch with its codes appended as list<int> columns."""
     def run(batches):
         model = model_bc.value
-        for batch in regrouped(batches, encode_block_rows(model.D)):
+        for batch in regrouped(batches, encode_block_rows(model.dim)):
             out, dropped = encode_arrow_batch(batch, model, vector_col, keep,
                                               (coarse_col, fine_col), shown_col, id_col,
                                               cell_col, skip_bad_records)
@@ -281,16 +301,18 @@ def compute_codes(sc, data_path, model, output, data_options, output_format="tex
         return _table_to_table(sc, data_path, model, output, data_options, overwrite,
                                partition_by_cell)
     blocks, n, D = load_blocks(sc, data_path, **data_options)
-    if D != model.D:
-        raise DataError(f"the model is for D={model.D} but --data {data_path} has vectors "
-                        f"of dimension {D}")
+    if D != model.dim:
+        raise DataError(f"the model is for vectors of dimension {model.dim} but --data "
+                        f"{data_path} has vectors of dimension {D}")
+    blocks, _, dropped = blocks_for_metric(sc, blocks, model.metric, f"--data {data_path}",
+                                           data_options["skip_bad_records"])
     sc.setJobDescription("lopq compute_codes: encode and write")
     if output_format == "text":
         fs.save_text_atomically(sc, code_text(sc, blocks, model), output, overwrite)
     else:
         fs.save_frame_atomically(sc, code_rows_frame(sc, blocks, model, partition_by_cell),
                                  output, overwrite, "cell" if partition_by_cell else None)
-    return n, 0
+    return n - dropped, dropped
 
 
 def _table_to_table(sc, data_path, model, output, options, overwrite, partition_by_cell):

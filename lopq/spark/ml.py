@@ -34,8 +34,10 @@ from pyspark.ml.util import (
     MLWriter,
 )
 
+from ..metric import check_metric, model_dimension
 from ..model import LOPQModel
 from ..training import ROTATION_SHRINKAGE, check_shrinkage
+from .metric import blocks_for_metric
 
 #: The file that holds the core model inside a saved LOPQSparkModel folder.
 MODEL_FILE = "model.lopq"
@@ -74,13 +76,16 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
     subquantizerSamplingRatio = Param(Params._dummy(), "subquantizerSamplingRatio",
                                       "fraction of rows to train the subquantizers on",
                                       TypeConverters.toFloat)
+    metric = Param(Params._dummy(), "metric", "what 'nearest' means: 'l2' (squared "
+                   "distance), 'cosine' or 'inner_product' (largest dot products first)",
+                   TypeConverters.toString)
 
     def __init__(self, *args):
         super().__init__(*args)
         self._setDefault(subquantizerClusters=256, coarseIters=10, localIters=20,
                          rotationRefinementIters=3, rotationShrinkage=ROTATION_SHRINKAGE,
                          samplingRatio=1.0,
-                         subquantizerSamplingRatio=1.0)
+                         subquantizerSamplingRatio=1.0, metric="l2")
 
     def getV(self):
         return self.getOrDefault(self.V)
@@ -109,6 +114,9 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
     def getSubquantizerSamplingRatio(self):
         return self.getOrDefault(self.subquantizerSamplingRatio)
 
+    def getMetric(self):
+        return self.getOrDefault(self.metric)
+
 
 class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable):
     """Estimator: trains an LOPQ model (steps 0, 1, 2) on a DataFrame's vector column."""
@@ -117,7 +125,7 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
     def __init__(self, *, featuresCol="features", V=None, M=None, subquantizerClusters=256,
                  coarseIters=10, localIters=20, rotationRefinementIters=3,
                  rotationShrinkage=ROTATION_SHRINKAGE, samplingRatio=1.0,
-                 subquantizerSamplingRatio=1.0, seed=None):
+                 subquantizerSamplingRatio=1.0, seed=None, metric="l2"):
         super().__init__()
         self._set(**self._input_kwargs)
 
@@ -125,7 +133,7 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
     def setParams(self, *, featuresCol="features", V=None, M=None, subquantizerClusters=256,
                   coarseIters=10, localIters=20, rotationRefinementIters=3,
                   rotationShrinkage=ROTATION_SHRINKAGE, samplingRatio=1.0,
-                  subquantizerSamplingRatio=1.0, seed=None):
+                  subquantizerSamplingRatio=1.0, seed=None, metric="l2"):
         return self._set(**self._input_kwargs)
 
     def setFeaturesCol(self, value):
@@ -161,6 +169,9 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
     def setSeed(self, value):
         return self._set(seed=value)
 
+    def setMetric(self, value):
+        return self._set(metric=check_metric(value))
+
     def _fit(self, dataset):
         from .data import load_frame_blocks
         from .training import train_model
@@ -173,9 +184,13 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
             raise ValueError("samplingRatio and subquantizerSamplingRatio must be in (0, 1]")
         seed = self.getOrDefault(self.seed) if self.isDefined(self.seed) else None
         spark = dataset.sparkSession
+        metric = check_metric(self.getMetric())
         blocks, n, D = load_frame_blocks(spark, dataset, self.getFeaturesCol(), None, ratio,
                                          seed, where="the DataFrame")
-        if D % 2 or D % M:
+        blocks, largest, dropped = blocks_for_metric(
+            spark.sparkContext, blocks, metric, f"column {self.getFeaturesCol()!r}")
+        n -= dropped
+        if model_dimension(metric, D, M) % 2 or model_dimension(metric, D, M) % M:
             raise ValueError(f"the dimension D={D} of column {self.getFeaturesCol()!r} "
                              f"must be even and divisible by M={M}")
         if V > n:
@@ -184,7 +199,8 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
                             None, seed, self.getSubquantizerSamplingRatio(),
                             self.getCoarseIters(), self.getLocalIters(), 2,
                             self.getRotationRefinementIters(), n,
-                            self.getRotationShrinkage())
+                            self.getRotationShrinkage(), metric=metric, dim=D,
+                            max_norm=largest)
         return self._copyValues(LOPQSparkModel(model))
 
 
@@ -247,11 +263,12 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
         blocks, n, D = load_frame_blocks(indexed.sparkSession, indexed,
                                          self.getFeaturesCol(), row_col,
                                          where=f"approx* {name}", with_ids=True)
-        if D != self.model.D:
+        if D != self.model.dim:
             blocks.unpersist()
             indexed.unpersist()
             raise ValueError(f"{name}: column {self.getFeaturesCol()!r} has vectors of "
-                             f"dimension {D}, the model is for D={self.model.D}")
+                             f"dimension {D}, the model is for vectors of dimension "
+                             f"{self.model.dim}")
         return indexed, blocks, row_col
 
     def _codes_of(self, blocks):
@@ -266,8 +283,9 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
     def approxNearestNeighbors(self, dataset, key, numNearestNeighbors, distCol="distCol"):
         """MLlib ``BucketedRandomProjectionLSHModel.approxNearestNeighbors``: the (at most)
         ``numNearestNeighbors`` rows of ``dataset`` nearest to ``key`` (a Vector or
-        array of D numbers), with every input column and ``distCol``, the Euclidean
-        distance estimate ``sqrt`` of the LOPQ distance; searched as
+        array of D numbers), with every input column and ``distCol``: for an L2 model the
+        Euclidean distance estimate, ``sqrt`` of the LOPQ distance; for cosine and inner
+        product the distance of the metric (1 - cosine, minus the dot product); searched as
         `LOPQSearcher.search(key, quota, limit)` with this model's ``quota``."""
         from pyspark.sql import functions as F
 
@@ -276,8 +294,9 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
         if k <= 0:
             raise ValueError(f"numNearestNeighbors must be positive, got {k}")
         x = np.asarray(key.toArray() if hasattr(key, "toArray") else key, dtype=np.float32)
-        if x.shape != (self.model.D,):
-            raise ValueError(f"key has shape {x.shape}, the model is for D={self.model.D}")
+        if x.shape != (self.model.dim,):
+            raise ValueError(f"key has shape {x.shape}, the model is for vectors of "
+                             f"dimension {self.model.dim}")
         indexed, blocks, row_col = self._indexed(dataset, "dataset")
         sc = indexed.sparkSession.sparkContext
         try:
@@ -285,7 +304,7 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
             index = ShardedIndex(sc, self.model, self._codes_of(blocks))
             found = index.search(queries, k, self.getQuota()).collect()
             index.unpersist()
-            rows = [(int(r), float(np.sqrt(d))) for _, (dists, ids) in found
+            rows = [(int(r), float(self._reported(d))) for _, (dists, ids) in found
                     for r, d in zip(ids, dists)]
             spark = indexed.sparkSession
             near = spark.createDataFrame(rows, f"{row_col} long, {distCol} double")
@@ -297,8 +316,10 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
 
     def approxSimilarityJoin(self, datasetA, datasetB, threshold, distCol="distCol"):
         """MLlib ``BucketedRandomProjectionLSHModel.approxSimilarityJoin``: pairs of rows
-        of ``datasetA`` and ``datasetB`` whose Euclidean distance estimate (``sqrt`` of the
-        LOPQ distance) is below ``threshold``, as columns ``datasetA`` and ``datasetB``
+        of ``datasetA`` and ``datasetB`` whose distance estimate is below ``threshold``
+        (L2: Euclidean, ``sqrt`` of the LOPQ distance; cosine: 1 - cosine; inner product:
+        minus the dot product, so a negative threshold asks for dot products above
+        ``-threshold``), as columns ``datasetA`` and ``datasetB``
         (structs of every input column) and ``distCol``. ``datasetB`` is encoded and
         indexed; each row of ``datasetA`` searches it with this model's ``quota`` (so
         the pairs are those within the threshold among the retrieved codes)."""
@@ -306,18 +327,21 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
 
         from .search import ShardedIndex
         threshold = float(threshold)
-        if not threshold > 0:
+        if threshold != threshold or (self.model.metric != "inner_product"
+                                      and not threshold > 0):
             raise ValueError(f"threshold must be positive, got {threshold}")
+        l2 = self.model.metric == "l2"
+        reported = self._reported
         a, a_blocks, row_col = self._indexed(datasetA, "datasetA")
         b, b_blocks, _ = self._indexed(datasetB, "datasetB")
         sc = a.sparkSession.sparkContext
         try:
             index = ShardedIndex(sc, self.model, self._codes_of(b_blocks))
             found = index.search(a_blocks, self.getQuota(), self.getQuota(),
-                                 max_distance=threshold ** 2)
-            pairs = found.flatMap(lambda kv: [(int(kv[0]), int(other), float(np.sqrt(d)))
+                                 max_distance=threshold ** 2 if l2 else threshold)
+            pairs = found.flatMap(lambda kv: [(int(kv[0]), int(other), float(reported(d)))
                                               for other, d in zip(kv[1][1], kv[1][0])
-                                              if np.sqrt(d) < threshold])
+                                              if reported(d) < threshold])
             spark = a.sparkSession
             pair_df = spark.createDataFrame(pairs, f"__lopq_a long, __lopq_b long, "
                                                    f"{distCol} double")
@@ -334,6 +358,11 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
             b_blocks.unpersist()
             a.unpersist()
             b.unpersist()
+
+    @property
+    def _reported(self):
+        """LOPQ distance -> the distCol value (L2: Euclidean, as MLlib's LSH)."""
+        return np.sqrt if self.model.metric == "l2" else float
 
     def copy(self, extra=None):
         copied = super().copy(extra)

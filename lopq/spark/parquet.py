@@ -85,7 +85,7 @@ def _encode_row_groups(model_bc, out_dir, vector_col, id_col, skip_bad_records):
             # One thread: a task has one core. Batches of encode_block_rows (a whole
             # row group of up to 131,072 rows at D=128): few rows per kernel call cost
             # more per row.
-            for batch in reader.iter_batches(encode_block_rows(model.D),
+            for batch in reader.iter_batches(encode_block_rows(model.dim),
                                              row_groups=[unit.group],
                                              columns=[id_col, vector_col],
                                              use_threads=False):

@@ -28,6 +28,7 @@ import zlib
 
 import numpy as np
 
+from ..metric import candidate_distances
 from ..model import LOPQModel
 from .errors import DataError
 from .session import as_context
@@ -238,7 +239,9 @@ def _route_queries(model_bc, plan_bc, quota):
         model = model_bc.value
         offsets, first, count = plan_bc.value
         for number, (ids, X) in enumerate(blocks):
-            X = np.ascontiguousarray(X, dtype=np.float32)
+            # Into the model space of the metric (cosine: unit rows; inner product:
+            # padded): the traversal and the scoring are L2 there.
+            X = np.ascontiguousarray(model.model_queries(X, "queries"), dtype=np.float32)
             ptr, cells = visited_cells(model, X, offsets, quota)
             keys = np.empty(len(ids), dtype=object)
             keys[:] = [_id_value(key) for key in ids]  # as the codes' ids (self join)
@@ -333,14 +336,16 @@ def _score_partition(model_bc, k, exclude_self, max_distance, candidates):
                       for cells in np.split(item[6], item[5][1:-1])]
         limit = k + (1 if exclude_self else 0)
         rerank = vectors is not None
-        rows, dists = searcher.score_cells(Q, cell_lists,
-                                           max(limit, candidates) if rerank else limit)
+        rows, dists = searcher.score_cells_model_space(
+            Q, cell_lists, max(limit, candidates) if rerank else limit)
+        dists = model.metric_distances(dists, Q)  # distances of the model's metric
         missing = rows < 0
         rows = np.where(missing, 0, rows)
-        if rerank:  # exact squared distances of the candidates, 1024 queries at a time
+        if rerank:  # exact distances of the candidates, 1024 queries at a time
+            originals = model.metric_transform().original(Q)
             for lo in range(0, len(Q), 1024):
-                diff = vectors[rows[lo:lo + 1024]] - Q[lo:lo + 1024, None, :]
-                dists[lo:lo + 1024] = np.einsum("qld,qld->ql", diff, diff)
+                dists[lo:lo + 1024] = candidate_distances(
+                    model.metric, originals[lo:lo + 1024], vectors[rows[lo:lo + 1024]])
         found = searcher.ids[rows]
         drop = missing
         if exclude_self:

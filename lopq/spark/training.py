@@ -10,6 +10,7 @@ import logging
 import numpy as np
 
 from ..kmeans import kmeans_rows
+from ..metric import Metric, model_dimension
 from ..model import LOPQModel
 from ..training import (
     ROTATION_SHRINKAGE,
@@ -52,7 +53,8 @@ def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, s
 def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=None,
                 subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=2,
                 rotation_refinement_iters=3, n_rows=None,
-                rotation_shrinkage=ROTATION_SHRINKAGE, n_init=1):
+                rotation_shrinkage=ROTATION_SHRINKAGE, n_init=1, metric="l2", dim=None,
+                max_norm=None):
     """`lopq.training.train_sequence` over the blocks: fit what ``existing`` lacks.
 
     What the retrained ``steps`` make stale is dropped first
@@ -64,6 +66,10 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
         existing: an `LOPQModel` whose parameters are reused (or None).
         steps: training steps to run (0 coarse, 1 rotations, 2 subquantizers).
         n_rows: ignored (the rows are counted per partition once).
+        metric, dim, max_norm: the model's metric (`lopq.metric`), the dimension of the
+            rows in ``blocks`` and, for inner product, the norm rows are lifted to
+            (`lopq.spark.metric.blocks_for_metric` gives the largest). The rows are
+            mapped into the model space on the fly, each pass (no second cached copy).
 
     Returns:
         the trained `LOPQModel` (``.timings``: seconds per step).
@@ -73,12 +79,18 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
     if existing is not None:
         parameters = parameters_to_keep(
             (existing.Cs, existing.Rs, existing.mus, existing.codebooks), steps)
+    if metric != "l2":
+        dim = dim if dim is not None else blocks.first()[1].shape[1]
+        transform = Metric(metric, dim, model_dimension(metric, dim, M), max_norm)
+        blocks = blocks.map(lambda b: (b[0], transform.rows(b[1])))
     source = BlockRows(sc, blocks, depth)
     (Cs, Rs, mus, subs), timings = train_sequence(
         source, V, M, S, parameters, coarse_iters, local_iters, n_init,
         subquantizer_sampling_ratio, seed, rotation_refinement_iters, rotation_shrinkage,
         steps=steps)
-    model = LOPQModel(V, M, S if subs is None else subs.shape[1], (Cs, Rs, mus, subs))
+    model = LOPQModel(V, M, S if subs is None else subs.shape[1], (Cs, Rs, mus, subs),
+                      metric=metric, dim=dim if metric != "l2" else None,
+                      max_norm=max_norm if metric == "inner_product" else None)
     model.timings = timings
     return model
 
