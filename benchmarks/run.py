@@ -5,7 +5,8 @@ synthetic data, against the reference implementation's per-vector approach and f
 
 Writes DIR/results.json (every figure with unit, data set, parameters, versions, BLAS,
 cores), DIR/results.md (tables) and PNG plots. Parts: kernels, encode, fit, oxford,
-search, spark. faiss rows appear when faiss-cpu is installed (`pip install .[bench]`).
+search, fashion, accuracy, metrics, spark, spark_search. faiss rows appear when
+faiss-cpu is installed (`pip install .[bench]`).
 """
 
 import argparse
@@ -26,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 SHARED = Path(os.environ.get("LOPQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
-PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "accuracy", "spark",
-         "spark_search"]
+PARTS = ["kernels", "encode", "fit", "oxford", "search", "fashion", "accuracy", "metrics",
+         "spark", "spark_search"]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SCALE = 1.0
 
@@ -514,26 +515,28 @@ def _curves(res, name, base, queries, M, quick):
                         build_s=round(build_s, 1), recall_at_1=round(r1, 4),
                         recall_at_10=round(r10, 4))
                 points.append((f"faiss {key}", f"nprobe={nprobe}", qps, r1, r10))
-    _compare_curves(res, name, points, params)
+    compare_curves(res, name, points, params)
 
 
-def _compare_curves(res, name, points, params):
+def compare_curves(res, name, points, params, part="search"):
+    """The summary rows of lopq's and faiss's curves ``points`` (system, setting, qps,
+    R@1, R@10): best R@1 of each, lopq's fastest setting at faiss's best R@10."""
     lopq = [p for p in points if p[0].startswith("lopq")]
     faiss_points = [p for p in points if p[0].startswith("faiss")]
     best = max(lopq, key=lambda p: (p[3], p[2]))
-    res.add("search", f"lopq best recall@1, {name}", best[3], "recall", **params,
+    res.add(part, f"lopq best recall@1, {name}", best[3], "recall", **params,
             setting=f"{best[0]} {best[1]}")
     by_quota = {}
     for system, setting, _, _, r10 in lopq:
         by_quota.setdefault(setting, {})[system] = r10
     for setting, row in by_quota.items():
         if "lopq V=64" in row and "lopq V=256" in row:
-            res.add("search", f"lopq recall@10 V=256 minus V=64 at {setting}, {name}",
+            res.add(part, f"lopq recall@10 V=256 minus V=64 at {setting}, {name}",
                     row["lopq V=256"] - row["lopq V=64"], "recall", **params)
     if not faiss_points:
         return
     fbest1 = max(faiss_points, key=lambda p: (p[3], p[2]))
-    res.add("search", f"faiss best recall@1, {name}", fbest1[3], "recall", **params,
+    res.add(part, f"faiss best recall@1, {name}", fbest1[3], "recall", **params,
             setting=f"{fbest1[0]} {fbest1[1]}")
     target = max(faiss_points, key=lambda p: (p[4], p[2]))
     reaching = [p for p in lopq if p[4] >= target[4]]
@@ -541,7 +544,7 @@ def _compare_curves(res, name, points, params):
         print(f"  no lopq setting reaches faiss's best recall@10 {target[4]:.3f} ({name})")
         return
     fastest = max(reaching, key=lambda p: p[2])
-    res.add("search", f"lopq / faiss queries/s at faiss's best recall@10, {name}",
+    res.add(part, f"lopq / faiss queries/s at faiss's best recall@10, {name}",
             fastest[2] / target[2], "x", **params,
             faiss=f"{target[0]} {target[1]} R@10={target[4]:.3f} {target[2]:.0f} q/s",
             lopq=f"{fastest[0]} {fastest[1]} R@10={fastest[4]:.3f} {fastest[2]:.0f} q/s")
@@ -589,6 +592,12 @@ def part_accuracy(res, quick):
     import accuracy
     accuracy.part_accuracy(res, quick, sys.modules[__name__], res.args.data,
                            res.args.setting)
+
+
+def part_metrics(res, quick):
+    """Cosine and inner product against faiss METRIC_INNER_PRODUCT (`benchmarks/metrics.py`)."""
+    import metrics
+    metrics.part_metrics(res, quick, sys.modules[__name__])
 
 
 def part_fashion(res, quick):

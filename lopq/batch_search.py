@@ -78,6 +78,7 @@ class BatchSearch:
                 return list(pool.map(one, Q))
 
         m = self.model
+        adjust = m.table_adjustment()
         CsT, RTs, booksT = self._transposed()
         grouped = self.uses_grouped_tables()
         if grouped:
@@ -103,11 +104,12 @@ class BatchSearch:
                     compiled.search_cells_grouped(
                         Q[a:b], ptr, cells, ranges, m.Cs, RTp, m.mus, CBTm2, sqnorm,
                         m.subquantizer_clusters, self.fine, int(limit), self.BATCH_BLOCK,
-                        rows[a:b], dists[a:b], seconds[slot])
+                        rows[a:b], dists[a:b], seconds[slot], adjust)
             else:
                 compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT,
                                      self.cell_offsets, self.fine, int(quota), int(limit),
-                                     rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot])
+                                     rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot],
+                                     adjust)
 
         edges = np.linspace(0, len(Q), threads + 1).astype(int)
         spans = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
@@ -171,7 +173,7 @@ class BatchSearch:
                 np.ascontiguousarray(Q), ptr, np.ascontiguousarray(cells),
                 np.ascontiguousarray(np.stack([lo, hi], axis=1)), m.Cs, RTp, m.mus, CBTm2,
                 sqnorm, m.subquantizer_clusters, self.fine, int(limit), self.BATCH_BLOCK,
-                rows, dists, np.zeros(3))
+                rows, dists, np.zeros(3), m.table_adjustment())
             return rows, dists
         for q, x in enumerate(Q):
             ranges = [((int(c0), int(c1)), int(a), int(b)) for (c0, c1), a, b in

@@ -148,6 +148,9 @@ def rank_by_lopq_distance(model, queries, coarse, fine, limit=None):
         (q, limit) int64 item indices, nearest first.
     """
     queries = kernels.as_float32_rows(queries)
+    if model.metric != "l2":  # queries of the input space, ranked in the model's metric
+        queries = model.model_queries(queries)
+    adjust = model.table_adjustment()
     n = coarse.shape[0]
     limit = n if limit is None else min(limit, n)
     h = model.D // 2
@@ -164,6 +167,8 @@ def rank_by_lopq_distance(model, queries, coarse, fine, limit=None):
             r = x[split * h:(split + 1) * h][None, :] - model.Cs[split] - model.mus[split]
             local = np.einsum("vij,vj->vi", model.Rs[split], r).astype(np.float32)
             tables = kernels.adc_tables(local, model.subquantizers[split])  # (V, M/2, S)
+            if adjust is not None:
+                tables = tables - adjust[split]
             dists += tables.ravel()[slots[split]].sum(axis=1)
         if limit < n:  # the `limit` nearest, then their order; ties keep index order
             kth = np.partition(dists, limit - 1)[limit - 1]

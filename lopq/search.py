@@ -230,7 +230,8 @@ class LOPQSearcher(CellIndex, BatchSearch, IndexFiles, LOPQSearcherBase):
             m = self.model
             CsT, RTs, booksT = self._transposed()
             return compiled.search_one(x, m.Cs, CsT, RTs, m.mus, booksT,
-                                       self.cell_offsets, self.fine, int(quota))
+                                       self.cell_offsets, self.fine, int(quota),
+                                       m.table_adjustment())
         ranges, visited = self._retrieve_ranges(x, quota)
         rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
                 if ranges else np.empty(0, dtype=np.int64))

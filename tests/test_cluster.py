@@ -28,7 +28,10 @@ from lopq import LOPQModel
 from lopq.datasets import make_clustered
 from lopq.formats import write_vector_file
 
-pytestmark = [pytest.mark.spark, pytest.mark.cluster, pytest.mark.slow]
+# One xdist worker runs them all (`make test` runs `-n 2 --dist loadgroup`): one cluster,
+# while the other worker runs the rest of the suite.
+pytestmark = [pytest.mark.spark, pytest.mark.cluster, pytest.mark.slow,
+              pytest.mark.xdist_group("cluster")]
 pyspark = pytest.importorskip("pyspark")
 
 N_ROWS, N_QUERIES, DIM = 6000, 300, 16

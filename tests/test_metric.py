@@ -229,3 +229,33 @@ def test_unknown_metric_and_mismatched_dimension_are_refused():
         shared_file("compat", "random_test_model.lopq").read_bytes())
     with pytest.raises(ValueError, match="dimension 8 has D=12, but its parameters are for D=8"):
         LOPQModel(parameters=model.parameters, metric="inner_product", dim=8)
+
+
+def test_inner_product_distances_are_dot_products_with_the_reconstructions(spread_data,
+                                                                           monkeypatch):
+    """With lossy codes, every search path reports -q.x_hat, x_hat the decoded row (not
+    the model-space squared distance, which would add each reconstruction's norm error)."""
+    from lopq.eval import rank_by_lopq_distance
+    X, Q = spread_data
+    model = LOPQModel(V=2, M=4, subquantizer_clusters=8, metric="inner_product").fit(
+        X, n_init=1, random_state=0)
+    coarse, fine = model.encode(X)
+    truth = -(Q.astype(np.float64) @ model.decode((coarse, fine)).T)
+    searcher = LOPQSearcher(model)
+    searcher.add_codes((coarse, fine))
+    for grouped in (False, True):  # the one-query tables and the grouped GEMM tables
+        monkeypatch.setattr(LOPQSearcher, "GROUPED_MIN_ROTATION_BYTES", 0 if grouped else 1e18)
+        assert searcher.uses_grouped_tables() == grouped
+        for qi, (ids, dists) in enumerate(searcher.search_batch(Q, quota=len(X), limit=8)):
+            assert_same_ranking_up_to_ties(ids, dists, truth[qi], 1e-3)
+    for qi, q in enumerate(Q):
+        results, _ = searcher.search(q, quota=len(X), limit=8, with_dists=True)
+        assert_same_ranking_up_to_ties([r.id for r in results], [r.dist for r in results],
+                                       truth[qi], 1e-3)
+        plain = LOPQSearcherBase.compute_distances(searcher, q, [(r.id, r.code)
+                                                                 for r in results])
+        np.testing.assert_allclose([d for d, _ in plain], [r.dist for r in results],
+                                   rtol=1e-4, atol=1e-3)
+    ranked = rank_by_lopq_distance(model, Q, coarse, fine, 8)
+    for qi in range(len(Q)):
+        np.testing.assert_allclose(np.sort(truth[qi])[:8], truth[qi, ranked[qi]], atol=1e-3)

@@ -189,6 +189,19 @@ cdef inline void _table(const float *x, int c, const float *C, const float *RT,
                      RT + <Py_ssize_t>c * h * h, h, booksT, half_m, S, r, px, table)
 
 
+cdef inline void _adjust(float *table, const float *adjust, Py_ssize_t key,
+                         Py_ssize_t table_size) noexcept nogil:
+    # table -= adjust[key]: the per-(split, coarse cluster) term that turns an L2 table
+    # into an inner-product one (`LOPQModel.table_adjustment`); adjust NULL: L2
+    cdef Py_ssize_t t
+    cdef const float *a
+    if adjust == NULL:
+        return
+    a = adjust + key * table_size
+    for t in range(table_size):
+        table[t] = table[t] - a[t]
+
+
 cdef int _grow(void **buf, Py_ssize_t *capacity, Py_ssize_t needed,
                size_t item) noexcept nogil:
     cdef Py_ssize_t cap = capacity[0]
@@ -371,7 +384,7 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT
                       const float *RTs, const float *mus, const float *booksT, int V, int h,
                       int half_m, int S, const long long *offsets, const code_t *fine,
                       long long quota, Py_ssize_t *total_out, int *visited_out,
-                      double *seconds) noexcept nogil:
+                      double *seconds, const float *adjust) noexcept nogil:
     """One query: traverse, build its tables one at a time (memoised per split) and scan
     until >= quota rows; fills w.rows / w.dists. Adds the seconds spent traversing,
     building tables and scanning to seconds[0:3] unless it is NULL."""
@@ -398,11 +411,13 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT
         if w.slot0[c0] < 0:
             _table(x, c0, Cs, RTs, mus, booksT, h, half_m, S, w.rbuf, w.px,
                    w.tables + n_tables * table_size)
+            _adjust(w.tables + n_tables * table_size, adjust, c0, table_size)
             w.slot0[c0] = <int>n_tables
             n_tables += 1
         if w.slot1[c1] < 0:
             _table(x + h, c1, Cs + split_c, RTs + split_r, mus + split_c, booksT + split_b,
                    h, half_m, S, w.rbuf, w.px, w.tables + n_tables * table_size)
+            _adjust(w.tables + n_tables * table_size, adjust, V + c1, table_size)
             w.slot1[c1] = <int>n_tables
             n_tables += 1
         w.cells[k].t0 = w.slot0[c0]
@@ -461,6 +476,19 @@ cdef int _top_k(const float *dists, Py_ssize_t n, int limit, Keyed *heap) noexce
     return size
 
 
+cdef const float *_adjust_pointer(const float[:, :, :, ::1] adjust, int V, int half_m,
+                                 int S) except? NULL:
+    """The data of an (2, V, M/2, S) table adjustment, or NULL for None."""
+    if adjust is None:
+        return NULL
+    if (adjust.shape[0] != 2 or adjust.shape[1] != V or adjust.shape[2] != half_m
+            or adjust.shape[3] != S):
+        raise ValueError(f"adjust must have shape (2, {V}, {half_m}, {S}), got "
+                         f"({adjust.shape[0]}, {adjust.shape[1]}, {adjust.shape[2]}, "
+                         f"{adjust.shape[3]})")
+    return &adjust[0, 0, 0, 0]
+
+
 def search_many(const float[:, ::1] Q,          # IN (q, D) queries
                 const float[:, :, ::1] Cs,       # IN (2, V, h)
                 const float[:, :, ::1] CsT,      # IN (2, h, V) transposed centroids
@@ -473,13 +501,16 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
                 long long[:, ::1] out_rows,      # OUT (q, limit) row indices, -1 padded
                 float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
                 int[::1] out_visited,            # OUT (q,) visited cells
-                double[::1] out_seconds=None):   # OUT (3,) += traversal, tables, scan
-    """Search many queries without the GIL: the `limit` nearest retrieved rows of each."""
+                double[::1] out_seconds=None,    # OUT (3,) += traversal, tables, scan
+                const float[:, :, :, ::1] adjust=None):  # IN (2, V, M/2, S) or None
+    """Search many queries without the GIL: the `limit` nearest retrieved rows of each.
+    ``adjust`` is subtracted from each (split, cluster) table (inner-product models)."""
     cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = booksT.shape[1], S = booksT.shape[3]
     cdef Py_ssize_t q, total
     cdef int visited, found, k, failed = 0
     cdef Work w
     cdef double *seconds = NULL
+    cdef const float *adj = _adjust_pointer(adjust, V, half_m, S)
     if Q.shape[0] == 0:
         return
     if out_seconds is not None:
@@ -499,7 +530,7 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
             if _search_core(&w, &Q[q, 0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
                             &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
                             &offsets[0], &fine[0, 0],
-                            quota, &total, &visited, seconds) != 0:
+                            quota, &total, &visited, seconds, adj) != 0:
                 failed = 1
                 break
             found = _top_k(w.dists, total, limit, w.top)
@@ -524,7 +555,8 @@ def search_one(const float[::1] x,              # IN (D,) query
                const float[:, :, :, ::1] booksT,  # IN (2, M/2, ds, S) transposed codebooks
                const long long[::1] offsets,    # IN (V*V + 1,) cell offsets
                const code_t[:, ::1] fine,       # IN (n, M) codes grouped by cell
-               long long quota):
+               long long quota,
+               const float[:, :, :, ::1] adjust=None):  # IN (2, V, M/2, S) or None
     """Retrieve whole cells in multi-sequence order until >= quota rows; ADC distances.
 
     Returns:
@@ -537,13 +569,14 @@ def search_one(const float[::1] x,              # IN (D,) query
     cdef Work w
     cdef long long[::1] rows_view
     cdef float[::1] dists_view
+    cdef const float *adj = _adjust_pointer(adjust, V, half_m, S)
     with nogil:
         if _work_init(&w, V, h) != 0:
             failed = 1
         elif _search_core(&w, &x[0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
                           &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
                           &offsets[0], &fine[0, 0],
-                          quota, &total, &visited, NULL) != 0:
+                          quota, &total, &visited, NULL, adj) != 0:
             failed = 1
     try:
         if failed:
@@ -657,7 +690,8 @@ cdef int _score_block(Work *w, Block *b, const float *Q, Py_ssize_t D, int nq,
                       Py_ssize_t n_pairs, const float *Cs, const float *RTp, const float *mus,
                       const float *CBTm2, const float *cb_sqnorm, int V, int h, Py_ssize_t hp,
                       int half_m, Py_ssize_t ds, Py_ssize_t Sp, int S, const code_t *fine,
-                      int limit, long long *out_rows, float *out_dists) noexcept nogil:
+                      int limit, long long *out_rows, float *out_dists,
+                      const float *adjust) noexcept nogil:
     """Tables and scan of a block of nq queries (rows of Q, D floats each) whose cells
     and pairs are numbered: rotations grouped by half-cluster, then per query its tables,
     its scan and its `limit` nearest into out_rows / out_dists (nq, limit)."""
@@ -717,6 +751,9 @@ cdef int _score_block(Work *w, Block *b, const float *Q, Py_ssize_t D, int nq,
                                     half_m, ds, Sp, cb_sqnorm + half_m * Sp, S,
                                     b.tables + n0 * table_size)):
             return -1
+        if adjust != NULL:
+            for k in range(nqp):
+                _adjust(b.tables + k * table_size, adjust, b.pair_key[ps + k], table_size)
         b.t_tables += _now() - t0
         t0 = _now()
         if _scan(w, w.cells + b.cell_start[qi], b.cell_start[qi + 1] - b.cell_start[qi],
@@ -748,7 +785,8 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
                          int limit, int max_block,
                          long long[:, ::1] out_rows,      # OUT (q, limit) rows, -1 padded
                          float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
-                         double[::1] out_seconds):        # OUT (3,) += 0, tables, scan
+                         double[::1] out_seconds,         # OUT (3,) += 0, tables, scan
+                         const float[:, :, :, ::1] adjust=None):  # IN (2, V, M/2, S) or None
     """The `limit` nearest rows of given cells for each query, with the rotations of a
     block of queries computed together.
 
@@ -770,6 +808,7 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
     cdef int failed = 0, nq
     cdef Work w
     cdef Block b
+    cdef const float *adj = _adjust_pointer(adjust, V, half_m, S)
     if Q.shape[0] == 0:
         return
     if max_block < 1:
@@ -822,7 +861,7 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
             if _score_block(&w, &b, &Q[first, 0], D, nq, n_pairs, &Cs[0, 0, 0],
                             &RTp[0, 0, 0, 0], &mus[0, 0, 0], &CBTm2[0, 0, 0, 0],
                             &cb_sqnorm[0, 0, 0], V, h, hp, half_m, ds, Sp, S, &fine[0, 0],
-                            limit, &out_rows[first, 0], &out_dists[first, 0]):
+                            limit, &out_rows[first, 0], &out_dists[first, 0], adj):
                 failed = 1
             first += nq
         _work_free(&w)
