@@ -35,7 +35,9 @@ lint: venv
 	$(PY) -m ruff check lopq spark benchmarks tests scripts
 
 test: venv lint
-	$(PY) -m pytest -q -ra --durations=10
+	@# Two workers, whole files each (loadfile): the standalone-cluster file, about half
+	@# the time, runs on one while the other takes the rest.
+	$(PY) -m pytest -q -ra --durations=10 -n 2 --dist loadfile
 	@# The portable copy of the C loops (what CPUs without AVX2 run): the tests that call
 	@# every C entry point (kernels against their numpy reference, the compiled search).
 	LOPQ_PORTABLE=1 $(PY) -m pytest -q -ra -m "not spark and not slow" tests/test_kernels.py tests/test_search.py
