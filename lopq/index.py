@@ -66,6 +66,28 @@ class CellIndex:
             raise ValueError(f"got {len(ids)} ids for {n} vectors/codes: pass one id each")
         self._pending.append((ids, coarse, fine))
 
+    def remove_ids(self, ids):
+        """Drop every indexed item whose id is in ``ids`` (an iterable of ids); the
+        others keep their cells and order, so the index answers as one built without
+        the removed items. Returns the number of rows removed (an id indexed twice
+        counts twice; ids not in the index are ignored)."""
+        self._merge_pending()
+        drop = set(ids)
+        if not drop or not len(self.ids):
+            return 0
+        keep = np.fromiter((i not in drop for i in self.ids.tolist()), dtype=bool,
+                           count=len(self.ids))
+        removed = int(len(keep) - keep.sum())
+        if removed:
+            cells = self.coarse[:, 0].astype(np.int64) * self.model.V + self.coarse[:, 1]
+            counts = np.bincount(cells[keep], minlength=self.model.V ** 2)
+            # Filtering keeps the rows sorted by cell: only the offsets change.
+            self.coarse = np.ascontiguousarray(self.coarse[keep])
+            self.fine = np.ascontiguousarray(self.fine[keep])
+            self.ids = np.asarray(self.ids)[keep]
+            self.cell_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return removed
+
     @property
     def size(self):
         return len(self.ids) + sum(len(p[0]) for p in self._pending)

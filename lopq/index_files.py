@@ -8,6 +8,7 @@ unpickler, so opening an index never runs code). ``load`` memory-maps the arrays
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,37 @@ INDEX_VERSION = 1
 class IndexFiles:
     """`save`, `load` and `from_codes` of a searcher (mixed into `LOPQSearcher`)."""
 
-    def save(self, path):
-        """Write the index to directory ``path`` (created; must not hold an index)."""
+    def save(self, path, overwrite=False):
+        """Write the index to directory ``path`` (created).
+
+        A directory that already holds an index is refused unless ``overwrite``: then
+        the new index is written beside it and swapped in by renames, so a reader sees
+        the old index or the new one, never half of one (an index loaded from ``path``
+        with memory-mapped arrays keeps reading the old files until it is dropped).
+        Growing a daily index: ``load(path)``, ``add_codes``/``remove_ids``,
+        ``save(path, overwrite=True)``.
+        """
         self._merge_pending()
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         if (path / "index.json").exists():
-            raise ValueError(f"{path} already holds an index: choose another directory")
+            if not overwrite:
+                raise ValueError(f"{path} already holds an index: choose another "
+                                 "directory, or pass overwrite=True to replace it")
+            staging = path.with_name(f".{path.name}.saving")
+            old = path.with_name(f".{path.name}.old")
+            for leftover in (staging, old):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+            self._write(staging)
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old)
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        self._write(path)
+
+    def _write(self, path):
+        path.mkdir(parents=True, exist_ok=True)
         int_ids = self.ids.size == 0 or all(
             isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in self.ids)
         self.model.export_proto(str(path / "model.lopq"))
@@ -89,15 +114,29 @@ class IndexFiles:
         `lopq.spark.codes.searcher_from_codes`.
 
         Args:
-            path: a folder of ``part-*`` files or one file.
+            path: a folder of ``part-*`` files or one file; or a glob, or a list of
+                these (several code sets of the same model, indexed as one).
 
         Raises:
             ValueError: naming the file, line and text of a bad line, or part files whose
                 codes come from models of different M.
         """
+        import glob
+
         from .formats import merge_code_parts, parse_code_lines
-        p = Path(path)
-        files = sorted(p.glob("part-*")) if p.is_dir() else [p]
+        files = []
+        for one in [path] if isinstance(path, (str, Path)) else list(path):
+            matches = sorted(glob.glob(str(one))) or [str(one)]
+            for match in map(Path, matches):
+                if match.is_dir():
+                    found = sorted(match.glob("part-*"))
+                    if not found:
+                        raise ValueError(f"no part files in {match}")
+                    files += found
+                elif match.exists():
+                    files.append(match)
+                else:
+                    raise ValueError(f"{match} does not exist")
         if not files:
             raise ValueError(f"no part files in {path}")
         parts = [parse_code_lines(f.read_text().splitlines(), str(f)) for f in files]

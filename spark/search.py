@@ -45,7 +45,8 @@ def parse_args(argv=None):
                         help="file name of the model protobuf file")
     parser.add_argument("--codes", default=None,
                         help="compute_codes output to search: a folder of text part files "
-                             "or a Parquet table (id, coarse, fine)")
+                             "or a Parquet table (id, coarse, fine); several, separated by "
+                             "commas, and globs (codes/day-*) search them as one index")
     parser.add_argument("--codes_format", default=None,
                         help="text (compute_codes' default) or parquet; default: parquet "
                              "when --codes ends with .parquet, else text")

@@ -70,7 +70,9 @@ def load_codes(sc, path, model, codes_format="text"):
 
     Args:
         path: a folder of text part files (``id<TAB>[[c0, c1], [f...]]``) or, with
-            ``codes_format="parquet"``, a table with ``id``, ``coarse``, ``fine`` columns.
+            ``codes_format="parquet"``, a table with ``id``, ``coarse``, ``fine`` columns;
+            or several, comma-separated, each possibly a glob (a growing index: each
+            day's `compute_codes` output with the same model). Every one must exist.
     """
     from ..formats import parse_code_lines
     from ..search import kernels
@@ -78,12 +80,17 @@ def load_codes(sc, path, model, codes_format="text"):
     V, M, S = model.V, model.M, model.subquantizer_clusters
     dtype = kernels.code_dtype(S)
     source = str(path)
+    sources = [p.strip() for p in source.split(",") if p.strip()]
+    if not sources:
+        raise DataError("--codes is empty: give a folder, a glob, or several separated "
+                        "by commas")
     if codes_format == "text":
         from . import fs
-        try:
-            fs.input_files(sc, source, "--codes")
-        except FileNotFoundError as err:
-            raise DataError(str(err)) from None
+        for one in sources:
+            try:
+                fs.input_files(sc, one, "--codes")
+            except (FileNotFoundError, ValueError) as err:
+                raise DataError(str(err)) from None
 
         def parse(index, lines):
             where = f"--codes {source} (partition {index})"
@@ -93,16 +100,20 @@ def load_codes(sc, path, model, codes_format="text"):
             ids = [_id_value(k) for k in keys]
             _check_code_arrays(ids, coarse, fine, V, M, S, where)
             yield ids, coarse.astype(np.int32), fine.astype(dtype)
-        return sc.textFile(source).mapPartitionsWithIndex(parse)
+        return sc.textFile(",".join(sources)).mapPartitionsWithIndex(parse)
     from pyspark.sql import SparkSession
 
     from .data import read_table
     spark = SparkSession.builder.getOrCreate()
-    df = read_table(spark, sc, source, codes_format, "--codes")
-    missing = [c for c in ("id", "coarse", "fine") if c not in df.columns]
-    if missing:
-        raise DataError(f"--codes {source}: no column(s) {', '.join(missing)} (columns: "
-                        f"{', '.join(df.columns)}); expected compute_codes output")
+    df = None
+    for one in sources:
+        part = read_table(spark, sc, one, codes_format, "--codes")
+        missing = [c for c in ("id", "coarse", "fine") if c not in part.columns]
+        if missing:
+            raise DataError(f"--codes {one}: no column(s) {', '.join(missing)} (columns: "
+                            f"{', '.join(part.columns)}); expected compute_codes output")
+        part = part.select("id", "coarse", "fine")
+        df = part if df is None else df.unionByName(part)
 
     def rows(index, items):
         where = f"--codes {source} (partition {index})"
