@@ -161,3 +161,16 @@ def assert_codes_equal_encode(model, X, ids, codes):
         got = ((model.decode((got_coarse[differ], got_fine[differ])) - X64) ** 2).sum(axis=1)
         np.testing.assert_allclose(got, want, rtol=1e-5)
     assert differ.size <= max(1, len(ids) // 1000), f"{differ.size} codes differ"
+
+
+def tasks_since(sc, jobs_before):
+    """Tasks of the stages of the jobs started after ``jobs_before`` (status tracker)."""
+    tracker = sc.statusTracker()
+    tasks = []
+    for job in sorted(set(tracker.getJobIdsForGroup()) - jobs_before):
+        info = tracker.getJobInfo(job)
+        for stage in info.stageIds if info else []:
+            stage_info = tracker.getStageInfo(stage)
+            if stage_info:
+                tasks.append(stage_info.numTasks)
+    return tasks

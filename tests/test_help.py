@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT
 
 PROGRAMS = ["spark/train_model.py", "spark/compute_codes.py", "spark/train_pca.py",
-            "spark/pca_preparation.py", "spark/search.py", "benchmarks/run.py"]
+            "spark/pca_preparation.py", "spark/search.py", "spark/evaluate.py",
+            "benchmarks/run.py"]
 
 
 @pytest.mark.parametrize("program", PROGRAMS)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from spark_helpers import run_driver
+from spark_helpers import run_driver, tasks_since
 
 from lopq import LOPQModel, LOPQSearcher
 from lopq.datasets import make_clustered
@@ -38,19 +38,6 @@ def _read_neighbours(folder):
     return out
 
 
-def _tasks_since(sc, jobs_before):
-    """Tasks of the stages of the jobs started after ``jobs_before`` (status tracker)."""
-    tracker = sc.statusTracker()
-    tasks = []
-    for job in sorted(set(tracker.getJobIdsForGroup()) - jobs_before):
-        info = tracker.getJobInfo(job)
-        for stage in info.stageIds if info else []:
-            stage_info = tracker.getStageInfo(stage)
-            if stage_info:
-                tasks.append(stage_info.numTasks)
-    return tasks
-
-
 def test_spark_search_returns_what_the_searcher_returns_on_oxford(sc, oxford, tmp_path,
                                                                   capsys):
     """The reference protocol's queries on compute_codes output: every query gets the
@@ -70,7 +57,7 @@ def test_spark_search_returns_what_the_searcher_returns_on_oxford(sc, oxford, tm
         capsys)
     assert code == 0, err
     assert f"wrote neighbours of {len(test)} queries" in stdout
-    assert max(_tasks_since(sc, jobs_before)) >= 4000 // 300  # one task per shard
+    assert max(tasks_since(sc, jobs_before)) >= 4000 // 300  # one task per shard
     got = _read_neighbours(out)
     searcher = LOPQSearcher.from_codes(model, str(codes))
     assert len(got) == len(test)

@@ -58,7 +58,7 @@ def _check_code_arrays(ids, coarse, fine, V, M, S, where):
                             "from another model")
 
 
-def _id_value(key):
+def id_value(key):
     """Code ids as `LOPQSearcher.from_codes` gives them: ints where the text is one."""
     return int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
 
@@ -97,7 +97,7 @@ def load_codes(sc, path, model, codes_format="text"):
             keys, coarse, fine = parse_code_lines(lines, where)
             if not keys:
                 return
-            ids = [_id_value(k) for k in keys]
+            ids = [id_value(k) for k in keys]
             _check_code_arrays(ids, coarse, fine, V, M, S, where)
             yield ids, coarse.astype(np.int32), fine.astype(dtype)
         return sc.textFile(",".join(sources)).mapPartitionsWithIndex(parse)
@@ -119,7 +119,7 @@ def load_codes(sc, path, model, codes_format="text"):
         where = f"--codes {source} (partition {index})"
         ids, coarse, fine = [], [], []
         for row in items:
-            ids.append(_id_value(row[0]))
+            ids.append(id_value(row[0]))
             coarse.append(row[1])
             fine.append(row[2])
         if not ids:
@@ -255,7 +255,7 @@ def _route_queries(model_bc, plan_bc, quota):
             X = np.ascontiguousarray(model.model_queries(X, "queries"), dtype=np.float32)
             ptr, cells = visited_cells(model, X, offsets, quota)
             keys = np.empty(len(ids), dtype=object)
-            keys[:] = [_id_value(key) for key in ids]  # as the codes' ids (self join)
+            keys[:] = [id_value(key) for key in ids]  # as the codes' ids (self join)
             for shard, rows, cell_ptr, cell_ids in route_block(ptr, cells, model.V, first,
                                                                count):
                 yield shard, ("q", (partition, number), rows, keys[rows], X[rows],
@@ -520,7 +520,7 @@ def _with_vectors(codes, vectors):
     def vector_rows(blocks):
         for ids, X in blocks:
             for i, key in enumerate(ids):
-                yield _id_value(key), X[i]
+                yield id_value(key), X[i]
 
     def blocks(items):
         ids, coarse, fine, X = [], [], [], []
