@@ -32,7 +32,8 @@ def check_rows(X, D=None, name="data", min_rows=1):
     """Validate and convert input rows at the public boundary.
 
     Args:
-        X: (n, d) array-like (a single (d,) vector is read as one row).
+        X: (n, d) array-like (a single (d,) vector is read as one row); a scipy sparse
+            matrix or a pyspark ML Vector is densified.
         D: expected dimension, if known.
 
     Returns:
@@ -42,6 +43,10 @@ def check_rows(X, D=None, name="data", min_rows=1):
         ValueError naming the problem: not numeric, wrong shape or dimension, too few
         rows, NaN or infinite values.
     """
+    if hasattr(X, "toarray") and getattr(X, "ndim", 0) == 2:
+        X = X.toarray()  # a scipy sparse matrix: densified (rows x D stays small per call)
+    elif hasattr(X, "toArray"):
+        X = X.toArray()  # one pyspark ML Vector, dense or sparse
     try:
         X = np.asarray(X)
     except Exception as err:  # noqa: BLE001

@@ -159,13 +159,23 @@ def _decoded(decoder, lines, positions, split):
 
 def _check_vector(value):
     try:
-        vector = np.asarray(value)
+        vector = np.asarray(dense_vector(value))
     except Exception:  # noqa: BLE001
         return None, f"a {type(value).__name__}, not an array"
     if vector.ndim != 1 or vector.dtype.kind not in "fiu":
         return None, f"a {type(value).__name__} of dtype {vector.dtype} and shape " \
                      f"{vector.shape}, expected a 1-D numeric array"
     return vector, None
+
+
+def dense_vector(value):
+    """A pyspark ML/MLlib Vector (dense or sparse, via ``toArray``) or a one-row scipy
+    sparse matrix (via ``toarray``) as a dense 1-D array; anything else unchanged."""
+    if hasattr(value, "toArray"):
+        return value.toArray()
+    if hasattr(value, "toarray") and getattr(value, "ndim", 1) == 2:
+        return value.toarray().ravel()
+    return value
 
 
 def _udf_records(with_ids):
