@@ -219,7 +219,7 @@ def _kernel_rotated_tables(res, rng, quick):
     residuals = rng.randn(n, h).astype(np.float32)
     R = np.linalg.qr(rng.randn(h, h))[0].astype(np.float32)
     books = rng.randn(half_m, S, h // half_m).astype(np.float32)
-    RTp = np.zeros((h, cython_kernels._padded(h)), dtype=np.float32)
+    RTp = np.zeros((h, cython_kernels.padded_width(h)), dtype=np.float32)
     RTp[:, :h] = R.T
     CBTm2, sqnorm = cython_kernels.score_columns(books)
     flops = 2 * n * (h * h + half_m * S * (h // half_m))

@@ -284,7 +284,7 @@ def _rotated_tables_inputs(rng, n, h, half_m, S, kind):
     elif kind == "huge":
         residuals *= 1e3
         books *= 1e3
-    RTp = np.zeros((h, cython_kernels._padded(h)), dtype=np.float32)
+    RTp = np.zeros((h, cython_kernels.padded_width(h)), dtype=np.float32)
     RTp[:, :h] = R.T
     CBTm2, sqnorm = cython_kernels.score_columns(books)
     return residuals, R, books, RTp, CBTm2, sqnorm

@@ -75,7 +75,7 @@ def encode_split(X, C, R, mu, codebooks):
     V = C.shape[0]
     labels, _ = assign(X, C)
     order, offsets = reference.group_rows(labels, V)
-    hp = _padded(h)
+    hp = padded_width(h)
     RT = np.zeros((V, h, hp), dtype=np.float32)
     RT[:, :, :h] = R.transpose(0, 2, 1)
     CBTm2, padded_sqnorm = score_columns(codebooks)
@@ -84,7 +84,8 @@ def encode_split(X, C, R, mu, codebooks):
     return labels, codes.astype(code_dtype(S))
 
 
-def _padded(k):
+def padded_width(k):
+    """``k`` rounded up to a multiple of the C loops' vector width (padded rows)."""
     width = _cython.VECTOR_WIDTH
     return -(-k // width) * width
 
@@ -94,7 +95,7 @@ def score_columns(books):
     (..., d, kp) and squared norms (..., kp), both float32 with k padded to a multiple of
     the vector width (padding: zero columns, NaN norms, which the loops never pick)."""
     k, d = books.shape[-2:]
-    kp = _padded(k)
+    kp = padded_width(k)
     CTm2 = np.zeros(books.shape[:-2] + (d, kp), dtype=np.float32)
     CTm2[..., :k] = -2.0 * np.swapaxes(books, -1, -2)  # exact: a power-of-two scale
     padded_sqnorm = np.full(books.shape[:-2] + (kp,), np.nan, dtype=np.float32)
@@ -169,7 +170,7 @@ def grouped_table_operands(Rs, books):
     ``-2 books^T`` (2, M/2, ds, Sp) with the codebooks' squared norms (2, M/2, Sp), all
     float32. ``Rs`` (2, V, h, h); ``books`` (2, M/2, S, ds)."""
     RT = Rs.transpose(0, 1, 3, 2)
-    RTp = np.zeros(RT.shape[:3] + (_padded(RT.shape[3]),), dtype=np.float32)
+    RTp = np.zeros(RT.shape[:3] + (padded_width(RT.shape[3]),), dtype=np.float32)
     RTp[..., :RT.shape[3]] = RT
     CBTm2, sqnorm = score_columns(books)
     return RTp, CBTm2, sqnorm
