@@ -78,7 +78,7 @@ class BatchSearch:
                 return list(pool.map(one, Q))
 
         m = self.model
-        adjust = m.table_adjustment()
+        adjust, coarse_adjust = m.table_adjustment(), m.coarse_adjustment()
         CsT, RTs, booksT = self._transposed()
         grouped = self.uses_grouped_tables()
         if grouped:
@@ -96,7 +96,7 @@ class BatchSearch:
                     b = min(hi, a + self.BATCH_BLOCK)
                     start = time.perf_counter()
                     ptr, cells = compiled.visited_cells(Q[a:b], CsT, self.cell_offsets,
-                                                        int(quota))
+                                                        int(quota), coarse_adjust)
                     cell_ids = cells[:, 0].astype(np.int64) * m.V + cells[:, 1]
                     ranges = np.stack([self.cell_offsets[cell_ids],
                                        self.cell_offsets[cell_ids + 1]], axis=1)
@@ -109,7 +109,7 @@ class BatchSearch:
                 compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT,
                                      self.cell_offsets, self.fine, int(quota), int(limit),
                                      rows[lo:hi], dists[lo:hi], visited[lo:hi], seconds[slot],
-                                     adjust)
+                                     adjust, coarse_adjust)
 
         edges = np.linspace(0, len(Q), threads + 1).astype(int)
         spans = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]

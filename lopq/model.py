@@ -472,6 +472,24 @@ class LOPQModel:
                                else np.concatenate([adjust[0, c0], adjust[1, c1]]))
         return list(tables)
 
+    def coarse_adjustment(self):
+        """What inner-product search subtracts from each coarse distance
+        ``|q_split - C[c]|^2`` so that cells are visited by ``q.C[c]`` (largest first)
+        rather than by distance: ``|C[split, c]|^2``, (2, V) float32; None for L2 and
+        cosine. Without it the traversal favours centroids of small norm, and at 16
+        bytes on token embeddings recall@10 at a quota of 2000 of 28k rows stayed at 0.34
+        (see the README)."""
+        if self.metric != "inner_product":
+            return None
+        self.require_parameters("Cs")
+        cached = getattr(self, "_coarse_adjustment", None)
+        if cached is not None and cached[0] is self.Cs:
+            return cached[1]
+        adjust = np.ascontiguousarray(np.einsum("svh,svh->sv", self.Cs, self.Cs,
+                                                dtype=np.float64), dtype=np.float32)
+        self._coarse_adjustment = (self.Cs, adjust)
+        return adjust
+
     def table_adjustment(self):
         """What inner-product search subtracts from each distance table, so that table
         sums are ``|q|^2 - 2 q.x_hat`` instead of ``|q' - x_hat'|^2``: (2, V, M/2, S)

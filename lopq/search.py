@@ -27,12 +27,14 @@ Result = namedtuple("Result", ["id", "code"])
 ResultWithDist = namedtuple("Result", ["id", "code", "dist"])
 
 
-def multisequence(x, coarse_centroids):
+def multisequence(x, coarse_centroids, coarse_adjust=None):
     """Cells of the inverted multi-index in non-decreasing distance to x.
 
     Args:
         x: (D,) query.
         coarse_centroids: the two coarse quantizers, (2, V, D/2) (or a pair of (V, D/2)).
+        coarse_adjust: optional (2, V) subtracted from each split's centroid distances
+            (inner-product models: `LOPQModel.coarse_adjustment`).
 
     Yields:
         ``(distance, (c0, c1))``: every one of the V^2 cells exactly once, where distance
@@ -44,6 +46,8 @@ def multisequence(x, coarse_centroids):
     for split in range(2):
         C = np.asarray(coarse_centroids[split], dtype=np.float64)
         d = ((x[split * h:(split + 1) * h] - C) ** 2).sum(axis=1)
+        if coarse_adjust is not None:
+            d = d - np.asarray(coarse_adjust[split], dtype=np.float64)
         order = np.argsort(d, kind="stable")
         orders.append(order)
         dists.append(d[order])
@@ -100,7 +104,7 @@ class LOPQSearcherBase:
         """
         x = self._query(x)
         retrieved, visited = [], 0
-        for _, cell in multisequence(x, self.model.Cs):
+        for _, cell in multisequence(x, self.model.Cs, self.model.coarse_adjustment()):
             retrieved += self.get_cell(cell)
             visited += 1
             if len(retrieved) >= quota:
@@ -187,7 +191,7 @@ class LOPQSearcher(CellIndex, BatchSearch, IndexFiles, LOPQSearcherBase):
             raise ValueError(f"quota must be a positive number of items, got {quota!r}")
         self._merge_pending()
         ranges, total, visited = [], 0, 0
-        for _, cell in multisequence(x, self.model.Cs):
+        for _, cell in multisequence(x, self.model.Cs, self.model.coarse_adjustment()):
             visited += 1
             lo, hi = self._cell_range(cell)
             if hi > lo:
@@ -231,7 +235,7 @@ class LOPQSearcher(CellIndex, BatchSearch, IndexFiles, LOPQSearcherBase):
             CsT, RTs, booksT = self._transposed()
             return compiled.search_one(x, m.Cs, CsT, RTs, m.mus, booksT,
                                        self.cell_offsets, self.fine, int(quota),
-                                       m.table_adjustment())
+                                       m.table_adjustment(), m.coarse_adjustment())
         ranges, visited = self._retrieve_ranges(x, quota)
         rows = (np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
                 if ranges else np.empty(0, dtype=np.int64))

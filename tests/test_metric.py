@@ -259,3 +259,28 @@ def test_inner_product_distances_are_dot_products_with_the_reconstructions(sprea
     ranked = rank_by_lopq_distance(model, Q, coarse, fine, 8)
     for qi in range(len(Q)):
         np.testing.assert_allclose(np.sort(truth[qi])[:8], truth[qi, ranked[qi]], atol=1e-3)
+
+
+def test_inner_product_traversal_visits_cells_by_dot_product():
+    """The multi-sequence order of an inner-product model is by q.C (the centroids'
+    norms subtracted), in the Python traversal and the compiled one alike."""
+    from lopq._kernels import compiled_search
+    from lopq.search import multisequence
+    rng = np.random.default_rng(3)
+    X = (rng.standard_normal((400, 6)) * rng.uniform(0.2, 4, (400, 1))).astype(np.float32)
+    model = LOPQModel(V=6, M=2, subquantizer_clusters=16, metric="inner_product").fit(
+        X, n_init=1, random_state=0)
+    q = model.model_queries(rng.standard_normal((1, 6)).astype(np.float32))[0]
+    h = model.D // 2
+    score = [q[s * h:(s + 1) * h] @ model.Cs[s].T for s in range(2)]  # (V,) per split
+    cells = [cell for _, cell in multisequence(q, model.Cs, model.coarse_adjustment())]
+    sums = [score[0][c0] + score[1][c1] for c0, c1 in cells]
+    assert len(cells) == 36 and all(a >= b - 1e-4 for a, b in zip(sums, sums[1:]))
+    compiled = compiled_search()
+    if compiled is not None:
+        offsets = np.arange(37, dtype=np.int64)  # one row per cell: every cell non-empty
+        CsT = np.ascontiguousarray(model.Cs.transpose(0, 2, 1))
+        _, visited = compiled.visited_cells(q[None, :], CsT, offsets, 36,
+                                            model.coarse_adjustment())
+        got = [score[0][c0] + score[1][c1] for c0, c1 in visited]
+        np.testing.assert_allclose(got, sums, atol=1e-4)

@@ -159,7 +159,7 @@ cdef void _sort_keyed(Keyed *a, Keyed *tmp, int n) noexcept nogil:
 
 
 cdef int _sorted_coarse(const float *x, const float *CT, int V, int h, float *dist,
-                        Keyed *out, Keyed *tmp) noexcept nogil:
+                        Keyed *out, Keyed *tmp, const float *adjust) noexcept nogil:
     # CT (h, V) transposed centroids: the loop over centroids is contiguous and
     # vectorises, each centroid still summing its h terms in order
     cdef int c, t
@@ -173,6 +173,9 @@ cdef int _sorted_coarse(const float *x, const float *CT, int V, int h, float *di
         for c in range(V):
             diff = xt - row[c]
             dist[c] = dist[c] + diff * diff
+    if adjust != NULL:  # inner product: |x - C[c]|^2 - |C[c]|^2 = |x|^2 - 2 x.C[c]
+        for c in range(V):
+            dist[c] = dist[c] - adjust[c]
     for c in range(V):
         out[c].dist = dist[c]
         out[c].index = c
@@ -288,15 +291,16 @@ cdef void _work_free(Work *w) noexcept nogil:
 cdef int _traverse(Work *w, const float *x, const float *CsT, int V, int h,
                    const long long *offsets, long long quota, Cell **cells,
                    Py_ssize_t *n_cells, Py_ssize_t *cells_cap, Py_ssize_t *total_out,
-                   int *visited_out) noexcept nogil:
+                   int *visited_out, const float *coarse_adjust) noexcept nogil:
     """Multi-sequence traversal: appends the non-empty cells in visiting order to *cells
     until >= quota rows; counts every visited cell, empty or not."""
     cdef int heap_size = 0, visited = 0, c0, c1, c
     cdef Py_ssize_t total = 0
     cdef HeapItem item
     cdef long long lo, hi
-    _sorted_coarse(x, CsT, V, h, w.coarse_dist, w.order0, w.sort_tmp)
-    _sorted_coarse(x + h, CsT + <Py_ssize_t>V * h, V, h, w.coarse_dist, w.order1, w.sort_tmp)
+    _sorted_coarse(x, CsT, V, h, w.coarse_dist, w.order0, w.sort_tmp, coarse_adjust)
+    _sorted_coarse(x + h, CsT + <Py_ssize_t>V * h, V, h, w.coarse_dist, w.order1, w.sort_tmp,
+                   coarse_adjust + V if coarse_adjust != NULL else NULL)
     for c in range(V):
         w.progress[c] = 0
     _heap_push(w.heap, &heap_size, w.order0[0].dist + w.order1[0].dist, 0, 0)
@@ -384,7 +388,8 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT
                       const float *RTs, const float *mus, const float *booksT, int V, int h,
                       int half_m, int S, const long long *offsets, const code_t *fine,
                       long long quota, Py_ssize_t *total_out, int *visited_out,
-                      double *seconds, const float *adjust) noexcept nogil:
+                      double *seconds, const float *adjust,
+                      const float *coarse_adjust) noexcept nogil:
     """One query: traverse, build its tables one at a time (memoised per split) and scan
     until >= quota rows; fills w.rows / w.dists. Adds the seconds spent traversing,
     building tables and scanning to seconds[0:3] unless it is NULL."""
@@ -394,7 +399,7 @@ cdef int _search_core(Work *w, const float *x, const float *Cs, const float *CsT
     cdef int c0, c1, c, status
     cdef double t0 = _now() if seconds != NULL else 0, t1
     if _traverse(w, x, CsT, V, h, offsets, quota, &w.cells, &n_cells, &w.cells_cap,
-                 total_out, visited_out):
+                 total_out, visited_out, coarse_adjust):
         return -1
     if seconds != NULL:
         t1 = _now()
@@ -489,6 +494,16 @@ cdef const float *_adjust_pointer(const float[:, :, :, ::1] adjust, int V, int h
     return &adjust[0, 0, 0, 0]
 
 
+cdef const float *_coarse_adjust_pointer(const float[:, ::1] adjust, int V) except? NULL:
+    """The data of a (2, V) coarse-distance adjustment, or NULL for None."""
+    if adjust is None:
+        return NULL
+    if adjust.shape[0] != 2 or adjust.shape[1] != V:
+        raise ValueError(f"coarse_adjust must have shape (2, {V}), got ({adjust.shape[0]}, "
+                         f"{adjust.shape[1]})")
+    return &adjust[0, 0]
+
+
 def search_many(const float[:, ::1] Q,          # IN (q, D) queries
                 const float[:, :, ::1] Cs,       # IN (2, V, h)
                 const float[:, :, ::1] CsT,      # IN (2, h, V) transposed centroids
@@ -502,15 +517,18 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
                 float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
                 int[::1] out_visited,            # OUT (q,) visited cells
                 double[::1] out_seconds=None,    # OUT (3,) += traversal, tables, scan
-                const float[:, :, :, ::1] adjust=None):  # IN (2, V, M/2, S) or None
+                const float[:, :, :, ::1] adjust=None,  # IN (2, V, M/2, S) or None
+                const float[:, ::1] coarse_adjust=None):  # IN (2, V) or None
     """Search many queries without the GIL: the `limit` nearest retrieved rows of each.
-    ``adjust`` is subtracted from each (split, cluster) table (inner-product models)."""
+    ``adjust`` is subtracted from each (split, cluster) table and ``coarse_adjust`` from
+    each coarse distance (inner-product models; see `LOPQModel.table_adjustment`)."""
     cdef int V = Cs.shape[1], h = Cs.shape[2], half_m = booksT.shape[1], S = booksT.shape[3]
     cdef Py_ssize_t q, total
     cdef int visited, found, k, failed = 0
     cdef Work w
     cdef double *seconds = NULL
     cdef const float *adj = _adjust_pointer(adjust, V, half_m, S)
+    cdef const float *cadj = _coarse_adjust_pointer(coarse_adjust, V)
     if Q.shape[0] == 0:
         return
     if out_seconds is not None:
@@ -530,7 +548,7 @@ def search_many(const float[:, ::1] Q,          # IN (q, D) queries
             if _search_core(&w, &Q[q, 0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
                             &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
                             &offsets[0], &fine[0, 0],
-                            quota, &total, &visited, seconds, adj) != 0:
+                            quota, &total, &visited, seconds, adj, cadj) != 0:
                 failed = 1
                 break
             found = _top_k(w.dists, total, limit, w.top)
@@ -556,7 +574,8 @@ def search_one(const float[::1] x,              # IN (D,) query
                const long long[::1] offsets,    # IN (V*V + 1,) cell offsets
                const code_t[:, ::1] fine,       # IN (n, M) codes grouped by cell
                long long quota,
-               const float[:, :, :, ::1] adjust=None):  # IN (2, V, M/2, S) or None
+               const float[:, :, :, ::1] adjust=None,  # IN (2, V, M/2, S) or None
+               const float[:, ::1] coarse_adjust=None):  # IN (2, V) or None
     """Retrieve whole cells in multi-sequence order until >= quota rows; ADC distances.
 
     Returns:
@@ -570,13 +589,14 @@ def search_one(const float[::1] x,              # IN (D,) query
     cdef long long[::1] rows_view
     cdef float[::1] dists_view
     cdef const float *adj = _adjust_pointer(adjust, V, half_m, S)
+    cdef const float *cadj = _coarse_adjust_pointer(coarse_adjust, V)
     with nogil:
         if _work_init(&w, V, h) != 0:
             failed = 1
         elif _search_core(&w, &x[0], &Cs[0, 0, 0], &CsT[0, 0, 0], &RTs[0, 0, 0, 0],
                           &mus[0, 0, 0], &booksT[0, 0, 0, 0], V, h, half_m, S,
                           &offsets[0], &fine[0, 0],
-                          quota, &total, &visited, NULL, adj) != 0:
+                          quota, &total, &visited, NULL, adj, cadj) != 0:
             failed = 1
     try:
         if failed:
@@ -875,7 +895,8 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
 def visited_cells(const float[:, ::1] Q,          # IN (q, D) queries
                   const float[:, :, ::1] CsT,      # IN (2, h, V) transposed centroids
                   const long long[::1] offsets,    # IN (V*V + 1,) cell offsets (from sizes)
-                  long long quota):
+                  long long quota,
+                  const float[:, ::1] coarse_adjust=None):  # IN (2, V) or None
     """The non-empty cells each query's multi-sequence visits until >= quota rows (the
     traversal of `search`).
 
@@ -886,6 +907,7 @@ def visited_cells(const float[:, ::1] Q,          # IN (q, D) queries
     cdef Py_ssize_t n_cells = 0, q, total, k
     cdef Work w
     cdef int[:, ::1] out
+    cdef const float *cadj = _coarse_adjust_pointer(coarse_adjust, V)
     cell_ptr = np.zeros(Q.shape[0] + 1, dtype=np.int64)
     cdef long long[::1] ptr = cell_ptr
     with nogil:
@@ -894,7 +916,7 @@ def visited_cells(const float[:, ::1] Q,          # IN (q, D) queries
             if failed:
                 break
             if _traverse(&w, &Q[q, 0], &CsT[0, 0, 0], V, h, &offsets[0], quota, &w.cells,
-                         &n_cells, &w.cells_cap, &total, &visited):
+                         &n_cells, &w.cells_cap, &total, &visited, cadj):
                 failed = 1
             ptr[q + 1] = n_cells
     try:

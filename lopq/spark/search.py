@@ -196,12 +196,12 @@ def visited_cells(model, Q, offsets, quota):
     Q = np.ascontiguousarray(Q, dtype=np.float32)
     if compiled is not None:
         CsT = np.ascontiguousarray(model.Cs.transpose(0, 2, 1))
-        return compiled.visited_cells(Q, CsT, offsets, int(quota))
+        return compiled.visited_cells(Q, CsT, offsets, int(quota), model.coarse_adjustment())
     V = model.V
     ptr, cells = [0], []
     for x in Q:
         total = 0
-        for _, (c0, c1) in multisequence(x, model.Cs):
+        for _, (c0, c1) in multisequence(x, model.Cs, model.coarse_adjustment()):
             size = offsets[c0 * V + c1 + 1] - offsets[c0 * V + c1]
             if size:
                 cells.append((c0, c1))
