@@ -474,7 +474,7 @@ def _curves(res, name, base, queries, M, quick):
                   limit=10, threads=1)
     points = []  # (system, setting, qps, r1, r10)
     quotas = CURVE_QUOTAS[:4] if quick else CURVE_QUOTAS
-    for V in CURVE_V:
+    for V in CURVE_V[:2] if quick else CURVE_V:  # --quick: V=16 and 64
         start = time.perf_counter()
         model = LOPQModel(V=V, M=M).fit(base, n_init=1, random_state=0)
         fit_s = time.perf_counter() - start
@@ -496,7 +496,7 @@ def _curves(res, name, base, queries, M, quick):
             points.append((f"lopq V={V}", f"quota={quota}", qps, r1, r10))
     if have_faiss():
         import faiss
-        for nlist in (1024, 4096):
+        for nlist in (64,) if quick else (1024, 4096):  # 39 training rows per list
             key = f"OPQ{M},IVF{nlist},PQ{M}np"
             index = faiss.index_factory(base.shape[1], key)
             start = time.perf_counter()
@@ -561,16 +561,17 @@ def part_search_high_dim(res, quick):
         order = np.random.default_rng(0).permutation(len(X))
         queries, base = X[order[:1000]], X[order[1000:]]
         if quick:
-            base, queries = base[:scaled(20000)], queries[:300]
+            base, queries = base[:scaled(5000)], queries[:300]
         _curves(res, "MiniLM tokens 384-d", base, queries, 8, quick)
+    if quick:  # the 3-minute budget: Fashion-MNIST's 784-d fits take minutes
+        print("  --quick: Fashion-MNIST 784-d curves skipped (run without --quick)")
+        return
     if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
         print(f"  skipping Fashion-MNIST 784-d: {FASHION} is absent (apt-get install "
               "dataset-fashion-mnist; `make bench-deps` does it)")
         return
     X = load_fashion_mnist()
     base, queries = X[:-10000], X[-10000:][:1000]
-    if quick:
-        base, queries = base[:scaled(20000)], queries[:300]
     _curves(res, "Fashion-MNIST 784-d", base, queries, 8, quick)
 
 
@@ -732,7 +733,8 @@ def _cluster_against_local(res, quick, tmp, oxford_path):
     with StandaloneCluster(Path(tmp) / "cluster", workers=CLUSTER_WORKERS, cores=1,
                            memory="4g", env=_spark_env()) as cluster:
         if oxford_path is not None:
-            for master in ("local[2]", cluster.master_url):
+            # --quick: local[2] was just measured by part_spark (the same command)
+            for master in (cluster.master_url,) if quick else ("local[2]", cluster.master_url):
                 wall, steps = _ours(oxford_path, 16, 8, tmp, master)
                 res.add("spark", "train_model.py wall time, Oxford5k train (4050 x 128)",
                         wall, "s", V=16, M=8, master=_master_name(master),
@@ -890,7 +892,10 @@ def part_spark(res, quick):
             wall, steps = _ours(path, V, M, tmp)
             res.add("spark", f"lopq train_model.py wall time, {name}", wall, "s", V=V, M=M,
                     master="local[2]", **{k.replace(" ", "_"): v for k, v in steps.items()})
-            if with_reference:
+            if with_reference and quick:  # the 3-minute budget: it takes a minute alone
+                print("  --quick: the reference's per-row baseline is skipped (run without "
+                      "--quick)")
+            elif with_reference:
                 ref_wall, ref_steps = _reference(path, V, M)
                 res.add("spark", f"reference per-row approach wall time, {name}", ref_wall,
                         "s", V=V, M=M, master="local[2]",
@@ -915,10 +920,20 @@ def _local_spark(cores=2):
 
 
 def _rdd_of_chunks(sc, arrays, chunk, slices):
-    """An RDD of tuples of row slices of ``arrays`` (chunk rows each)."""
+    """An RDD of tuples of row slices of ``arrays`` (chunk rows each). The chunks are
+    written to local .npy files that the tasks read (local[*] shares the disk): data in
+    task closures would make tasks of megabytes (Spark's large-task warning)."""
+    folder = Path(tempfile.mkdtemp(prefix="lopq-bench-chunks-"))
     n = len(arrays[0])
-    return sc.parallelize([tuple(a[i:i + chunk] for a in arrays)
-                           for i in range(0, n, chunk)], slices)
+    paths = []
+    for i in range(0, n, chunk):
+        files = []
+        for k, a in enumerate(arrays):
+            path = folder / f"{i}-{k}.npy"
+            np.save(path, np.asarray(a[i:i + chunk]))
+            files.append(str(path))
+        paths.append(files)
+    return sc.parallelize(paths, slices).map(lambda files: tuple(np.load(f) for f in files))
 
 
 def _lsh_curve(res, spark, base, queries, nns, params, settings):
@@ -986,7 +1001,7 @@ def part_spark_search(res, quick):
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import exact_neighbors, recall_at
     from lopq.spark.search import ShardedIndex
-    n = scaled(100_000 if quick else 1_000_000)
+    n = scaled(50_000 if quick else 1_000_000)
     nq = 1000 if quick else 10_000
     X = synthetic(n + nq, seed=11)
     base, queries = X[:n], X[n:]
@@ -1003,14 +1018,14 @@ def part_spark_search(res, quick):
     spark = _local_spark(cores)
     sc = spark.sparkContext
     codes = _rdd_of_chunks(sc, (list(range(n)), coarse.astype(np.int32), fine), 50_000,
-                           4 * cores).map(lambda t: (list(t[0]), t[1], t[2])).cache()
+                           4 * cores).map(lambda t: (t[0].tolist(), t[1], t[2])).cache()
     codes.count()
     query_rdd = _rdd_of_chunks(sc, (list(range(nq)), queries), 1000, 4 * cores).map(
-        lambda t: (list(t[0]), t[1])).cache()
+        lambda t: (t[0].tolist(), t[1])).cache()
     query_rdd.count()
     # the indexed vectors, for exact re-ranking (MLlib LSH ranks by exact distance)
     vectors = _rdd_of_chunks(sc, (list(range(n)), base), 50_000, 4 * cores).map(
-        lambda t: (list(t[0]), t[1])).cache()
+        lambda t: (t[0].tolist(), t[1])).cache()
     vectors.count()
     shard_rows = max(1, n // (4 * cores))
     for rerank in (None, vectors):
@@ -1062,7 +1077,7 @@ def part_spark_search(res, quick):
                     first_batch_s=round(walls[0], 2), best_of=2)
     # LSH joins take minutes per setting at 1M rows: fewer queries and settings there
     lsh_queries = queries[:200 if quick else 100]
-    settings = [(b, t) for b in (0.5, 1, 2) for t in (1, 3, 6)] if quick else \
+    settings = [(b, t) for b in (1, 2) for t in (1, 3)] if quick else \
         [(b, t) for b in (1, 2) for t in (1, 3, 6)]
     _lsh_curve(res, spark, base, lsh_queries, nns[:len(lsh_queries)], params, settings)
     plain_index.unpersist()
