@@ -217,7 +217,7 @@ def test_existing_model_of_another_dimension_is_reported(sc, train_model, tmp_pa
     _, proto, _ = trained
     data = tmp_path / "d8.txt"
     write_vector_file(data, make_clustered(300, 8, seed=2))
-    with pytest.raises(ValueError, match="D=16"):
+    with pytest.raises(ValueError, match="vectors of dimension 16 but --data"):
         train_model.main(["--data", str(data), "--existing_model_proto", str(proto),
                           "--steps", "2", "--model_proto", str(tmp_path / "m.lopq")])
 
