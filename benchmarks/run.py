@@ -1145,9 +1145,13 @@ def plot(res, out):
     import accuracy
     accuracy.plot_accuracy(res, out, plt)
     curves = [r for r in res.rows if "curve" in r]
-    for data in dict.fromkeys(r["data"] for r in curves):
+
+    def plot_key(r):  # the metrics part's curves get their own plot per metric
+        return r["data"] + (f", {r['metric']}" if "metric" in r else "")
+
+    for data in dict.fromkeys(plot_key(r) for r in curves):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        rows = [r for r in curves if r["data"] == data]
+        rows = [r for r in curves if plot_key(r) == data]
         for curve in dict.fromkeys(r["curve"] for r in rows):
             pts = sorted((r["recall_at_10"], r["value"]) for r in rows if r["curve"] == curve)
             ax.plot([q for _, q in pts], [r for r, _ in pts], marker="o" if "lopq" in curve
