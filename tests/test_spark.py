@@ -133,6 +133,31 @@ def test_pca_then_preparation_then_training_through_a_udf(small_data, workdir):
     assert LOPQModel.load_proto(out).D == 8
 
 
+# PySpark's worker daemon may print this when the JVM closes an idle reused worker's
+# socket while the context stops (a race inside Spark, not our driver; see
+# apache/spark#53055). Only tracebacks entirely inside pyspark/daemon.py are removed.
+DAEMON_SHUTDOWN_TRACE = re.compile(
+    r"Traceback \(most recent call last\):\n"
+    r"(?:  File \"[^\"\n]*pyspark/daemon\.py\", line \d+, in \w+\n(?:    [^\n]*\n)*)+"
+    r"BrokenPipeError: [^\n]*\n?")
+
+
+def without_daemon_shutdown_noise(output):
+    return DAEMON_SHUTDOWN_TRACE.sub("", output)
+
+
+def test_daemon_shutdown_noise_filter_keeps_other_tracebacks():
+    noise = ('Traceback (most recent call last):\n'
+             '  File "/v/pyspark.zip/pyspark/daemon.py", line 264, in manager\n'
+             '  File "/v/pyspark.zip/pyspark/daemon.py", line 95, in worker\n'
+             'BrokenPipeError: [Errno 32] Broken pipe\n')
+    ours = ('Traceback (most recent call last):\n'
+            '  File "/work/spark/train_model.py", line 9, in main\n'
+            'BrokenPipeError: [Errno 32] Broken pipe\n')
+    assert without_daemon_shutdown_noise("a\n" + noise + "b\n") == "a\nb\n"
+    assert "Traceback" in without_daemon_shutdown_noise(noise + ours)
+
+
 def test_spark_submit_reports_bad_input_without_partial_output(workdir):
     bad = workdir / "bad.txt"
     bad.write_text(encode_vector_line("a", np.ones(4)) + "\nnot a record\n")
@@ -142,7 +167,8 @@ def test_spark_submit_reports_bad_input_without_partial_output(workdir):
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr  # spark-submit merges the driver's stderr into stdout
     assert "train_model.py: error: 1 malformed record(s)" in output
-    assert "--skip_bad_records" in output and "Traceback" not in output
+    assert "--skip_bad_records" in output
+    assert "Traceback" not in without_daemon_shutdown_noise(output), output
     assert not out.exists()
 
 
