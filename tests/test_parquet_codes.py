@@ -193,3 +193,88 @@ def test_tasks_balance_the_cores_and_cap_their_rows():
     cap = parquet.TASK_ROWS
     big = [RowGroup(i, "f", i, cap // 2) for i in range(9)]
     assert len(_tasks(big, 2)) == 5  # 4.5 caps of rows: 5 tasks, not 2
+
+
+# ------------------------------------------------------------ training reads (load_blocks)
+READ = "with pyarrow on the executors"
+
+
+def loaded_rows(blocks):
+    ids, X = [], []
+    for block_ids, block in blocks.collect():
+        ids += [] if block_ids is None else list(block_ids)
+        X.append(block)
+    return ids, np.concatenate(X)
+
+
+def test_training_reads_parquet_files_with_pyarrow_row_for_row(sc, data, tmp_path, caplog):
+    """load_blocks (train_model.py, train_pca.py, search.py --data) on local Parquet
+    files: the executors read the row groups (the log says so), every row arrives once
+    with its id, float64 files become float32 rows."""
+    import logging
+
+    from lopq.spark.data import load_blocks
+    X, _ = data
+    write_files(tmp_path / "table", X, np.arange(len(X)) + 1000)
+    with caplog.at_level(logging.INFO, logger="lopq"):
+        blocks, n, D = load_blocks(sc, str(tmp_path / "table"), data_format="parquet",
+                                   vector_col="emb", id_col="key", with_ids=True)
+    assert READ in caplog.text
+    assert (n, D) == X.shape
+    ids, got = loaded_rows(blocks)
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(np.asarray(ids)[order], np.arange(len(X)) + 1000)
+    np.testing.assert_array_equal(got[order], X)
+    # Training needs no id column.
+    write_files(tmp_path / "no_ids", X[:300], np.arange(300))
+    for f in (tmp_path / "no_ids").iterdir():
+        pq.write_table(pq.read_table(str(f)).drop(["key"]), str(f))
+    blocks, n, D = load_blocks(sc, str(tmp_path / "no_ids"), data_format="parquet",
+                               vector_col="emb")
+    assert (n, D) == (300, 16)
+    _, got = loaded_rows(blocks)
+    np.testing.assert_array_equal(np.sort(got, axis=0), np.sort(X[:300], axis=0))
+
+
+def test_parquet_sampling_is_seeded_and_a_subset(sc, data, tmp_path):
+    from lopq.spark.data import load_blocks
+    X, _ = data
+    write_files(tmp_path / "table", X, np.arange(len(X)))
+
+    def sample(seed):
+        blocks, n, _ = load_blocks(sc, str(tmp_path / "table"), data_format="parquet",
+                                   vector_col="emb", id_col="key", with_ids=True,
+                                   sampling_ratio=0.3, seed=seed)
+        ids, got = loaded_rows(blocks)
+        assert n == len(ids)
+        np.testing.assert_array_equal(got, X[ids])
+        return sorted(ids)
+
+    first = sample(4)
+    assert first == sample(4) != sample(5)
+    # 1500 Bernoulli(0.3) draws: 450 expected, sd 17.7
+    assert 350 < len(first) < 550
+
+
+def test_parquet_training_bad_rows_are_named_or_skipped(sc, data, tmp_path):
+    from lopq.spark.data import load_blocks
+    from lopq.spark.errors import DataError
+    X, _ = data
+    X = X[:50].copy()
+    X[7, 3] = np.nan
+    emb = vectors(X).to_pylist()
+    emb[20] = None
+    folder = tmp_path / "table"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": [f"v{i}" for i in range(50)],
+                             "features": pa.array(emb, pa.list_(pa.float32()))}),
+                   str(folder / "x.parquet"), row_group_size=20)
+    with pytest.raises(DataError) as err:
+        load_blocks(sc, str(folder), data_format="parquet")
+    message = str(err.value)
+    assert message.startswith(f"2 malformed record(s) in --data {folder} (column "
+                              "'features'), e.g. column 'features', row with id 'v7': the "
+                              "vector has NaN or infinite values"), message
+    assert "'v20': the vector is null" in message and "--skip_bad_records" in message
+    _, n, D = load_blocks(sc, str(folder), data_format="parquet", skip_bad_records=True)
+    assert (n, D) == (48, 16)

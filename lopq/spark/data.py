@@ -294,6 +294,10 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     if not 0.0 < sampling_ratio <= 1.0:
         raise DataError(f"--sampling_ratio must be in (0, 1], got {sampling_ratio}")
     where = f"{flag} {data_path}" + (f" (--data_udf {data_udf})" if data_udf else "")
+    # Parquet files the executors can open are read with pyarrow, as compute_codes.py
+    # reads them; other tables go through a DataFrame.
+    units = _parquet_units(sc, data_path, vector_col, id_col, with_ids) \
+        if data_format == "parquet" and not data_udf else None
     if data_udf:
         udf = load_udf(data_udf)
         try:
@@ -309,6 +313,14 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
         parsed = records.mapPartitions(
             lambda items: _blocks_from_records(items, with_ids, block_rows))
         describe = _describe_udf_record
+    elif units is not None:
+        from .frames import describe_frame_record
+        from .parquet import row_group_blocks
+        parsed = _resized(sc, row_group_blocks(sc, units, vector_col, id_col, with_ids,
+                                               block_rows, sampling_ratio, seed))
+        return checked_blocks(sc, parsed, describe_frame_record(vector_col, id_col),
+                              f"{where} (column {vector_col!r})", skip_bad_records,
+                              sampling_ratio)
     elif data_format != "text":
         from pyspark.sql import SparkSession
         df = read_table(SparkSession.builder.getOrCreate(), sc, data_path, data_format,
@@ -329,6 +341,16 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
         parsed = records.mapPartitions(
             lambda items: _blocks_from_records(items, with_ids, block_rows))
     return checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio)
+
+
+def _parquet_units(sc, data_path, vector_col, id_col, with_ids):
+    """`parquet.row_groups` of ``data_path``, or None where Spark must read it (and
+    name what is wrong: a missing path, a column of another type, ...)."""
+    from .parquet import row_groups
+    try:
+        return row_groups(sc, data_path, vector_col, id_col, id_required=with_ids) or None
+    except (FileNotFoundError, ValueError, ImportError):
+        return None
 
 
 def read_table(spark, sc, data_path, data_format, flag="--data"):

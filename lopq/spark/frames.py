@@ -97,27 +97,36 @@ def arrow_matrix(values):
     return groups, bad, n_bad
 
 
+def batch_blocks(batch, vector_name, id_name, with_ids, keep=None):
+    """One Arrow batch (or table) as ``(ids, X, report)`` blocks (see
+    `data.checked_blocks`): a first block reporting the bad rows, then one block per
+    vector length. ``keep``: an optional boolean mask of the rows to read (sampling)."""
+    names = batch.schema.names
+    if keep is not None:
+        batch = batch.filter(keep)
+    groups, bad, n_bad = arrow_matrix(batch.column(names.index(vector_name)))
+    all_ids = None
+    if id_name is not None and id_name in names:
+        all_ids = batch.column(names.index(id_name)).to_numpy(zero_copy_only=False)
+    examples = [(None, None if all_ids is None else _item(all_ids[row]),
+                 reason if all_ids is not None else
+                 f"{reason} (row {row} of an Arrow batch)") for row, reason in bad]
+    out = [(None, np.empty((0, 0), dtype=np.float32), (n_bad, examples[:MAX_EXAMPLES], {}))]
+    for rows, X in groups:
+        first = None if all_ids is None else _item(all_ids[rows[0]])
+        ids = all_ids[rows] if with_ids and all_ids is not None else None
+        out.append((ids, X, (0, [], {X.shape[1]: [X.shape[0], (None, first)]})))
+    return out
+
+
 def _frame_blocks(vector_name, id_name, with_ids):
     """mapInArrow function: each batch -> rows holding a pickled block and report."""
     import pyarrow as pa
 
     def run(batches):
         for batch in batches:
-            names = batch.schema.names
-            groups, bad, n_bad = arrow_matrix(batch.column(names.index(vector_name)))
-            all_ids = None
-            if id_name is not None and id_name in names:
-                all_ids = batch.column(names.index(id_name)).to_numpy(zero_copy_only=False)
-            examples = [(None, None if all_ids is None else _item(all_ids[row]),
-                         reason if all_ids is not None else
-                         f"{reason} (row {row} of an Arrow batch)") for row, reason in bad]
-            out = [(None, np.empty((0, 0), dtype=np.float32),
-                    (n_bad, examples[:MAX_EXAMPLES], {}))]
-            for rows, X in groups:
-                first = None if all_ids is None else _item(all_ids[rows[0]])
-                ids = all_ids[rows] if with_ids and all_ids is not None else None
-                out.append((ids, X, (0, [], {X.shape[1]: [X.shape[0], (None, first)]})))
-            payloads = [pickle.dumps(block, protocol=4) for block in out]
+            payloads = [pickle.dumps(block, protocol=4)
+                        for block in batch_blocks(batch, vector_name, id_name, with_ids)]
             yield pa.RecordBatch.from_arrays([pa.array(payloads, pa.binary())], ["block"])
     return run
 

@@ -15,6 +15,8 @@ import logging
 import os
 import uuid
 
+import numpy as np
+
 from . import fs
 from .errors import DataError
 
@@ -37,11 +39,11 @@ def _is_vector_type(arrow_type):
         (pa.types.is_float32(arrow_type.value_type) or pa.types.is_float64(arrow_type.value_type))
 
 
-def row_groups(sc, data_path, vector_col, id_col):
+def row_groups(sc, data_path, vector_col, id_col, id_required=True):
     """The row groups of the Parquet files at ``data_path`` when every file is local (or
-    on a shared mount), holds ``id_col`` and a list-of-float ``vector_col``, and all agree
-    on their types; else None (the caller reads the data through Spark, which also gives
-    the errors for missing or mistyped columns)."""
+    on a shared mount), holds a list-of-float ``vector_col`` and ``id_col`` (unless not
+    ``id_required``), and all agree on their types; else None (the caller reads the data
+    through Spark, which also gives the errors for missing or mistyped columns)."""
     import pyarrow.parquet as pq
     units, types = [], None
     for uri, _ in fs.input_files(sc, data_path):
@@ -53,15 +55,54 @@ def row_groups(sc, data_path, vector_col, id_col):
         except Exception:  # noqa: BLE001 - not Parquet: let Spark's reader say so
             return None
         schema = meta.schema.to_arrow_schema()
-        if vector_col not in schema.names or id_col not in schema.names:
+        if vector_col not in schema.names or (id_required and id_col not in schema.names):
             return None
-        file_types = (schema.field(vector_col).type, schema.field(id_col).type)
+        file_types = (schema.field(vector_col).type,
+                      schema.field(id_col).type if id_col in schema.names else None)
         if not _is_vector_type(file_types[0]) or types not in (None, file_types):
             return None
         types = file_types
         units += [RowGroup(len(units) + g, path, g, meta.row_group(g).num_rows)
                   for g in range(meta.num_row_groups)]
     return units
+
+
+def _read_row_groups(vector_col, id_col, with_ids, block_rows, sampling_ratio, seed):
+    """Task function: the rows of each row group as ``(ids, X, report)`` blocks of at
+    most ``block_rows`` rows (`lopq.spark.data.checked_blocks` adds up the reports).
+    Sampling is a Bernoulli draw per row, seeded by the seed, the row group and the
+    batch, so that a retried task reads the same rows."""
+    base_seed = 0 if seed is None else int(seed)
+
+    def run(units):
+        import pyarrow.parquet as pq
+
+        from .frames import batch_blocks
+        for unit in units:
+            reader = pq.ParquetFile(unit.path)
+            ids = id_col if id_col in reader.schema_arrow.names else None
+            columns = [vector_col] + ([ids] if ids is not None else [])
+            for number, batch in enumerate(reader.iter_batches(
+                    block_rows, row_groups=[unit.group], columns=columns, use_threads=False)):
+                keep = None
+                if sampling_ratio < 1.0:
+                    rng = np.random.RandomState(
+                        (base_seed * 1000003 + unit.index * 7919 + number) % (2 ** 32))
+                    keep = rng.random_sample(batch.num_rows) < sampling_ratio
+                yield from batch_blocks(batch, vector_col, ids, with_ids, keep)
+    return run
+
+
+def row_group_blocks(sc, units, vector_col, id_col, with_ids, block_rows,
+                     sampling_ratio=1.0, seed=None):
+    """An RDD of ``(ids, X, report)`` blocks read by the executors from ``units`` (from
+    `row_groups`) with pyarrow: no row goes through Spark's own rows (see the module
+    docstring). One partition per task of `_tasks`."""
+    tasks = _tasks(units, sc.defaultParallelism)
+    log.info("reading %d rows in %d row groups with pyarrow on the executors",
+             sum(u.rows for u in units), len(units))
+    return sc.parallelize(tasks, len(tasks)).flatMap(lambda task: task).mapPartitions(
+        _read_row_groups(vector_col, id_col, with_ids, block_rows, sampling_ratio, seed))
 
 
 #: Parquet columns written with dictionary pages: the codes (few distinct values), not

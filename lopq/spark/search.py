@@ -511,29 +511,67 @@ def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SH
 
 
 def _with_vectors(codes, vectors):
-    """Codes joined with their items' vectors by id: RDD of (ids, coarse, fine, X)."""
-    def code_rows(parts):
-        for ids, coarse, fine in parts:
-            for i, key in enumerate(ids):
-                yield key, (coarse[i], fine[i])
+    """Codes joined with their items' vectors by id: RDD of (ids, coarse, fine, X).
 
-    def vector_rows(blocks):
-        for ids, X in blocks:
-            for i, key in enumerate(ids):
-                yield id_value(key), X[i]
+    Columnar: both sides are cut into blocks by a hash of the id, shuffled as blocks, and
+    each partition joins its blocks with one sort (no Python object per row but the ids).
+    An item whose id appears more than once in the vectors gets the first of them; codes
+    without a vector are left out (as an inner join)."""
+    partitions = max(codes.getNumPartitions(), vectors.getNumPartitions())
+    keyed = codes.mapPartitions(_id_buckets("c", partitions)).union(
+        vectors.mapPartitions(_id_buckets("v", partitions)))
+    return keyed.partitionBy(partitions, _bucket_partition).mapPartitions(_join_buckets)
 
-    def blocks(items):
-        ids, coarse, fine, X = [], [], [], []
-        for key, (code, vector) in items:
-            ids.append(key)
-            coarse.append(code[0])
-            fine.append(code[1])
-            X.append(vector)
-        if ids:
-            yield ids, np.stack(coarse), np.stack(fine), np.stack(X).astype(np.float32)
 
-    joined = codes.mapPartitions(code_rows).join(vectors.mapPartitions(vector_rows))
-    return joined.mapPartitions(blocks)
+def _id_keys(ids):
+    """Ids as a fixed-width unicode array, equal where `id_value` makes them equal (a
+    numeric text and its int give the same key)."""
+    return np.array([id_value(key) for key in ids], dtype=str) if len(ids) else \
+        np.empty(0, dtype="<U1")
+
+
+def _id_buckets(kind, partitions):
+    """Blocks ``(ids, arrays...)`` -> ``(bucket, (kind, keys, ids, arrays...))`` per
+    bucket, with a hash of the key's characters (the same on every executor, unlike
+    Python's salted ``hash``)."""
+    def run(parts):
+        for part in parts:
+            ids = np.empty(len(part[0]), dtype=object)
+            ids[:] = list(part[0])
+            keys = _id_keys(ids)
+            if keys.size == 0:
+                continue
+            chars = keys.view(np.uint32).reshape(keys.size, -1).astype(np.uint64)
+            weights = (np.uint64(1000003) ** np.arange(chars.shape[1], dtype=np.uint64))
+            buckets = ((chars * weights).sum(axis=1) % np.uint64(partitions)).astype(np.int64)
+            order = np.argsort(buckets, kind="stable")
+            bounds = np.flatnonzero(np.diff(buckets[order])) + 1
+            for rows in np.split(order, bounds):
+                yield int(buckets[rows[0]]), (kind, keys[rows], ids[rows]) + tuple(
+                    np.asarray(a)[rows] for a in part[1:])
+    return run
+
+
+def _bucket_partition(bucket):
+    return bucket
+
+
+def _join_buckets(items):
+    codes, vectors = [], []
+    for _, block in items:
+        (codes if block[0] == "c" else vectors).append(block)
+    if not codes or not vectors:
+        return
+    vkeys = np.concatenate([b[1] for b in vectors])
+    order = np.argsort(vkeys, kind="stable")  # stable: the first of equal ids first
+    sorted_keys = vkeys[order]
+    X = np.concatenate([b[3] for b in vectors])
+    for _, keys, ids, coarse, fine in codes:
+        at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+        found = sorted_keys[at] == keys
+        if found.any():
+            yield (list(ids[found]), coarse[found], fine[found],
+                   X[order[at[found]]].astype(np.float32, copy=False))
 
 
 def decoded_queries(codes, model):
