@@ -18,7 +18,7 @@ system-deps:
 	    openjdk-17-jre-headless python3-venv; \
 	fi
 
-$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt lopq/_kernels/_cython.pyx lopq/_kernels/_search.pyx $(wildcard lopq/_kernels/_fused*)
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt lopq/_kernels/_cython.pyx lopq/_kernels/_search.pyx lopq/_kernels/_lines.pyx $(wildcard lopq/_kernels/_fused*)
 	$(MAKE) system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

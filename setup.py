@@ -20,7 +20,10 @@ def _kernel_extension(name, pyx):
 
 
 extensions = [_kernel_extension("lopq._kernels._cython", "_cython.pyx"),
-              _kernel_extension("lopq._kernels._search", "_search.pyx")]
+              _kernel_extension("lopq._kernels._search", "_search.pyx"),
+              # Reading the default data format's lines (lopq.formats.VectorLineDecoder)
+              Extension("lopq._kernels._lines", ["lopq/_kernels/_lines.pyx"],
+                        extra_compile_args=["-O3"])]
 
 setup(
     name="lopq",

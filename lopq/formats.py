@@ -21,7 +21,10 @@ against the installed protobuf runtime.
 import base64
 import binascii
 import json
+import os
 import pickle
+import re
+import struct
 import warnings
 
 import numpy as np
@@ -250,20 +253,222 @@ OBJECT_PICKLE_GLOBALS = ARRAY_PICKLE_GLOBALS | frozenset(
      ("collections", "OrderedDict"), ("lopq.model", "LOPQModel")}
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+# Numpy rebuilds arrays and dtypes from the state a pickle hands it, and some malformed
+# states crash the process (found by fuzzing the data format: a dtype state of 7 items
+# segfaults). So a pickle never reaches numpy's own __setstate__: the globals below stand
+# in for numpy's, check every argument and state against what numpy itself writes, and
+# only then build the array from its bytes.
+_DTYPE_SPEC = re.compile(r"[<>|=]?[bBhHiIlLqQefdgFDG?][0-9]{0,2}\Z|[<>|=]?[biufcO][0-9]{1,2}\Z")
+_MAX_ITEMS = 1 << 40
+
+
+def _bad_state(what, detail):
+    raise pickle.UnpicklingError(f"the pickle's {what} is not one numpy writes ({detail})")
+
+
+def _shown(value):
+    """A short, stable description of an unpickled value for messages (no addresses)."""
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_shown(v) for v in value[:10]) + (", ...)" if len(value) > 10
+                                                                   else ")")
+    if value is None or type(value) in (bool, int, float) or \
+            (isinstance(value, (str, bytes)) and len(value) <= 16):
+        return repr(value)
+    return type(value).__name__.lstrip("_")
+
+
+class _PickledDtype:
+    """``numpy.dtype(spec, align, copy)`` then its state: numeric and boolean dtypes, and
+    object arrays only so far as to say what they hold (their items are plain values)."""
+
+    def __init__(self, spec, align=False, copy=True):
+        if isinstance(spec, bytes):
+            spec = spec.decode("latin-1")
+        if not isinstance(spec, str) or not _DTYPE_SPEC.match(spec):
+            _bad_state("dtype", f"type {_shown(spec)}")
+        self.dtype = np.dtype(spec)
+        if self.dtype.kind not in "biufcO" or self.dtype.fields or self.dtype.subdtype:
+            _bad_state("dtype", f"type {_shown(spec)}")
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4) \
+                or state[1] not in ("<", ">", "|", "=") or state[2:5] != (None, None, None) \
+                or state[5:7] != (-1, -1) or state[7] != (63 if self.dtype.kind == "O" else 0) \
+                or (len(state) == 9 and state[8] is not None):
+            _bad_state("dtype state", _shown(state))
+        if state[1] in "<>" and self.dtype.itemsize > 1 and self.dtype.kind != "O":
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _checked_dtype(value):
+    if isinstance(value, _PickledDtype):
+        return value.dtype
+    _bad_state("array", f"dtype {type(value).__name__}")
+
+
+def _checked_shape(shape):
+    if not isinstance(shape, tuple) or len(shape) > 32 or not all(
+            type(n) is int and 0 <= n <= _MAX_ITEMS for n in shape):
+        _bad_state("array", f"shape {_shown(shape)}")
+    items = 1
+    for n in shape:
+        items *= n
+    if items > _MAX_ITEMS:
+        _bad_state("array", f"shape {_shown(shape)}")
+    return items
+
+
+def _array_from_bytes(data, dtype, shape, fortran):
+    if dtype.kind == "O":
+        # An object array pickles its items as a list; the unpickler has built them from
+        # allowed globals only, and the caller refuses the array by its dtype.
+        if not isinstance(data, list) or len(data) != _checked_shape(shape):
+            _bad_state("array", f"object data for shape {_shown(shape)}")
+        array = np.empty(len(data), dtype=object)
+        array[:] = data
+        return array.reshape(shape, order="F" if fortran else "C")
+    if isinstance(data, str):  # Python 2 pickles read with encoding="latin1"
+        data = data.encode("latin-1")
+    if not isinstance(data, (bytes, bytearray)):
+        _bad_state("array", f"data of type {type(data).__name__}")
+    if len(data) != _checked_shape(shape) * dtype.itemsize:
+        _bad_state("array", f"{len(data)} bytes for shape {shape} of {dtype}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy(
+        order="K")
+
+
+class _PickledArray:
+    """``numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')`` then its state
+    ``(version, shape, dtype, is_fortran, data)``."""
+
+    def __init__(self, subtype, shape, typecode):
+        if subtype is not _PickledNdarrayType or shape != (0,) or typecode not in (b"b", "b"):
+            _bad_state("array", "a _reconstruct call")
+        self.array = None
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            _bad_state("array state", _shown(state))
+        if len(state) == 5:
+            if state[0] != 1:
+                _bad_state("array state", f"version {_shown(state[0])}")
+            state = state[1:]
+        shape, dtype, fortran, data = state
+        if type(fortran) not in (bool, int):
+            _bad_state("array state", f"order {_shown(fortran)}")
+        self.array = _array_from_bytes(data, _checked_dtype(dtype), shape, bool(fortran))
+
+
+class _PickledNdarrayType:
+    """Stands for ``numpy.ndarray`` in a pickle: only `_PickledArray` takes it."""
+
+    def __init__(self, *args):
+        _bad_state("array", "a direct numpy.ndarray call")
+
+
+def _pickled_scalar(dtype, data):
+    dtype = _checked_dtype(dtype)
+    if dtype.kind == "O":
+        _bad_state("scalar", "of object type")
+    return _array_from_bytes(data, dtype, (), False)[()]
+
+
+def _pickled_frombuffer(buffer, dtype, shape, order):
+    if isinstance(buffer, memoryview):
+        buffer = buffer.tobytes()
+    if order not in ("C", "F"):
+        _bad_state("array", f"order {_shown(order)}")
+    if _checked_dtype(dtype).kind == "O":
+        _bad_state("array", "an object buffer")
+    return _array_from_bytes(buffer, _checked_dtype(dtype), shape, order == "F")
+
+
+class _PickledModel:
+    """Stands for ``lopq.model.LOPQModel`` while unpickling: keeps its state until the
+    arrays in it are built (see `_built`)."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+#: What the checked stand-ins replace.
+_STAND_INS = {("numpy", "dtype"): _PickledDtype, ("numpy", "ndarray"): _PickledNdarrayType}
+for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _STAND_INS[(_module, "_reconstruct")] = _PickledArray
+    _STAND_INS[(_module, "scalar")] = _pickled_scalar
+for _module in ("numpy.core.numeric", "numpy._core.numeric"):
+    _STAND_INS[(_module, "_frombuffer")] = _pickled_frombuffer
+
+
+def _built(value, what):
+    """The unpickled value with every stand-in replaced by what it stands for."""
+    if isinstance(value, _PickledArray):
+        if value.array is None:
+            _bad_state("array", "no state")
+        return value.array
+    if isinstance(value, _PickledDtype):
+        return value.dtype
+    if isinstance(value, _PickledModel):
+        from .model import LOPQModel
+        model = LOPQModel.__new__(LOPQModel)
+        model.__setstate__(_built(getattr(value, "state", None), what))
+        return model
+    if type(value) is list:
+        return [_built(v, what) for v in value]
+    if type(value) is tuple:
+        return tuple(_built(v, what) for v in value)
+    if type(value) is dict:
+        return {_built(k, what): _built(v, what) for k, v in value.items()}
+    return value
+
+
+class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that builds only the globals in ``allowed`` (numpy arrays, plain
-    containers, ...) and refuses the rest, so loading a file never runs its code."""
+    containers, ...) and refuses the rest, so loading a file never runs its code. Numpy's
+    arrays, dtypes and our model are built by checked stand-ins (see `load`).
+
+    It is Python's own unpickler, not the C one: the C unpickler sizes its memo by the
+    largest index a PUT names, so a 300-byte line whose one byte was changed made it
+    allocate gigabytes for seconds (found by fuzzing); here the memo is a dict, and no
+    length a pickle states is allocated beyond the bytes it really has."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, allowed, what):
         super().__init__(file, encoding="latin1")
         self.allowed = allowed
         self.what = what
+        self._size = len(file.getbuffer()) if hasattr(file, "getbuffer") else None
+
+    def _load_bytearray8(self):
+        (size,) = struct.unpack("<Q", self.read(8))
+        if self._size is not None and size > self._size:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 of {size} bytes in a pickle of "
+                                         f"{self._size}")
+        self.append(bytearray(self.read(size)) if size else bytearray())
+        if len(self.stack[-1]) != size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+
+    def _load_string(self):
+        # Python 2 STRING: pickle reads it leniently, as Python 2 did; a stray backslash
+        # in a bad record is no reason for a warning per line
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pickle._Unpickler.load_string(self)
+
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+    dispatch[pickle.STRING[0]] = _load_string
 
     def find_class(self, module, name):
         if (module, name) in self.allowed:
-            return super().find_class(module, name)
+            if (module, name) == ("lopq.model", "LOPQModel"):
+                return _PickledModel
+            return _STAND_INS.get((module, name)) or super().find_class(module, name)
         raise pickle.UnpicklingError(f"the pickle asks for {module}.{name}, which is not "
                                      f"allowed in {self.what}")
+
+    def load(self):
+        return _built(super().load(), self.what)
 
 
 def load_array_pickle(raw):
@@ -455,7 +660,9 @@ class VectorPickleLayout:
                     if len(quoted) < 2 or quoted[:1] not in (b"'", b'"') \
                             or quoted[-1:] != quoted[:1]:
                         return None
-                    data = codecs.escape_decode(quoted[1:-1])[0]
+                    with warnings.catch_warnings():  # as pickle's own STRING reading:
+                        warnings.simplefilter("ignore", DeprecationWarning)  # lenient
+                        data = codecs.escape_decode(quoted[1:-1])[0]
         except (UnicodeError, ValueError):
             return None
         return data if len(data) == self.nbytes else None
@@ -483,6 +690,33 @@ class VectorLineDecoder:
             ``first .. first + k - 1``) and ``("line", index, key, vector, error)`` for
             the others (``vector`` None and ``error`` the message when the line is bad).
         """
+        compiled = _compiled_lines()
+        if compiled is None:
+            return self._decode_in_python(lines)
+        lines = lines if isinstance(lines, list) else list(lines)
+        out, index, last = [], 0, None
+        while index < len(lines):
+            # the previous run's layout first: files hold one kind of pickle
+            for layout in ([last] if last is not None else []) + \
+                    [x for x in self.layouts if x is not last]:
+                rows = np.empty((len(lines) - index, layout.nbytes), dtype=np.uint8)
+                count, keys = compiled.decode_run(lines, index, len(lines), layout.prefix,
+                                                  layout.suffix, _KIND_CODES[layout.kind],
+                                                  layout.length_bytes, rows)
+                if count:
+                    rows = rows[:count] if 2 * count > len(rows) else rows[:count].copy()
+                    out.append(("rows", index, keys,
+                                rows.view(layout.dtype).reshape(count, layout.dim)))
+                    index, last = index + count, layout
+                    break
+            else:
+                # no layout reads it: the Python path (which may learn a new layout)
+                for item in self._decode_in_python(lines[index:index + 1]):
+                    out.append(item[:1] + (index,) + item[2:])
+                index += 1
+        return out
+
+    def _decode_in_python(self, lines):
         out = []
         run_layout, run_keys, run_data, run_first = None, [], [], 0
 
@@ -528,6 +762,22 @@ class VectorLineDecoder:
             run_data.append(data)
         close_run()
         return out
+
+
+#: `lopq._kernels._lines` codes of the layout kinds.
+_KIND_CODES = {"bytes": 0, "utf8": 1, "unicode_line": 2, "string_line": 3}
+
+
+def _compiled_lines():
+    """The compiled line reader, or None (running from a --py-files zip, or
+    LOPQ_PURE_PYTHON_LINES=1 to compare): then `VectorLineDecoder` reads in Python."""
+    if os.environ.get("LOPQ_PURE_PYTHON_LINES") == "1":
+        return None
+    try:
+        from ._kernels import _lines
+    except ImportError:
+        return None
+    return _lines
 
 
 def format_code_line(key, coarse, fine):

@@ -137,7 +137,9 @@ def main(argv=None):
             raise cli.UsageError(f"--metric {metric}, but the existing model is of metric "
                                  f"{model.metric}: train a new model for {metric} (no "
                                  "--existing_model_*) or drop --metric")
+        load_started = time.time()
         blocks, n, D = load_blocks(sc, args.data, **cli.data_options(args))
+        loading = time.time() - load_started
         if model is not None and model.dim is not None and model.dim != D:
             raise cli.UsageError(f"the existing model is for vectors of dimension "
                                  f"{model.dim} but --data has vectors of dimension {D}")
@@ -164,7 +166,8 @@ def main(argv=None):
                               args.rotation_refinement_iters, n, args.rotation_shrinkage,
                               metric=metric, dim=D, max_norm=max_norm)
         cli.save_model(sc, trained, args.model_pkl, args.model_proto, args.overwrite)
-        steps = ", ".join(f"{k} {v:.1f} s" for k, v in trained.timings.items())
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in
+                          {"loading": loading, **trained.timings}.items())
         print(f"trained {trained} on {n} vectors: {steps}; total {time.time() - started:.1f} s")
 
 

@@ -3,40 +3,18 @@ decoder it stands in for: the same ids and values for every pickle flavour, the 
 error for every bad line, and no code run by any line."""
 
 import base64
-import codecs
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
 
+from lopq.datasets import python2_vector_line
 from lopq.formats import VectorLineDecoder, decode_vector_line, encode_vector_line
 
 
-class Python2Pickler(pickle._Pickler):
-    """Pickles bytes as Python 2 pickled its ``str``: STRING (protocol 0, a quoted
-    literal), SHORT_BINSTRING or BINSTRING (protocols 1-2); numpy arrays keep their data
-    in such a string, which is what the reference's Python 2 users have on disk."""
-
-    def save_bytes(self, obj):
-        if self.proto == 0:
-            self.write(b"S'" + codecs.escape_encode(obj)[0] + b"'\n")
-        elif len(obj) < 256:
-            self.write(b"U" + bytes([len(obj)]) + obj)
-        else:
-            self.write(b"T" + struct.pack("<I", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch = dict(pickle._Pickler.dispatch)
-    dispatch[bytes] = save_bytes
-
-
 def python2_line(key, vector, protocol):
-    import io
-    buffer = io.BytesIO()
-    Python2Pickler(buffer, protocol).dump(np.asarray(vector))
-    return f"{key}\t{base64.b64encode(buffer.getvalue()).decode()}"
+    return python2_vector_line(key, vector, protocol)
 
 
 def line(key, vector, protocol):
@@ -161,3 +139,97 @@ def test_code_lines_of_a_block_are_the_per_row_lines_byte_for_byte():
         want = "\n".join(format_code_line(k, c, f) for k, c, f in zip(keys, coarse, fine))
         assert format_code_lines(keys, coarse, fine) == want
     assert format_code_lines([], np.zeros((0, 2), int), np.zeros((0, 4), int)) == ""
+
+
+# ------------------------------------------- the compiled line reader (lopq._kernels._lines)
+INTERESTING = b"\\'\"\nux0123456789abcdefU\xc3\xc2\x80\xbf\x00\r\t=S"
+
+
+def mutated(text, rng):
+    """``text`` with one byte of its pickle changed, inserted or dropped (often a byte
+    that means something to one of the framings: quotes, backslashes, u, x, hex digits,
+    UTF-8 lead and continuation bytes, newlines)."""
+    key, payload = text.split("\t")
+    raw = bytearray(base64.b64decode(payload))
+    at = rng.randint(len(raw))
+    value = INTERESTING[rng.randint(len(INTERESTING))] if rng.rand() < 0.8 \
+        else rng.randint(256)
+    action = rng.randint(3)
+    if action == 0:
+        raw[at] = value
+    elif action == 1:
+        raw.insert(at, value)
+    else:
+        del raw[at]
+    return f"{key}\t{base64.b64encode(bytes(raw)).decode()}"
+
+
+@pytest.mark.parametrize("name,make", FLAVOURS, ids=[n for n, _ in FLAVOURS])
+def test_compiled_reader_equals_python_on_mutated_pickles(name, make, monkeypatch):
+    """Every line, mutated or not, gets from the compiled reader exactly what the
+    per-line decoder says of it; and the decoder without the compiled reader agrees."""
+    from lopq import formats
+    if formats._compiled_lines() is None:
+        pytest.skip("the compiled line reader is not built")
+    rng = np.random.RandomState(7)
+    X = rng.randn(40, 24).astype(np.float32)
+    # data bytes that are escapes to one framing or another
+    X[1] = np.frombuffer((b"\\u00e9\\\\u0041\\\\\\u0042\\x41'\"\n\r\\U0001" * 6)[:96],
+                         dtype=np.float32)
+    X[2] = np.frombuffer(bytes(range(160, 256)), dtype=np.float32)
+    good = [make(f"k{i}", x) for i, x in enumerate(X)]
+    lines = good[:5] + [mutated(good[5 + i % 35], rng) for i in range(1500)] + good[5:]
+    lines += [make("clé ünïcode", X[0]), make("", X[3]), good[0] + "\r\n", good[1] + "\n\n"]
+    want = per_line(lines)
+    assert_same(flattened(VectorLineDecoder().decode(lines)), want)
+    monkeypatch.setenv("LOPQ_PURE_PYTHON_LINES", "1")
+    assert formats._compiled_lines() is None
+    assert_same(flattened(VectorLineDecoder().decode(lines)), want)
+
+
+def test_compiled_reader_reads_runs_and_stops_at_the_first_other_line():
+    from lopq import formats
+    compiled = formats._compiled_lines()
+    if compiled is None:
+        pytest.skip("the compiled line reader is not built")
+    X = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    lines = [line(f"r{i}", x, 3) for i, x in enumerate(X)]
+    decoder = VectorLineDecoder()
+    decoder.decode(lines[:1])
+    layout = decoder.layouts[0]
+    lines[3] = "r3\tnot base64"
+    out = np.zeros((5, layout.nbytes), dtype=np.uint8)
+    count, keys = compiled.decode_run(lines, 1, 5, layout.prefix, layout.suffix,
+                                      formats._KIND_CODES[layout.kind], layout.length_bytes,
+                                      out)
+    assert (count, keys) == (2, ["r1", "r2"])
+    np.testing.assert_array_equal(out[:2].view(np.float32), X[1:3])
+    with pytest.raises(ValueError, match="fewer rows"):
+        compiled.decode_run(lines, 0, 5, layout.prefix, layout.suffix, 0,
+                            layout.length_bytes, out[:2])
+
+
+@pytest.mark.parametrize("stated", [b"r\x00\x00\x00\x01",
+                                    b"\x96\x00\x00\x00\x66\x00\x00\x00\x00"])
+def test_a_stated_size_beyond_the_pickle_allocates_nothing_large(stated):
+    """A pickle of a few hundred bytes naming memo slot 2**24 (LONG_BINPUT) or a
+    BYTEARRAY8 of 400 GB is read (the first) or refused (the second) without the
+    unpickler allocating for it (the C unpickler sized its memo by the index:
+    gigabytes and seconds per such line)."""
+    import tracemalloc
+    good = base64.b64decode(line("k", np.zeros(24, np.float32), 5).split("\t")[1])
+    at = good.index(b"\x94(") + 1  # after the first memo put, before the tuple's MARK
+    bad = good[:at] + stated + good[at:]
+    text = f"k\t{base64.b64encode(bad).decode()}"
+    tracemalloc.start()
+    try:
+        got = per_line([text])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    if stated[:1] == b"r":  # a legal memo slot, however far: the vector reads
+        assert got[0][0] == "k"
+        np.testing.assert_array_equal(got[0][1], np.zeros(24, np.float32))
+    else:
+        assert got[0].startswith("the data is base64 but not a pickle")
+    assert peak < 10 * 2 ** 20
