@@ -233,3 +233,46 @@ def test_a_stated_size_beyond_the_pickle_allocates_nothing_large(stated):
     else:
         assert got[0].startswith("the data is base64 but not a pickle")
     assert peak < 10 * 2 ** 20
+
+
+class _Reduces:
+    """Pickles as ``callable(*args)`` then BUILD ``state``: states numpy never writes."""
+
+    def __init__(self, callable_, args, state):
+        self.reduced = (callable_, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+@pytest.mark.parametrize("case", ["dtype state of 7 items", "dtype of fields",
+                                  "array bytes short of its shape", "array of 2**41 items"])
+def test_malformed_numpy_states_are_refused_before_numpy_sees_them(case):
+    """Numpy rebuilds dtypes and arrays from whatever state a pickle hands it, and a
+    7-item dtype state crashed the process; the checked stand-ins refuse each such state
+    by name. Run in a child process, so a crash fails the test instead of the suite."""
+    import subprocess
+    import sys
+
+    from numpy.core.multiarray import _reconstruct
+    f4 = np.dtype("f4")
+    obj = {
+        "dtype state of 7 items": _Reduces(np.dtype, ("f4", False, True),
+                                           (3, "<", None, None, None, -1, -1)),
+        "dtype of fields": _Reduces(np.dtype, ("V8", False, True),
+                                    (3, "|", None, ("a",), {"a": (f4, 0)}, 8, 1, 0)),
+        "array bytes short of its shape": _Reduces(
+            _reconstruct, (np.ndarray, (0,), b"b"), (1, (4,), f4, False, b"\0" * 12)),
+        "array of 2**41 items": _Reduces(
+            _reconstruct, (np.ndarray, (0,), b"b"), (1, (2 ** 41,), f4, False, b"")),
+    }[case]
+    raw = pickle.dumps(obj, protocol=2)
+    child = ("import sys; from lopq.formats import safe_load_pickle\n"
+             "try:\n    safe_load_pickle(sys.stdin.buffer.read())\n"
+             "except Exception as err:\n    print(type(err).__name__, err)\n"
+             "else:\n    print('loaded')\n")
+    done = subprocess.run([sys.executable, "-c", child], input=raw, capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().startswith("UnpicklingError the pickle's "), done.stdout
+    assert "is not one numpy writes" in done.stdout.decode()

@@ -98,16 +98,6 @@ for _i in (92, 39, 34):
 ESCAPED[110], ESCAPED[114], ESCAPED[116] = 10, 13, 9
 
 
-cdef inline int _hex(unsigned char ch) noexcept nogil:
-    if 48 <= ch <= 57:
-        return ch - 48
-    if 97 <= ch <= 102:
-        return ch - 87
-    if 65 <= ch <= 70:
-        return ch - 55
-    return -1
-
-
 cdef Py_ssize_t _argument(const unsigned char *body, Py_ssize_t n, int kind,
                           int length_bytes, unsigned char *out,
                           Py_ssize_t nbytes) noexcept nogil:
@@ -183,7 +173,7 @@ cdef Py_ssize_t _argument(const unsigned char *body, Py_ssize_t n, int kind,
                 return -1
             v = 0
             for k in range(4):
-                h = _hex(body[i + k])
+                h = HEX[body[i + k]]
                 if h < 0:
                     return -1
                 v = (v << 4) | h
