@@ -807,6 +807,61 @@ def format_code_lines(keys, coarse, fine):
     return "\n".join([row] * n) % tuple(values.ravel().tolist())
 
 
+def format_neighbour_lines(keys, dists, ids):
+    """`spark/search.py` text output of a block of queries, joined by newlines (no
+    newline at the end): ``query_id<TAB>[[id, ...], [distance, ...]]`` (JSON) per query
+    that found a neighbour, byte for byte ``f"{key}\t" + json.dumps([ids, dists])``.
+
+    Args:
+        keys: r query ids; dists: (r, k) float32, nearest first, inf where nothing was
+            found; ids: (r, k) object, the neighbours' ids (int or str).
+
+    Returns:
+        str; empty when no query found a neighbour.
+    """
+    dists = np.asarray(dists, dtype=np.float32)
+    if len(dists) == 0:
+        return ""
+    finite = np.isfinite(dists)
+    d_rows, i_rows, keys = dists.tolist(), np.asarray(ids, dtype=object).tolist(), list(keys)
+    if not finite.all():  # rare: short rows are trimmed one by one, empty ones dropped
+        for r in np.flatnonzero(~finite.all(axis=1)).tolist():
+            keep = finite[r]
+            d_rows[r] = [d for d, f in zip(d_rows[r], keep) if f]
+            i_rows[r] = [i for i, f in zip(i_rows[r], keep) if f]
+        kept = finite.any(axis=1).tolist()
+        keys = [key for key, f in zip(keys, kept) if f]
+        d_rows = [d for d, f in zip(d_rows, kept) if f]
+        i_rows = [i for i, f in zip(i_rows, kept) if f]
+    # One C-level JSON encoding per query (json has no batch call for many documents);
+    # map keeps the Python interpreter out of the loop itself.
+    return "\n".join(map("{}\t{}".format, keys, map(json.dumps, zip(i_rows, d_rows))))
+
+
+def format_pair_lines(keys, dists, ids):
+    """`spark/search.py --self_join` text output of a block of items: one line
+    ``id<TAB>neighbour_id<TAB>distance`` per neighbour found (the distance as Python's
+    ``repr`` of the float32 value), joined by newlines, no newline at the end.
+
+    Args:
+        keys: r item ids; dists: (r, k) float32, inf where nothing was found;
+            ids: (r, k) object.
+
+    Returns:
+        str; empty when nothing was found.
+    """
+    dists = np.asarray(dists, dtype=np.float32)
+    if dists.size == 0:
+        return ""
+    rows, cols = np.nonzero(np.isfinite(dists))  # row-major: each item's neighbours in order
+    if len(rows) == 0:
+        return ""
+    repeated = np.asarray(list(keys), dtype=object)[rows].tolist()
+    found = np.asarray(ids, dtype=object)[rows, cols].tolist()
+    return "\n".join(map("{}\t{}\t{!r}".format, repeated, found,
+                          dists[rows, cols].tolist()))
+
+
 def parse_code_line(line):
     """Inverse of `format_code_line`: ``(id, (c0, c1), (f0, ...))``."""
     key, sep, payload = line.rstrip("\r\n").partition("\t")

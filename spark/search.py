@@ -19,10 +19,10 @@ table of ``query_id``, ``ids``, ``distances``. With --self_join: ``id<TAB>neighb
 excluded.
 """
 
-import json
 import time
 
 from lopq._help import help_texts
+from lopq.formats import format_neighbour_lines, format_pair_lines
 from lopq.spark import cli, fs
 from lopq.spark.data import load_blocks
 from lopq.spark.search import (
@@ -31,6 +31,7 @@ from lopq.spark.search import (
     check_model_for_search,
     decoded_queries,
     load_codes,
+    query_records,
 )
 
 #: The --help epilog's example, runnable as written after `make demo`.
@@ -138,9 +139,10 @@ def main(argv=None):
         else:
             queries, n = _load_vectors(sc, args, args.data, model, "--data")
         index = ShardedIndex(sc, model, codes, args.rows_per_shard, rerank)
-        results = index.search(queries, args.k, args.quota, exclude_self=args.self_join,
-                               max_distance=args.max_distance,
-                               rerank_candidates=args.rerank_candidates)
+        results = index.search_blocks(queries, args.k, args.quota,
+                                      exclude_self=args.self_join,
+                                      max_distance=args.max_distance,
+                                      rerank_candidates=args.rerank_candidates)
         sc.setJobDescription("lopq search: route, score and write")
         if args.self_join:
             written = _write_pairs(sc, results, args)
@@ -153,11 +155,16 @@ def main(argv=None):
               f"in {time.time() - started:.1f} s")
 
 
+def _write_text(sc, results, args, format_lines):
+    """One newline-joined string per block of queries (saveAsTextFile adds the last
+    newline), formatted by columns rather than a Python record per row."""
+    text = results.map(lambda block: format_lines(*block)).filter(bool)
+    fs.save_text_atomically(sc, text, args.output, args.overwrite)
+
+
 def _write_neighbours(sc, results, args):
     if args.output_format == "text":
-        lines = results.map(lambda kv: f"{kv[0]}\t" + json.dumps(
-            [list(kv[1][1]), [float(d) for d in kv[1][0]]]))
-        fs.save_text_atomically(sc, lines, args.output, args.overwrite)
+        _write_text(sc, results, args, format_neighbour_lines)
         return None
     from pyspark.sql import SparkSession
     from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
@@ -165,8 +172,8 @@ def _write_neighbours(sc, results, args):
     schema = StructType([StructField("query_id", StringType(), False),
                          StructField("ids", ArrayType(StringType(), False), False),
                          StructField("distances", ArrayType(FloatType(), False), False)])
-    rows = results.map(lambda kv: (str(kv[0]), [str(i) for i in kv[1][1]],
-                                   [float(d) for d in kv[1][0]]))
+    rows = results.flatMap(query_records).map(
+        lambda kv: (str(kv[0]), [str(i) for i in kv[1][1]], kv[1][0].tolist()))
     fs.save_frame_atomically(sc, spark.createDataFrame(rows, schema), args.output,
                              args.overwrite)
     return None
@@ -178,10 +185,8 @@ def _pairs(kv):
 
 
 def _write_pairs(sc, results, args):
-    pairs = results.flatMap(_pairs)
     if args.output_format == "text":
-        fs.save_text_atomically(sc, pairs.map(lambda p: f"{p[0]}\t{p[1]}\t{p[2]!r}"),
-                                args.output, args.overwrite)
+        _write_text(sc, results, args, format_pair_lines)
         return None
     from pyspark.sql import SparkSession
     from pyspark.sql.types import FloatType, StringType, StructField, StructType
@@ -189,6 +194,8 @@ def _write_pairs(sc, results, args):
     schema = StructType([StructField("id", StringType(), False),
                          StructField("neighbour_id", StringType(), False),
                          StructField("distance", FloatType(), False)])
+    # Spark's Python-to-row conversion is per row whatever we do (createDataFrame)
+    pairs = results.flatMap(query_records).flatMap(_pairs)
     fs.save_frame_atomically(sc, spark.createDataFrame(
         pairs.map(lambda p: (str(p[0]), str(p[1]), p[2])), schema), args.output,
         args.overwrite)

@@ -141,6 +141,46 @@ def test_code_lines_of_a_block_are_the_per_row_lines_byte_for_byte():
     assert format_code_lines([], np.zeros((0, 2), int), np.zeros((0, 4), int)) == ""
 
 
+def _neighbour_blocks():
+    """Blocks as spark/search.py gets them: int and str ids (quotes, non-ASCII), rows
+    cut short by inf, a row with nothing found, denormal and tiny distances, one row."""
+    rng = np.random.RandomState(5)
+    for r, k in ((1, 1), (30, 10), (7, 4)):
+        dists = np.sort(rng.rand(r, k).astype(np.float32) * 10.0 ** rng.randint(-40, 4),
+                        axis=1)
+        dists[rng.rand(r, k) < 0.3] = np.inf
+        dists.sort(axis=1)
+        if r > 1:
+            dists[r // 2] = np.inf
+        ids = np.empty((r, k), dtype=object)
+        for (i, j) in np.ndindex(r, k):
+            ids[i, j] = int(rng.randint(-5, 10**12)) if (i + j) % 2 else f'n"{i}\\é{j}\t'
+        ids[~np.isfinite(dists)] = None  # what an unfilled slot holds
+        keys = np.array([f"q{i}" if i % 3 else i for i in range(r)], dtype=object)
+        yield keys, dists, ids
+
+
+def test_neighbour_and_pair_lines_of_a_block_are_the_per_query_lines_byte_for_byte():
+    """The block writers of spark/search.py against its former per-record formatting
+    (``f"{key}\t" + json.dumps([ids, [float(d), ...]])`` and ``f"{a}\t{b}\t{d!r}"``)."""
+    import json
+
+    from lopq.formats import format_neighbour_lines, format_pair_lines
+    for keys, dists, ids in _neighbour_blocks():
+        per_query = [(key, d[np.isfinite(d)], list(i[np.isfinite(d)]))
+                     for key, d, i in zip(keys, dists, ids) if np.isfinite(d).any()]
+        want = "\n".join(f"{key}\t" + json.dumps([list(i), [float(x) for x in d]])
+                         for key, d, i in per_query)
+        assert format_neighbour_lines(keys, dists, ids) == want
+        pairs = "\n".join(f"{key}\t{other}\t{float(x)!r}"
+                          for key, d, i in per_query for other, x in zip(i, d))
+        assert format_pair_lines(keys, dists, ids) == pairs
+    nothing = np.full((2, 3), np.inf, dtype=np.float32)
+    assert format_neighbour_lines(["a", "b"], nothing, np.empty((2, 3), object)) == ""
+    assert format_pair_lines(["a", "b"], nothing, np.empty((2, 3), object)) == ""
+    assert format_neighbour_lines([], np.zeros((0, 3), np.float32), np.empty((0, 3))) == ""
+
+
 # ------------------------------------------- the compiled line reader (lopq._kernels._lines)
 INTERESTING = b"\\'\"\nux0123456789abcdefU\xc3\xc2\x80\xbf\x00\r\t=S"
 

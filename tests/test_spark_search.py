@@ -238,7 +238,7 @@ def test_block_merge_keeps_each_querys_k_nearest_over_all_shards(k):
     per-query sort of every shard's candidates; two queries share an id, rows differ."""
     from functools import reduce
 
-    from lopq.spark.search import _merge_blocks, _per_query
+    from lopq.spark.search import _block_columns, _merge_blocks, query_records
     rng = np.random.RandomState(k)
     keys_of_rows = np.array(["a", "b", "a", "c", "d"], dtype=object)  # "a" twice
     parts, candidates = [], {}
@@ -256,11 +256,11 @@ def test_block_merge_keeps_each_querys_k_nearest_over_all_shards(k):
     for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
         merged = reduce(merge, [parts[i] for i in order])
         got = {}
-        assert len(list(_per_query((None, merged)))) == sum(
+        assert len(list(query_records(_block_columns((None, merged))))) == sum(
             np.isfinite(merged[2]).any(axis=1))  # queries with no neighbour are absent
         for i, row in enumerate(merged[0]):
             one = tuple(a[i:i + 1] for a in merged)
-            for key, (dists, ids) in _per_query((None, one)):
+            for key, (dists, ids) in query_records(_block_columns((None, one))):
                 got[int(row)] = (key, dists.tolist(), ids)
         want = {r: sorted(c)[:k] for r, c in candidates.items() if c}
         assert sorted(got) == sorted(want)

@@ -398,10 +398,16 @@ def _merge_blocks(k):
     return merge
 
 
-def _per_query(block):
-    """A merged block as ``(query_id, (dists (<=k,) float32, ids list))`` records;
-    queries with no neighbour are absent."""
+def _block_columns(block):
+    """A merged block's ``(keys, dists, ids)``."""
     _, (_, keys, dists, ids) = block
+    return keys, dists, ids
+
+
+def query_records(columns):
+    """A block's ``(keys, dists, ids)`` as ``(query_id, (dists (<=k,) float32, ids
+    list))`` records; queries with no neighbour are absent."""
+    keys, dists, ids = columns
     for key, d, found in zip(keys, dists, ids):
         keep = np.isfinite(d)
         if keep.any():
@@ -455,6 +461,14 @@ class ShardedIndex:
         query blocks ``(ids, X)``; queries with no neighbour are absent.
         ``rerank_candidates``: with re-ranking vectors, the LOPQ-nearest candidates per
         query and shard that get exact distances (default ``RERANK_FACTOR * k``)."""
+        return self.search_blocks(queries, k, quota, exclude_self, max_distance,
+                                  rerank_candidates).flatMap(query_records)
+
+    def search_blocks(self, queries, k, quota, exclude_self=False, max_distance=None,
+                      rerank_candidates=None):
+        """The results of `search` a block of queries per record, for writers that
+        work on columns: ``(keys (r,), dists (r, k) float32 inf-padded, ids (r, k)
+        object)``, nearest first; a query with no neighbour has an all-inf row."""
         if int(k) <= 0:
             raise ValueError(f"--k must be a positive number of neighbours, got {k}")
         if int(quota) <= 0:
@@ -473,7 +487,7 @@ class ShardedIndex:
             raise RuntimeError("the index and the routed queries are not co-partitioned")
         scored = joined.mapPartitions(_score_partition(self.model_bc, int(k), exclude_self,
                                                        max_distance, candidates))
-        return scored.reduceByKey(_merge_blocks(int(k))).flatMap(_per_query)
+        return scored.reduceByKey(_merge_blocks(int(k))).map(_block_columns)
 
     def unpersist(self):
         self.index.unpersist()
