@@ -905,10 +905,21 @@ def part_spark(res, quick):
                          8 if quick else 16, True))
         if not quick:
             big = Path(tmp) / "big.txt"
-            write_vector_file(big, synthetic(scaled(1_000_000), seed=10))
+            X = synthetic(scaled(1_000_000), seed=10)
+            write_vector_file(big, X)
             sets.append((f"synthetic {scaled(1_000_000)} x 128", big, 256, 16, False))
+            try:  # the same rows as Parquet: training reads row groups with pyarrow
+                big_parquet = Path(tmp) / "big.parquet"
+                _write_parquet(X, big_parquet)
+                sets.append((f"synthetic {scaled(1_000_000)} x 128, Parquet", big_parquet, 256,
+                             16, False))
+            except ImportError:
+                print("  pyarrow is not installed: no Parquet training row")
+            del X
         for name, path, V, M, with_reference in sets:
-            wall, steps = _ours(path, V, M, tmp)
+            extra = ("--data_format", "parquet", "--vector_col", "features") \
+                if str(path).endswith(".parquet") else ()
+            wall, steps = _ours(path, V, M, tmp, "local[2]", *extra)
             res.add("spark", f"lopq train_model.py wall time, {name}", wall, "s", V=V, M=M,
                     master="local[2]", **{k.replace(" ", "_"): v for k, v in steps.items()})
             if with_reference and quick:  # the --quick budget: it takes a minute alone

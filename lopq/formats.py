@@ -909,6 +909,8 @@ def parse_code_lines(lines, source="codes"):
         keys (list of str), coarse (n, 2) int64, fine (n, M) int64.
     """
     keys, payloads, raw = [], [], []
+    # Per line only the split at the tab (the ids are free text); the numbers of every
+    # line go through one parse below.
     for line in lines:
         key, sep, payload = line.rstrip("\r\n").partition("\t")
         if not sep and not key.strip():
@@ -959,5 +961,6 @@ def write_vector_file(path, X, ids=None):
     (ids default to the row numbers)."""
     X = np.asarray(X)
     with open(path, "w") as f:
+        # Per row: the format is one pickle per line (a local test and demo writer)
         for i, row in enumerate(X):
             f.write(encode_vector_line(i if ids is None else ids[i], row) + "\n")

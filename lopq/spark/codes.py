@@ -48,6 +48,8 @@ def code_rows_frame(sc, blocks, model, with_cell=False):
         for ids, X in items:
             coarse, fine = m.encode(X)
             cells = (coarse[:, 0].astype("int64") * m.V + coarse[:, 1]).tolist()
+            # Per row: createDataFrame over an RDD takes one tuple per row (Spark converts
+            # each); the Parquet output of compute_codes writes row groups with pyarrow.
             for key, c, f, cell in zip(ids, coarse.tolist(), fine.tolist(), cells):
                 yield (str(key), c, f, cell) if with_cell else (str(key), c, f)
 

@@ -339,6 +339,7 @@ class LOPQSparkModel(Model, HasFeaturesCol, MLReadable, MLWritable):
             index = ShardedIndex(sc, self.model, self._codes_of(b_blocks))
             found = index.search(a_blocks, self.getQuota(), self.getQuota(),
                                  max_distance=threshold ** 2 if l2 else threshold)
+            # Per pair: the join's result is a DataFrame, made from one tuple per pair
             pairs = found.flatMap(lambda kv: [(int(kv[0]), int(other), float(reported(d)))
                                               for other, d in zip(kv[1][1], kv[1][0])
                                               if reported(d) < threshold])

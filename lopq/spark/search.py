@@ -118,6 +118,8 @@ def load_codes(sc, path, model, codes_format="text"):
     def rows(index, items):
         where = f"--codes {source} (partition {index})"
         ids, coarse, fine = [], [], []
+        # Per row: a DataFrame reaches Python as one Row object at a time (no columnar
+        # hand-over for an RDD of a DataFrame); the codes become arrays per partition.
         for row in items:
             ids.append(id_value(row[0]))
             coarse.append(row[1])
@@ -255,7 +257,8 @@ def _route_queries(model_bc, plan_bc, quota):
             X = np.ascontiguousarray(model.model_queries(X, "queries"), dtype=np.float32)
             ptr, cells = visited_cells(model, X, offsets, quota)
             keys = np.empty(len(ids), dtype=object)
-            keys[:] = [id_value(key) for key in ids]  # as the codes' ids (self join)
+            # as the codes' ids (self join); per key: ids are Python objects (str or int)
+            keys[:] = [id_value(key) for key in ids]
             for shard, rows, cell_ptr, cell_ids in route_block(ptr, cells, model.V, first,
                                                                count):
                 yield shard, ("q", (partition, number), rows, keys[rows], X[rows],
