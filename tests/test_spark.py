@@ -492,3 +492,73 @@ def test_spark_training_is_fits_training_on_the_same_rows_and_seed(sc, small_dat
     np.testing.assert_allclose(spark_model.codebooks, local.codebooks, atol=2e-3)
     errors = [relative_reconstruction_error(X, m) for m in (spark_model, local)]
     assert errors[0] == pytest.approx(errors[1], rel=0.005)
+
+
+def _mixed_line_bytes(rng, n_lines):
+    """Lines of text, ids and base64 alike, ended by LF, CRLF or CR, some empty, some
+    with multi-byte or invalid UTF-8, the file opened by a byte order mark."""
+    pieces = [b"\xef\xbb\xbf"]
+    for i in range(n_lines):
+        body = rng.choice([b"", b"key%d\tAAAA" % i, "é%d".encode() % i, b"\xff%d" % i])
+        pieces.append(body + rng.choice([b"\n", b"\r\n", b"\r"]))
+    return b"".join(pieces) + b"no terminator at the end"
+
+
+def test_split_lines_reads_every_line_once_whatever_the_splits(tmp_path):
+    """The executors' reader of local text splits: cut anywhere, read in chunks of any
+    size, the splits' lines together are the file's lines (bytes.splitlines), once each."""
+    import random
+
+    from lopq.spark.data import split_lines
+    rng = random.Random(0)
+    for trial in range(300):
+        data = _mixed_line_bytes(rng, rng.randint(0, 12))
+        path = tmp_path / f"t{trial}.txt"
+        path.write_bytes(data)
+        cuts = sorted({0, len(data), *(rng.randint(0, len(data)) for _ in range(4))})
+        got = [line for a, b in zip(cuts, cuts[1:])
+               for chunk in split_lines(str(path), a, b - a, rng.randint(1, 9))
+               for line in chunk]
+        want = [line.decode("utf-8", "replace") for line in data.splitlines()]
+        want[0] = want[0].removeprefix("\ufeff")
+        assert got == want, (data, cuts)
+
+
+def test_split_lines_reads_the_lines_spark_reads_split_by_split(sc, tmp_path):
+    """Against Spark's own reader (sc.textFile) on the same input splits: each split
+    holds the same lines, so line numbers in messages do not change."""
+    import random
+
+    from lopq.spark.data import _local_text_splits, _text_splits, split_lines
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(_mixed_line_bytes(random.Random(1), 4000))
+    lines = sc.textFile(str(path), minPartitions=7)
+    local = _local_text_splits(sc, _text_splits(lines))
+    assert local is not None and len(local) == lines.getNumPartitions() >= 7
+    spark_splits = lines.glom().collect()
+    ours = [[line for chunk in split_lines(*split, 1000) for line in chunk]
+            for split in local]
+    assert ours == spark_splits
+
+
+def test_local_text_is_read_on_the_executors_and_compressed_text_by_spark(sc, tmp_path):
+    """Uncompressed local files take the executors' reader; a gzip file is left to
+    Spark (it decompresses); both load the same rows."""
+    import gzip
+
+    from lopq.formats import encode_vector_line
+    from lopq.spark.data import _local_text_splits, _text_splits
+    X = np.random.RandomState(3).randn(500, 8).astype(np.float32)
+    text = "".join(encode_vector_line(i, x) + "\n" for i, x in enumerate(X))
+    plain, packed = tmp_path / "plain.txt", tmp_path / "packed.txt.gz"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    assert _local_text_splits(sc, _text_splits(sc.textFile(str(plain)))) is not None
+    assert _local_text_splits(sc, _text_splits(sc.textFile(str(packed)))) is None
+    from lopq.spark import load_blocks
+    for path in (plain, packed):
+        blocks, n, D = load_blocks(sc, str(path))
+        got = np.concatenate([b[1] for b in blocks.collect()])
+        blocks.unpersist()
+        assert (n, D) == (500, 8)
+        np.testing.assert_array_equal(got, X)

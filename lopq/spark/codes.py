@@ -1,9 +1,13 @@
 """Encoding ``(id, vector)`` blocks on Spark: the compute_codes job."""
 
+import logging
+
 from ..formats import format_code_lines
 from .errors import DataError
-from .metric import blocks_for_metric
+from .metric import blocks_for_metric, judge_zero_rows
 from .session import as_context
+
+logger = logging.getLogger(__name__)
 
 
 def _encode_partition(model_bc, per_line):
@@ -302,6 +306,11 @@ def compute_codes(sc, data_path, model, output, data_options, output_format="tex
             and not data_options["data_udf"]:
         return _table_to_table(sc, data_path, model, output, data_options, overwrite,
                                partition_by_cell)
+    if output_format == "text" and data_options["data_format"] == "text" \
+            and not data_options["data_udf"] and fs.local_path(sc, output):
+        done = _local_text_to_text(sc, data_path, model, output, data_options, overwrite)
+        if done is not None:
+            return done
     blocks, n, D = load_blocks(sc, data_path, **data_options)
     if D != model.dim:
         raise DataError(f"the model is for vectors of dimension {model.dim} but --data "
@@ -315,6 +324,108 @@ def compute_codes(sc, data_path, model, output, data_options, output_format="tex
         fs.save_frame_atomically(sc, code_rows_frame(sc, blocks, model, partition_by_cell),
                                  output, overwrite, "cell" if partition_by_cell else None)
     return n - dropped, dropped
+
+
+def _encode_and_write_splits(model_bc, out_dir, skip_zero_rows):
+    """Task function over `text_blocks` (one input split per partition): encode the
+    blocks of the model's dimension, write them as ``part-<split>`` (each line of
+    `format_code_lines`, then a newline, as ``saveAsTextFile`` writes them), and yield
+    ``(rows written, report, zero rows, the first zero row's id)``."""
+    def run(split, items):
+        import os
+        import uuid
+
+        import numpy as np
+        model = model_bc.value
+        cosine = model.metric == "cosine"
+        report, rows, zero, first_zero, texts = None, 0, 0, None, []
+        for ids, X, block_report in items:
+            if block_report is not None:
+                report = block_report
+                continue
+            if X.shape[1] != model.dim:  # counted in the report; the driver decides
+                continue
+            if cosine:  # norm-0 rows: refused on the driver, or dropped and counted
+                empty = np.einsum("ij,ij->i", X, X, dtype=np.float64) == 0
+                if empty.any():
+                    zero += int(empty.sum())
+                    if first_zero is None:
+                        first_zero = ids[int(np.flatnonzero(empty)[0])]
+                    if not skip_zero_rows:
+                        continue
+                    keep = np.flatnonzero(~empty)
+                    ids, X = [ids[i] for i in keep], X[keep]
+                    if not len(ids):
+                        continue
+            texts.append(format_code_lines(ids, *model.encode(X)))
+            rows += len(ids)
+        if rows:
+            final = os.path.join(out_dir, f"part-{split:05d}")
+            # A hidden name while writing, then a rename: a retried or speculative
+            # attempt replaces the part file instead of adding a second one.
+            partial = os.path.join(out_dir, f".{split:05d}-{uuid.uuid4().hex}.tmp")
+            with open(partial, "w", encoding="utf-8", newline="") as f:
+                for text in texts:
+                    f.write(text)
+                    f.write("\n")
+            os.replace(partial, final)
+        yield rows, report, zero, first_zero
+    return run
+
+
+def _local_text_to_text(sc, data_path, model, output, options, overwrite):
+    """Text in, text out, in one pass, when the executors read the input files and
+    write the output folder themselves (local or shared file systems): each task reads
+    one input split, encodes it and writes its part file; nothing is cached and no line
+    crosses the JVM. Bad input is judged on the driver from every task's report, with
+    the messages of `load_blocks`, before the output is committed (on an error it is
+    discarded). Returns (rows written, rows dropped), or None when Spark must read the
+    input (another file system, compressed files)."""
+    import os
+
+    from . import fs
+    from .data import merge_reports, text_blocks, text_records, verdict
+    from .errors import python_cause
+    where = f"--data {data_path}"
+    records, describe, local = text_records(sc, data_path, options["sampling_ratio"],
+                                            options["seed"])
+    if not local:
+        return None
+    skip = options["skip_bad_records"]
+    model_bc = sc.broadcast(model)
+    try:
+        with fs.atomic_output(sc, output, overwrite) as tmp:
+            tmp_dir = fs.local_path(sc, tmp)
+            os.makedirs(tmp_dir)
+            sc.setJobDescription("lopq compute_codes: read, encode and write text splits")
+            try:
+                results = text_blocks(records, True).mapPartitionsWithIndex(
+                    _encode_and_write_splits(model_bc, tmp_dir, skip)).collect()
+            except Exception as err:  # noqa: BLE001 - a task failed: say where, in one line
+                cause = python_cause(err)
+                if cause is None:
+                    raise
+                raise DataError(f"reading {where} failed: {cause}") from None
+            report = (0, [], {})
+            for _, part, _, _ in results:
+                if part is not None:
+                    report = merge_reports(report, part)
+            n, D = verdict(report, describe, where, skip, options["sampling_ratio"])
+            logger.info("read %d vectors of dimension %d in %d input split(s)", n, D,
+                        len(results))
+            if D != model.dim:
+                raise DataError(f"the model is for vectors of dimension {model.dim} but "
+                                f"--data {data_path} has vectors of dimension {D}")
+            zero = sum(z for _, _, z, _ in results)
+            dropped = judge_zero_rows(zero, next((f for _, _, z, f in results if z), None),
+                                       model.metric, where, skip)
+            for name in os.listdir(tmp_dir):
+                if name.endswith(".tmp"):  # left by a killed task attempt
+                    os.remove(os.path.join(tmp_dir, name))
+            open(os.path.join(tmp_dir, "_SUCCESS"), "wb").close()
+        return sum(rows for rows, _, _, _ in results), dropped
+    finally:
+        model_bc.unpersist()
 
 
 def _table_to_table(sc, data_path, model, output, options, overwrite, partition_by_cell):

@@ -213,21 +213,128 @@ def load_udf(module_name):
     return udf
 
 
-def _text_split_locations(lines):
-    """``[(file uri, byte offset)]`` of each input split of a ``sc.textFile`` RDD, to turn
-    (split, position) into a file and line; [] when the RDD does not expose them."""
+def _text_splits(lines):
+    """``[(file uri, byte offset, length)]`` of each input split of a ``sc.textFile`` RDD
+    (to turn (split, position) into a file and line, and to read local files directly);
+    [] when the RDD does not expose them."""
     try:
         rdd = lines._jrdd.rdd()
         while rdd.getClass().getSimpleName() != "HadoopRDD":
             rdd = rdd.dependencies().head().rdd()
-        locations = []
+        splits = []
         for partition in rdd.partitions():
             split = partition.inputSplit().value()
-            locations.append((str(split.getPath()), int(split.getStart())))
-        return locations
+            splits.append((str(split.getPath()), int(split.getStart()),
+                           int(split.getLength())))
+        return splits
     except Exception:  # noqa: BLE001 - locations only improve messages
         return []
 
+
+def _local_text_splits(sc, splits):
+    """``[(local path, start, length)]`` of ``splits`` when every file is uncompressed on
+    a file system the executors open as local files (a local disk or a shared mount, as
+    ``file:`` input already requires); else None (Spark reads the lines)."""
+    from . import fs
+    if not splits:
+        return None
+    try:
+        jvm = sc._jvm
+        codecs = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(
+            sc._jsc.hadoopConfiguration())
+        local, paths = [], {}
+        for uri, start, length in splits:
+            if uri not in paths:
+                codec = codecs.getCodec(jvm.org.apache.hadoop.fs.Path(uri))
+                paths[uri] = None if codec is not None else fs.local_path(sc, uri)
+            if paths[uri] is None:
+                return None
+            local.append((paths[uri], start, length))
+        return local
+    except Exception:  # noqa: BLE001 - anything unexpected: Spark reads the lines
+        return None
+
+
+#: Bytes read at a time by `split_lines`.
+READ_CHUNK_BYTES = 8 << 20
+
+
+def _after_terminator(buf, i, eof):
+    """Index just after the first line terminator (LF, CR or CRLF) at or after ``i`` in
+    ``buf``; ``len(buf)`` at the end of the file without one; None when more bytes are
+    needed to tell."""
+    lf, cr = buf.find(b"\n", i), buf.find(b"\r", i)
+    if cr == -1 or (lf != -1 and lf < cr):
+        return lf + 1 if lf != -1 else (len(buf) if eof else None)
+    if cr + 1 < len(buf):
+        return cr + 2 if buf[cr + 1] == 10 else cr + 1
+    return cr + 1 if eof else None
+
+
+def _decoded_lines(data):
+    """The lines of ``data`` (complete lines, terminators included) as strings, invalid
+    UTF-8 replaced (as Hadoop's Text does)."""
+    if b"\r" not in data:
+        lines = data.decode("utf-8", "replace").split("\n")
+        lines.pop()  # after the last terminator
+        return lines
+    return [line.decode("utf-8", "replace") for line in data.splitlines()]
+
+
+def split_lines(path, start, length, chunk_bytes=READ_CHUNK_BYTES):
+    """The lines of the input split ``[start, start + length)`` of a local text file, as
+    Hadoop's ``LineRecordReader`` reads them for ``sc.textFile``: a split that does not
+    start the file skips through its first line terminator (that line belongs to the
+    split before), and every line that starts at or before the split's end is read whole.
+    Terminators are LF, CR or CRLF; a UTF-8 byte order mark opening the file is dropped.
+
+    Yields:
+        lists of str, in order.
+    """
+    first = start == 0  # the file's first line: drop a byte order mark opening it
+    for lines in _split_line_chunks(path, start, length, chunk_bytes):
+        if first and lines:
+            if lines[0].startswith("\ufeff"):
+                lines[0] = lines[0][1:]
+            first = False
+        yield lines
+
+
+def _split_line_chunks(path, start, length, chunk_bytes):
+    end = start + length
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset, pending = start, b""  # file offset of pending[0]
+        skipping, eof = start != 0, False
+        while not eof:
+            data = f.read(chunk_bytes)
+            eof = not data
+            pending += data
+            if skipping:
+                cut = _after_terminator(pending, 0, eof)
+                if cut is None:
+                    continue
+                offset, pending, skipping = offset + cut, pending[cut:], False
+            if offset > end or (eof and not pending):
+                return
+            if not pending:
+                continue
+            if offset + len(pending) > end:  # the split's last line starts in pending
+                cut = _after_terminator(pending, end - offset, eof)
+                if cut is None:
+                    continue
+                yield _decoded_lines(pending[:cut] if cut < len(pending) or
+                                     pending.endswith((b"\n", b"\r"))
+                                     else pending + b"\n")
+                return
+            # whole lines so far (a trailing CR may be the first half of a CRLF)
+            body = pending[:-1] if pending.endswith(b"\r") and not eof else pending
+            cut = max(body.rfind(b"\n"), body.rfind(b"\r")) + 1
+            if eof and cut < len(pending):
+                pending, cut = pending + b"\n", len(pending) + 1
+            if cut:
+                yield _decoded_lines(pending[:cut])
+                offset, pending = offset + cut, pending[cut:]
 
 def _describe_text_record(locations):
     def describe(where, key):
@@ -249,7 +356,7 @@ def _describe_udf_record(where, key):
         f" (id {key!r})" if key is not None else "")
 
 
-def _merge_reports(a, b):
+def merge_reports(a, b):
     dims = dict(a[2])
     for dim, (count, first) in b[2].items():
         if dim in dims:
@@ -288,7 +395,6 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     """
     from pyspark import RDD
 
-    from . import fs
     from .session import as_context
     sc = as_context(sc)
     if not 0.0 < sampling_ratio <= 1.0:
@@ -330,17 +436,47 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
         return load_frame_blocks(sc, df, vector_col, ids, sampling_ratio, seed,
                                  skip_bad_records, where, with_ids=with_ids)
     else:
-        try:
-            fs.input_files(sc, data_path, flag)
-        except FileNotFoundError as err:
-            raise DataError(str(err)) from None
-        lines = sc.textFile(data_path, minPartitions=sc.defaultParallelism)
-        describe = _describe_text_record(_text_split_locations(lines))
-        records = _resized(sc, lines.mapPartitionsWithIndex(_parse_split(sampling_ratio,
-                                                                         seed)))
-        parsed = records.mapPartitions(
-            lambda items: _blocks_from_records(items, with_ids, block_rows))
+        records, describe, _ = text_records(sc, data_path, sampling_ratio, seed, flag)
+        parsed = text_blocks(_resized(sc, records), with_ids, block_rows)
     return checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio)
+
+
+def text_records(sc, data_path, sampling_ratio=1.0, seed=None, flag="--data"):
+    """The parsed records of default-format text at ``data_path``, one partition per
+    input split (see `_parse_split`; `_blocks_from_records` makes blocks of them).
+
+    Returns:
+        (records RDD, ``describe(where, key)`` naming a record's file and line, True when
+        the executors read local files themselves).
+    """
+    from . import fs
+    try:
+        fs.input_files(sc, data_path, flag)
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
+    lines = sc.textFile(data_path, minPartitions=sc.defaultParallelism)
+    splits = _text_splits(lines)
+    describe = _describe_text_record([(uri, start) for uri, start, _ in splits])
+    local = _local_text_splits(sc, splits)
+    parse = _parse_split(sampling_ratio, seed)
+    if local is None:
+        return lines.mapPartitionsWithIndex(parse), describe, False
+    # Local files: the executors read the very same splits themselves, so the lines
+    # never cross from the JVM into Python.
+    logger.info("reading %d input split(s) of local files on the executors", len(local))
+
+    def read(split, items):
+        for path, start, length in items:  # one split per partition
+            yield from parse(split, (line for chunk in split_lines(path, start, length)
+                                     for line in chunk))
+
+    return sc.parallelize(local, len(local)).mapPartitionsWithIndex(read), describe, True
+
+
+def text_blocks(records, with_ids, block_rows=ROWS_PER_CACHED_BLOCK):
+    """`text_records` as ``(ids, X, report)`` blocks, partition by partition."""
+    return records.mapPartitions(lambda items: _blocks_from_records(items, with_ids,
+                                                                    block_rows))
 
 
 def _parquet_units(sc, data_path, vector_col, id_col, with_ids):
@@ -411,17 +547,36 @@ def checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio
     parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
     sc.setJobDescription("lopq: load and check data")
     try:
-        bad, examples, dims = parsed.map(lambda b: b[2]).filter(
-            lambda r: r is not None).fold((0, [], {}), _merge_reports)
+        report = parsed.map(lambda b: b[2]).filter(
+            lambda r: r is not None).fold((0, [], {}), merge_reports)
     except Exception as err:  # noqa: BLE001 - a task failed: say where, in one line
         parsed.unpersist()
         cause = python_cause(err)
         if cause is None:
             raise
         raise DataError(f"reading {where} failed: {cause}") from None
+    try:
+        n, D = verdict(report, describe, where, skip_bad_records, sampling_ratio)
+    except DataError:
+        parsed.unpersist()
+        raise
+    # A narrow map over the cached parse: no recomputation, no second cached copy.
+    blocks = parsed.filter(lambda b: b[1].shape[0] > 0 and b[1].shape[1] == D).map(
+        lambda b: (b[0], b[1]))
+    logger.info("loaded %d vectors of dimension %d in %d partitions", n, D,
+                blocks.getNumPartitions())
+    _warn_if_spilled(sc, parsed)
+    return blocks, n, D
+
+
+def verdict(report, describe, where, skip_bad_records, sampling_ratio=1.0):
+    """What the merged ``report`` ``(bad count, examples, {dim: [rows, first]})`` of
+    some input says: (rows kept, their dimension D, the most common one), a warning
+    logged for what is skipped; or a DataError naming the bad records (without
+    ``skip_bad_records``), the mixed dimensions, or the empty input."""
+    bad, examples, dims = report
     quoted = "; ".join(f"{describe(w, key)}: {error}" for w, key, error in examples)
     if bad and not skip_bad_records:
-        parsed.unpersist()
         raise DataError(f"{bad} malformed record(s) in {where}, e.g. {quoted}. Fix them, "
                         "or pass --skip_bad_records to drop them.")
     D = max(dims, key=lambda d: dims[d][0]) if dims else None
@@ -429,7 +584,6 @@ def checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio
         listed = ", ".join(f"{dims[d][0]} of dimension {d} (the first: "
                            f"{describe(*dims[d][1])})" for d in sorted(dims))
         if not skip_bad_records:
-            parsed.unpersist()
             raise DataError(f"vectors of different dimensions in {where}: {listed}. Every "
                             "vector must have the same dimension (or pass "
                             "--skip_bad_records to keep the most common one).")
@@ -439,16 +593,9 @@ def checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio
     if bad:
         logger.warning("skipped %d malformed record(s) in %s, e.g. %s", bad, where, quoted)
     if n == 0:
-        parsed.unpersist()
         raise DataError(f"no vectors in {where}" + (" after sampling" if sampling_ratio < 1
                                                      else ""))
-    # A narrow map over the cached parse: no recomputation, no second cached copy.
-    blocks = parsed.filter(lambda b: b[1].shape[0] > 0 and b[1].shape[1] == D).map(
-        lambda b: (b[0], b[1]))
-    logger.info("loaded %d vectors of dimension %d in %d partitions", n, D,
-                blocks.getNumPartitions())
-    _warn_if_spilled(sc, parsed)
-    return blocks, n, D
+    return n, D
 
 
 def _warn_if_spilled(sc, rdd):

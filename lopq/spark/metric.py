@@ -45,17 +45,26 @@ def blocks_for_metric(sc, blocks, metric, where, skip_bad_records=False):
         return blocks, None, 0
     sc.setJobDescription(f"lopq: check rows for metric {metric}")
     n_zero, first, largest = blocks.map(_block_norms).fold((0, None, 0.0), _merge)
-    if metric == "cosine" and n_zero:
-        if not skip_bad_records:
-            named = "" if first is None else f" (the first: id {first!r})"
-            raise DataError(f"{n_zero} vector(s) of norm 0 in {where}{named}: cosine "
-                            "similarity is undefined for them. Drop them, pass "
-                            "--skip_bad_records, or use --metric l2.")
-        logger.warning("skipped %d vector(s) of norm 0 in %s (cosine is undefined for "
-                       "them)", n_zero, where)
+    dropped = judge_zero_rows(n_zero, first, metric, where, skip_bad_records)
+    if dropped:
         blocks = blocks.map(_without_zero_rows).filter(lambda b: len(b[1]) > 0)
-        return blocks, largest, n_zero
-    return blocks, largest, 0
+    return blocks, largest, dropped
+
+
+def judge_zero_rows(n_zero, first, metric, where, skip_bad_records=False):
+    """``n_zero`` rows of norm 0 (``first``: the first one's id, or None) under
+    ``metric``: the rows to drop (cosine with ``skip_bad_records``, said in a warning),
+    0 when the metric takes them, or a DataError naming the count and the first id."""
+    if metric != "cosine" or not n_zero:
+        return 0
+    if not skip_bad_records:
+        named = "" if first is None else f" (the first: id {first!r})"
+        raise DataError(f"{n_zero} vector(s) of norm 0 in {where}{named}: cosine "
+                        "similarity is undefined for them. Drop them, pass "
+                        "--skip_bad_records, or use --metric l2.")
+    logger.warning("skipped %d vector(s) of norm 0 in %s (cosine is undefined for "
+                   "them)", n_zero, where)
+    return n_zero
 
 
 def _without_zero_rows(block):
