@@ -341,7 +341,8 @@ def test_executor_killed_in_compute_codes(cluster, cluster_model, data, tmp_path
     out = tmp_path / "codes"
     job = start_on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
                            "--model_pkl", pkl)
-    job.wait_for(r"loaded \d+ vectors")
+    # Local text: one job reads, encodes and writes each split; its tasks start here.
+    job.wait_for(r"reading \d+ input split")
     app_id = kill_executor_of_worker_2(cluster, job)
     code, output = job.finish()
     assert code == 0, output[-5000:]
@@ -368,7 +369,7 @@ def test_worker_lost_for_good_in_mid_job(cluster, cluster_model, data, tmp_path)
 
 @pytest.mark.parametrize("script,progress,output_flag", [
     ("train_model.py", r"subquantizers \(step 2\): Lloyd iteration 1/", "--model_proto"),
-    ("compute_codes.py", r"loaded \d+ vectors", "--output"),
+    ("compute_codes.py", r"reading \d+ input split", "--output"),
 ])
 def test_driver_killed_leaves_no_output_and_a_rerun_succeeds(cluster, cluster_model, data,
                                                               tmp_path, script, progress,

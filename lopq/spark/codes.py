@@ -411,7 +411,7 @@ def _local_text_to_text(sc, data_path, model, output, options, overwrite):
                 if part is not None:
                     report = merge_reports(report, part)
             n, D = verdict(report, describe, where, skip, options["sampling_ratio"])
-            logger.info("read %d vectors of dimension %d in %d input split(s)", n, D,
+            logger.info("loaded %d vectors of dimension %d in %d input split(s)", n, D,
                         len(results))
             if D != model.dim:
                 raise DataError(f"the model is for vectors of dimension {model.dim} but "
