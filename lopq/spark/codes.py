@@ -312,9 +312,7 @@ def compute_codes(sc, data_path, model, output, data_options, output_format="tex
         if done is not None:
             return done
     blocks, n, D = load_blocks(sc, data_path, **data_options)
-    if D != model.dim:
-        raise DataError(f"the model is for vectors of dimension {model.dim} but --data "
-                        f"{data_path} has vectors of dimension {D}")
+    _check_model_dim(model, D, data_path)
     blocks, _, dropped = blocks_for_metric(sc, blocks, model.metric, f"--data {data_path}",
                                            data_options["skip_bad_records"])
     sc.setJobDescription("lopq compute_codes: encode and write")
@@ -326,16 +324,20 @@ def compute_codes(sc, data_path, model, output, data_options, output_format="tex
     return n - dropped, dropped
 
 
+def _check_model_dim(model, D, data_path):
+    if D != model.dim:
+        raise DataError(f"the model is for vectors of dimension {model.dim} but --data "
+                        f"{data_path} has vectors of dimension {D}")
+
+
 def _encode_and_write_splits(model_bc, out_dir, skip_zero_rows):
     """Task function over `text_blocks` (one input split per partition): encode the
     blocks of the model's dimension, write them as ``part-<split>`` (each line of
     `format_code_lines`, then a newline, as ``saveAsTextFile`` writes them), and yield
     ``(rows written, report, zero rows, the first zero row's id)``."""
     def run(split, items):
-        import os
-        import uuid
-
-        import numpy as np
+        from . import fs
+        from .metric import _block_norms, _without_zero_rows
         model = model_bc.value
         cosine = model.metric == "cosine"
         report, rows, zero, first_zero, texts = None, 0, 0, None, []
@@ -346,29 +348,25 @@ def _encode_and_write_splits(model_bc, out_dir, skip_zero_rows):
             if X.shape[1] != model.dim:  # counted in the report; the driver decides
                 continue
             if cosine:  # norm-0 rows: refused on the driver, or dropped and counted
-                empty = np.einsum("ij,ij->i", X, X, dtype=np.float64) == 0
-                if empty.any():
-                    zero += int(empty.sum())
-                    if first_zero is None:
-                        first_zero = ids[int(np.flatnonzero(empty)[0])]
+                n_zero, first, _ = _block_norms((ids, X))
+                if n_zero:
+                    zero += n_zero
+                    first_zero = first if first_zero is None else first_zero
                     if not skip_zero_rows:
                         continue
-                    keep = np.flatnonzero(~empty)
-                    ids, X = [ids[i] for i in keep], X[keep]
+                    ids, X = _without_zero_rows((ids, X))
                     if not len(ids):
                         continue
             texts.append(format_code_lines(ids, *model.encode(X)))
             rows += len(ids)
-        if rows:
-            final = os.path.join(out_dir, f"part-{split:05d}")
-            # A hidden name while writing, then a rename: a retried or speculative
-            # attempt replaces the part file instead of adding a second one.
-            partial = os.path.join(out_dir, f".{split:05d}-{uuid.uuid4().hex}.tmp")
-            with open(partial, "w", encoding="utf-8", newline="") as f:
+        def write(path):
+            with open(path, "w", encoding="utf-8", newline="") as f:
                 for text in texts:
                     f.write(text)
                     f.write("\n")
-            os.replace(partial, final)
+
+        if rows:
+            fs.write_part_file(out_dir, f"part-{split:05d}", write)
         yield rows, report, zero, first_zero
     return run
 
@@ -413,16 +411,11 @@ def _local_text_to_text(sc, data_path, model, output, options, overwrite):
             n, D = verdict(report, describe, where, skip, options["sampling_ratio"])
             logger.info("loaded %d vectors of dimension %d in %d input split(s)", n, D,
                         len(results))
-            if D != model.dim:
-                raise DataError(f"the model is for vectors of dimension {model.dim} but "
-                                f"--data {data_path} has vectors of dimension {D}")
+            _check_model_dim(model, D, data_path)
             zero = sum(z for _, _, z, _ in results)
             dropped = judge_zero_rows(zero, next((f for _, _, z, f in results if z), None),
                                        model.metric, where, skip)
-            for name in os.listdir(tmp_dir):
-                if name.endswith(".tmp"):  # left by a killed task attempt
-                    os.remove(os.path.join(tmp_dir, name))
-            open(os.path.join(tmp_dir, "_SUCCESS"), "wb").close()
+            fs.finish_part_folder(tmp_dir)
         return sum(rows for rows, _, _, _ in results), dropped
     finally:
         model_bc.unpersist()

@@ -142,6 +142,25 @@ def atomic_output(sc, path, overwrite=False):
     _commit(fs, tmp, p, path, overwrite)
 
 
+def write_part_file(out_dir, name, write):
+    """``write(file)`` into ``out_dir/name`` under a hidden name, then a rename: a retried
+    or speculative task attempt replaces the part file instead of adding a second one."""
+    import os
+    partial = os.path.join(out_dir, f".{name}-{uuid.uuid4().hex}.tmp")
+    write(partial)
+    os.replace(partial, os.path.join(out_dir, name))
+
+
+def finish_part_folder(out_dir):
+    """Drop what killed task attempts left (``write_part_file``'s hidden files) and mark
+    the local folder complete with ``_SUCCESS``, as Spark's writers do."""
+    import os
+    for name in os.listdir(out_dir):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
+    open(os.path.join(out_dir, "_SUCCESS"), "wb").close()
+
+
 def local_path(sc, path):
     """The local file-system path of ``path`` (a plain path or a ``file:`` URI), or
     None when it lives on another file system (HDFS, S3...)."""

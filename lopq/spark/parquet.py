@@ -13,7 +13,6 @@ sampling, partitioned output, ML Vector columns) takes the DataFrame path.
 
 import logging
 import os
-import uuid
 
 import numpy as np
 
@@ -137,13 +136,11 @@ def _encode_row_groups(model_bc, out_dir, vector_col, id_col, skip_bad_records):
                 dropped += skipped
             rows = sum(b.num_rows for b in encoded)
             if rows:
-                final = os.path.join(out_dir, f"part-{unit.index:05d}.snappy.parquet")
-                # A hidden name while writing, then a rename: a retried or speculative
-                # attempt replaces the part file instead of adding a second one.
-                partial = os.path.join(out_dir, f".{unit.index:05d}-{uuid.uuid4().hex}.tmp")
-                pq.write_table(pa.Table.from_batches(encoded), partial, compression="snappy",
-                               use_dictionary=CODE_COLUMN_PATHS)
-                os.replace(partial, final)
+                table = pa.Table.from_batches(encoded)
+                fs.write_part_file(out_dir, f"part-{unit.index:05d}.snappy.parquet",
+                                   lambda path, table=table: pq.write_table(
+                                       table, path, compression="snappy",
+                                       use_dictionary=CODE_COLUMN_PATHS))
             yield rows, dropped
     return run
 
@@ -200,8 +197,5 @@ def _write_parts(sc, units, model_bc, output, overwrite, vector_col, id_col,
         dropped = sum(skipped for _, skipped in counts)
         if not written:
             raise DataError(f"no vectors in {where}")
-        for name in os.listdir(tmp_dir):
-            if name.endswith(".tmp"):  # left by a killed task attempt
-                os.remove(os.path.join(tmp_dir, name))
-        open(os.path.join(tmp_dir, "_SUCCESS"), "wb").close()
+        fs.finish_part_folder(tmp_dir)
     return written, dropped
