@@ -275,9 +275,10 @@ class LOPQModel:
             backend=None, rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE):
         """Fit the missing parameters on ``data`` (n, D); existing ones are reused.
 
-        Keyword arguments are the reference's; ``n_jobs`` is accepted for compatibility
-        and ignored (the kernels run on the calling thread; numpy's BLAS may use its
-        own threads). When rotations and
+        Keyword arguments are the reference's. ``n_jobs`` is the number of threads that
+        compare the ``rotation_shrinkage="auto"`` candidates (None: one per core, at most
+        three); the model does not depend on it. The rest of training runs on the calling
+        thread (numpy's BLAS may use its own threads). When rotations and
         subquantizers are both trained here, ``rotation_refinement_iters`` rounds of local
         rotation refinement follow (see `lopq.training.refine_local_rotations`).
         ``rotation_shrinkage`` pseudo-points per dimension pull each local covariance
@@ -313,7 +314,7 @@ class LOPQModel:
                 data, self.V, self.M, self.subquantizer_clusters,
                 (self.Cs, self.Rs, self.mus, self.codebooks), kmeans_coarse_iters,
                 kmeans_local_iters, n_init, subquantizer_sample_ratio, random_state,
-                backend, rotation_refinement_iters, rotation_shrinkage)
+                backend, rotation_refinement_iters, rotation_shrinkage, n_jobs)
         self.Cs, self.Rs, self.mus, self.codebooks = Cs, Rs, mus, subs
         self._dim, self.max_norm = dim, max_norm
         return self
@@ -642,8 +643,8 @@ def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
           rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE):
     """Reference API: fit the missing ``parameters`` of an LOPQ model.
 
-    The arguments bind positionally as in the reference (``verbose``, then ``n_jobs``,
-    accepted for compatibility: the kernels are compiled and batched).
+    The arguments bind positionally as in the reference (``verbose``, then ``n_jobs``:
+    the threads of the ``"auto"`` shrinkage comparison, as in `LOPQModel.fit`).
     ``rotation_refinement_iters`` and ``rotation_shrinkage`` (additions, keyword only in
     practice) refine the rotations and shrink the local covariances as `LOPQModel.fit`
     does; both 0 train as the reference.
@@ -661,7 +662,7 @@ def train(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
     """
     model = LOPQModel(V, M, subquantizer_clusters, parameters)
     model.fit(data, kmeans_coarse_iters, kmeans_local_iters, n_init,
-              subquantizer_sample_ratio, random_state, verbose,
+              subquantizer_sample_ratio, random_state, verbose, n_jobs,
               rotation_refinement_iters=rotation_refinement_iters,
               rotation_shrinkage=rotation_shrinkage)
     Cs, Rs, mus, subs = model.parameters

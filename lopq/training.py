@@ -7,7 +7,9 @@ with ``h = D / 2``.
 """
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -519,7 +521,7 @@ def _reconstruct(X, Cs, Rs, mus, subs, backend=None):
 
 def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
                      refinement_iters, random_state=None, backend=None,
-                     candidates=SHRINKAGE_CANDIDATES):
+                     candidates=SHRINKAGE_CANDIDATES, n_jobs=None):
     """``rotation_shrinkage="auto"``: the candidate whose model ranks neighbours best on
     training rows it did not see.
 
@@ -547,6 +549,9 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
 
     Args:
         source: the row source; statistics: its ``covariance_pass(Cs)``.
+        n_jobs: threads evaluating candidates side by side (None: one per core, at
+            most one per candidate). Each candidate draws from its own seed, taken
+            from ``random_state`` first, so the choice does not depend on it.
 
     Returns:
         the chosen shrinkage (an element of ``candidates``).
@@ -574,16 +579,23 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
     iters = min(kmeans_local_iters, SELECTION_LLOYD_ITERS)
     ranks = [[] for _ in candidates]
     errors = np.zeros(len(candidates))
+    threads = max(1, min(n_jobs or os.cpu_count() or 1, len(candidates)))
     for fit_half, eval_half in folds:
         fit, evaluation = rows[np.sort(halves[fit_half])], rows[halves[eval_half]]
         queries, base = evaluation[:n_queries], evaluation[n_queries:]
         neighbours = exact_neighbors(queries, base, min(SELECTION_CANDIDATES, len(base)))
-        for c, shrinkage in enumerate(candidates):
+        # a seed per candidate, drawn before any runs: the threads' order cannot change
+        # what each candidate draws
+        seeds = rng.randint(2 ** 31 - 1, size=len(candidates))
+
+        def evaluate(c):
+            shrinkage = candidates[c]
             Rs, mus = rotations_from_statistics(*statistics, M, shrinkage)
             projected = ArrayRows(project_rows(fit, Cs, Rs, mus, backend), backend)
             projected.log_level = logging.DEBUG  # a side computation: quiet iterations
             subs = kmeans_rows(projected, M, subquantizer_clusters, iters, 1,
-                               random_state=rng, backend=backend,
+                               random_state=np.random.RandomState(seeds[c]),
+                               backend=backend,
                                label=f" shrinkage {shrinkage!r} (selection)")
             if refinement_iters > 0:
                 Rs, subs = _refine_on_sample(fit, Cs, Rs, mus, subs, refinement_iters,
@@ -594,9 +606,18 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
             dots = np.einsum("qkd,qd->qk", approx[neighbours], queries)
             estimated = norms - 2 * dots
             # where the exact nearest row lands among its nearest, by LOPQ distance
-            ranks[c].append((estimated < estimated[:, :1]).sum(axis=1))
+            rank = (estimated < estimated[:, :1]).sum(axis=1)
             residual = queries - _reconstruct(queries, Cs, Rs, mus, subs, backend)
-            errors[c] += float((residual.astype(np.float64) ** 2).sum())
+            return rank, float((residual.astype(np.float64) ** 2).sum())
+
+        if threads == 1:
+            outcomes = [evaluate(c) for c in range(len(candidates))]
+        else:  # the kernels and LAPACK release the GIL: candidates run side by side
+            with ThreadPoolExecutor(threads) as pool:
+                outcomes = list(pool.map(evaluate, range(len(candidates))))
+        for c, (rank, error) in enumerate(outcomes):
+            ranks[c].append(rank)
+            errors[c] += error
     ranks = [np.concatenate(r) for r in ranks]
     n_queries = len(ranks[0])
     log_ranks = [np.log1p(rank).mean() for rank in ranks]
@@ -642,7 +663,7 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
                    kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
                    subquantizer_sample_ratio=1.0, random_state=None,
                    rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE,
-                   backend=None, steps=(0, 1, 2)):
+                   backend=None, steps=(0, 1, 2), n_jobs=None):
     """The LOPQ training sequence over any row source (`lopq.rows`): fit whatever of
     ``parameters = (Cs, Rs, mus, subs)`` is None (among the parameters of ``steps``),
     reusing the rest. Callers that retrain a step drop what it makes stale first
@@ -659,7 +680,9 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
 
     Every random choice is drawn from ``random_state`` in this order, whatever the
     source: `LOPQModel.fit` (an `ArrayRows`) and Spark (`lopq.spark.rows.BlockRows`) with
-    the same rows and seed train the same model, up to summation order.
+    the same rows and seed train the same model, up to summation order. ``n_jobs``
+    threads compare the ``"auto"`` shrinkage candidates (`choose_shrinkage`); the
+    result does not depend on it.
 
     Returns:
         ``(Cs, Rs, mus, subs)`` stacked float32 arrays, and a dict of seconds per step.
@@ -689,7 +712,7 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
             if train_subs:
                 rotation_shrinkage = choose_shrinkage(
                     source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
-                    rotation_refinement_iters, rng, backend)
+                    rotation_refinement_iters, rng, backend, n_jobs=n_jobs)
         Rs, mus = rotations_from_statistics(*statistics, M, rotation_shrinkage)
         timings["step 1 (rotations)"] = time.time() - start
         start = time.time()
@@ -726,7 +749,8 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
 def train_parameters(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
                      kmeans_coarse_iters=10, kmeans_local_iters=20, n_init=10,
                      subquantizer_sample_ratio=1.0, random_state=None, backend=None,
-                     rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE):
+                     rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE,
+                     n_jobs=None):
     """`train_sequence` over in-memory rows ``data`` (n, D) float32 (already validated).
 
     Returns:
@@ -735,7 +759,8 @@ def train_parameters(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
     params, _ = train_sequence(ArrayRows(data, backend), V, M, subquantizer_clusters,
                                parameters, kmeans_coarse_iters, kmeans_local_iters, n_init,
                                subquantizer_sample_ratio, random_state,
-                               rotation_refinement_iters, rotation_shrinkage, backend)
+                               rotation_refinement_iters, rotation_shrinkage, backend,
+                               n_jobs=n_jobs)
     return params
 
 

@@ -59,13 +59,17 @@ def parse_args(argv=None):
                              "(Ledoit-Wolf); a number gives that many pseudo-rows per "
                              "dimension; 0 is the reference (identity rotation below D/2 "
                              "rows)")
-    parser.add_argument("--agg_depth", type=int, default=2,
-                        help="depth of tree aggregation of the per-iteration statistics")
+    parser.add_argument("--agg_depth", type=int, default=None,
+                        help="depth of tree aggregation of the per-iteration statistics "
+                             "(default: the driver sums them when all partitions' "
+                             "statistics hold at most 64 MB together, else depth 2)")
     cli.add_metric_argument(parser, training=True)
     cli.add_overwrite_argument(parser)
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error("--data is required")
+    if args.agg_depth is not None and args.agg_depth < 1:
+        parser.error("--agg_depth must be at least 1")
     if args.model_pkl is None and args.model_proto is None:
         parser.error("at least one of --model_pkl and --model_proto is required")
     if args.existing_model_pkl and args.existing_model_proto:

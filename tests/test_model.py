@@ -531,3 +531,13 @@ def test_batched_eigenvalue_allocation_equals_the_plain_greedy_rule():
         for row, values in enumerate(sets):
             np.testing.assert_array_equal(got[row],
                                           _greedy_allocation_one_at_a_time(buckets, values))
+
+
+def test_auto_shrinkage_threads_do_not_change_the_model():
+    """`fit(n_jobs=...)` only sets how many threads compare the "auto" candidates: one
+    thread and three train the very same model (each candidate has its own seed)."""
+    X = make_clustered(9000, 32, n_clusters=20, seed=8)
+    models = [LOPQModel(V=8, M=4, subquantizer_clusters=16).fit(
+        X, random_state=3, n_init=1, n_jobs=jobs) for jobs in (1, 3)]
+    for a, b in zip(models[0].parameters, models[1].parameters):
+        np.testing.assert_array_equal(a, b)

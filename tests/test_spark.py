@@ -451,6 +451,33 @@ def test_agg_depth_sums_the_same(sc, small_data):
     blocks.unpersist()
 
 
+def test_lloyd_pass_at_every_depth_matches_numpy(sc, small_data, monkeypatch):
+    """A Lloyd pass gives the same sums and counts whether the driver sums the
+    partitions' statistics (the default below `DRIVER_AGGREGATION_BYTES`) or a tree
+    does (forced by a tiny threshold, or by an explicit depth)."""
+    from lopq.spark import load_blocks
+    from lopq.spark import rows as spark_rows
+    path, X = small_data
+    blocks, n, _ = load_blocks(sc, str(path))
+    blocks = blocks.repartition(8).cache()
+    centers = X[:2 * 5].reshape(2, 5, -1)[:, :, :X.shape[1] // 2].copy()
+    centers[1] = X[10:15, X.shape[1] // 2:]
+    expected_counts = []
+    for g in range(2):
+        half = X[:, g * (X.shape[1] // 2):(g + 1) * (X.shape[1] // 2)].astype(np.float64)
+        d = ((half[:, None, :] - centers[g][None].astype(np.float64)) ** 2).sum(-1)
+        expected_counts.append(np.bincount(d.argmin(1), minlength=5))
+    results = []
+    for threshold, depth in ((64 << 20, None), (1, None), (64 << 20, 3)):
+        monkeypatch.setattr(spark_rows, "DRIVER_AGGREGATION_BYTES", threshold)
+        step = spark_rows.BlockRows(sc, blocks, depth).lloyd_pass(centers)
+        np.testing.assert_array_equal(step.counts, np.stack(expected_counts))
+        results.append(step.sums)
+    for sums in results[1:]:
+        np.testing.assert_allclose(sums, results[0], rtol=1e-9)
+    blocks.unpersist()
+
+
 def test_step_1_on_spark_shrinks_small_clusters_as_fit_does(sc, small_data):
     """Spark step 1 and `LOPQModel.fit`'s step 1 are one estimator: with clusters smaller
     than D/2 rows, both give the same shrunk (non-identity) rotations."""

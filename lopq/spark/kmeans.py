@@ -32,7 +32,7 @@ def column_stats(blocks, depth=2):
 
 
 def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
-                         depth=2, label="", backend=None, init=None, n_init=1):
+                         depth=None, label="", backend=None, init=None, n_init=1):
     """k-means of each of ``n_groups`` equal column groups of the blocks, in shared passes.
 
     Args:
@@ -41,7 +41,7 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
         seed: seeds the samples and the k-means++ init (`lopq.kmeans.kmeans_rows`).
         tol: stop when every group's squared centre shift <= tol * its mean
             per-dimension variance (scikit-learn's criterion).
-        depth: treeAggregate depth.
+        depth: treeAggregate depth (None: `lopq.spark.rows.BlockRows` decides).
         init: optional (n_groups, k, dg) starting centres: then ``max_iter`` Lloyd passes
             over every row from them (no sampling, no k-means++).
 

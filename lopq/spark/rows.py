@@ -23,6 +23,18 @@ def _add(a, b):
     return tuple(x + y for x, y in zip(a, b))
 
 
+#: With ``depth=None``, partition statistics are summed on the driver when all of them
+#: together hold at most this many bytes; above it, ``treeAggregate`` at depth 2. One
+#: level saves the shuffle stage of a tree (measured on 1M x 128 rows in 8 partitions,
+#: `local[2]`: a count pass takes 0.7-0.85 s collected, 0.9-1.1 s at depth 2).
+DRIVER_AGGREGATION_BYTES = 64 << 20
+
+
+def _statistics_bytes(zero):
+    """Bytes of a pass's statistics (the arrays in ``zero``)."""
+    return sum(getattr(x, "nbytes", 0) for x in zero)
+
+
 def _partition_rows(items):
     yield sum(X.shape[0] for _, X in items)
 
@@ -64,7 +76,9 @@ class BlockRows:
         sc: SparkContext or SparkSession.
         blocks: RDD of ``(ids, X)``, X (b, D) float32, cached by the caller (or
             ``owned=True``: this source unpersists it on `release`).
-        depth: ``treeAggregate`` depth.
+        depth: ``treeAggregate`` depth; None (default): one level (the driver sums
+            the partitions' statistics) when they hold at most
+            `DRIVER_AGGREGATION_BYTES` together, else 2.
         partition_rows: rows per partition, when known (else one job counts them).
         dim: D, when known.
         owned: the blocks were cached by this source (`release` unpersists them).
@@ -74,7 +88,7 @@ class BlockRows:
     #: Every Lloyd pass is a Spark job: log each at INFO, as the drivers' progress.
     log_level = logging.INFO
 
-    def __init__(self, sc, blocks, depth=2, partition_rows=None, dim=None, owned=False,
+    def __init__(self, sc, blocks, depth=None, partition_rows=None, dim=None, owned=False,
                  backend=None, broadcast=None):
         self.sc = as_context(sc)
         self.blocks = blocks
@@ -98,6 +112,15 @@ class BlockRows:
         if self._dim is None:
             self._dim = int(self.blocks.map(lambda b: b[1].shape[1]).first())
         return self._dim
+
+    def _aggregate(self, statistics, zero, merge):
+        """Sum the per-partition ``statistics`` RDD (one item per partition) into
+        ``zero``, at ``depth`` or as `DRIVER_AGGREGATION_BYTES` decides."""
+        depth = self.depth
+        if depth is None:
+            together = _statistics_bytes(zero) * statistics.getNumPartitions()
+            depth = 1 if together <= DRIVER_AGGREGATION_BYTES else 2
+        return statistics.treeAggregate(zero, merge, merge, depth=depth)
 
     def _local_indices(self, indices):
         """Per partition, the sorted local row indices among global ``indices``."""
@@ -157,8 +180,8 @@ class BlockRows:
                                                lloyd_statistics(X, shipped.value, backend))
             yield total
 
-        statistics = self.blocks.mapPartitions(partition).treeAggregate(
-            zero, merge_lloyd_statistics, merge_lloyd_statistics, depth=self.depth)
+        statistics = self._aggregate(self.blocks.mapPartitions(partition), zero,
+                                     merge_lloyd_statistics)
         shipped.unpersist()
         return as_lloyd_step(statistics)
 
@@ -175,8 +198,7 @@ class BlockRows:
                 total = _accumulate(total, covariance_statistics(X, shipped.value, backend))
             yield zero if total is None else total
 
-        statistics = self.blocks.mapPartitions(partition).treeAggregate(
-            zero, _add, _add, depth=self.depth)
+        statistics = self._aggregate(self.blocks.mapPartitions(partition), zero, _add)
         shipped.unpersist()
         return statistics
 

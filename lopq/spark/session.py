@@ -42,6 +42,15 @@ def as_context(spark):
     raise TypeError(f"expected a SparkContext or SparkSession, got {type(spark).__name__}")
 
 
+def driver_threads(sc):
+    """Threads the driver may use for its own numerical work: the cores of ``local[N]``
+    (the executors idle meanwhile), else ``spark.driver.cores`` (default 1)."""
+    sc = as_context(sc)
+    if sc.master.startswith("local"):
+        return max(1, sc.defaultParallelism)
+    return max(1, int(sc.getConf().get("spark.driver.cores", "1")))
+
+
 def launcher_conf():
     """The configuration the launcher set, read from the JVM once it is running.
 

@@ -19,18 +19,18 @@ from ..training import (
     train_sequence,
 )
 from .rows import BlockRows
-from .session import as_context
+from .session import as_context, driver_threads
 
 logger = logging.getLogger(__name__)
 
 
-def train_coarse_on_blocks(sc, blocks, V, iters=10, seed=None, depth=2):
+def train_coarse_on_blocks(sc, blocks, V, iters=10, seed=None, depth=None):
     """Step 0 alone: both coarse quantizers in the same passes. Returns Cs (2, V, D/2)."""
     return kmeans_rows(BlockRows(sc, blocks, depth), 2, V, iters, 1, random_state=seed,
                        label=" coarse (step 0)")
 
 
-def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2, shrinkage=ROTATION_SHRINKAGE):
+def train_rotations_on_blocks(sc, blocks, Cs, M, depth=None, shrinkage=ROTATION_SHRINKAGE):
     """Step 1 alone: per-cluster covariance accumulators aggregated across the cluster,
     rotations on the driver (`lopq.training.rotations_from_statistics`). Returns
     Rs (2, V, h, h), mus (2, V, h) float32."""
@@ -39,7 +39,7 @@ def train_rotations_on_blocks(sc, blocks, Cs, M, depth=2, shrinkage=ROTATION_SHR
 
 
 def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, seed=None,
-                                  depth=2):
+                                  depth=None):
     """Step 2 alone: project the residuals once (cached), then train all M
     subquantizers in the same passes. Returns subs (M, S, D/M) float32."""
     projected = BlockRows(sc, blocks, depth).projected(Cs, Rs, mus)
@@ -51,7 +51,7 @@ def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, s
 
 
 def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=None,
-                subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=2,
+                subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=None,
                 rotation_refinement_iters=3, n_rows=None,
                 rotation_shrinkage=ROTATION_SHRINKAGE, n_init=1, metric="l2", dim=None,
                 max_norm=None):
@@ -66,6 +66,8 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
         existing: an `LOPQModel` whose parameters are reused (or None).
         steps: training steps to run (0 coarse, 1 rotations, 2 subquantizers).
         n_rows: ignored (the rows are counted per partition once).
+        The driver compares the ``"auto"`` shrinkage candidates on
+        `lopq.spark.session.driver_threads` threads.
         metric, dim, max_norm: the model's metric (`lopq.metric`), the dimension of the
             rows in ``blocks`` and, for inner product, the norm rows are lifted to
             (`lopq.spark.metric.blocks_for_metric` gives the largest). The rows are
@@ -87,7 +89,7 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
     (Cs, Rs, mus, subs), timings = train_sequence(
         source, V, M, S, parameters, coarse_iters, local_iters, n_init,
         subquantizer_sampling_ratio, seed, rotation_refinement_iters, rotation_shrinkage,
-        steps=steps)
+        steps=steps, n_jobs=driver_threads(sc))
     model = LOPQModel(V, M, S if subs is None else subs.shape[1], (Cs, Rs, mus, subs),
                       metric=metric, dim=dim if metric != "l2" else None,
                       max_norm=max_norm if metric == "inner_product" else None)
