@@ -340,12 +340,45 @@ def part_oxford(res, quick):
         searcher.add_codes((coarse, fine))
         ranked = [[r.id for r in searcher.search(q, quota=1000)[0]] for q in test]
         searched.append(recall_at(ranked, nns, (1, 10, 100)))
+        if seed == seeds[0]:
+            _single_query_rows(res, searcher, test)
     for name, values in (("exhaustive LOPQ ranking", exhaustive),
                          ("multi-index search quota=1000", searched)):
         mean = np.mean(values, axis=0)
         for r, v in zip((1, 10, 100), mean):
             res.add("oxford", f"recall@{r} {name}", v, "fraction", seeds=list(seeds),
                     V=16, M=8, reference=[0.499, 0.925, 0.978][(1, 10, 100).index(r)])
+
+
+def _single_query_rows(res, searcher, queries, quota=1000, limit=100, rounds=5):
+    """Time per query of one call per query (`search`, `search_arrays`) against
+    `search_batch` on one thread, Oxford5k (V=16, M=8): the three interleaved, best of
+    ``rounds``, results discarded as a server would."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+
+    def batch():
+        searcher.search_batch(queries, quota=quota, limit=limit, threads=1)
+
+    def each(method):
+        def run():
+            for q in queries:
+                method(q, quota=quota, limit=limit)
+        return run
+
+    calls = {"search_batch": batch, "search": each(searcher.search),
+             "search_arrays": each(searcher.search_arrays)}
+    best = dict.fromkeys(calls, np.inf)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[name] = min(best[name], (time.perf_counter() - start) / len(queries))
+    params = dict(V=16, M=8, quota=quota, limit=limit, threads=1, n_queries=len(queries))
+    for name, seconds in best.items():
+        res.add("oxford", f"{name}: microseconds per query", seconds * 1e6, "us", **params)
+    for name in ("search", "search_arrays"):
+        res.add("oxford", f"{name} per query over search_batch's", best[name] /
+                best["search_batch"], "x", **params)
 
 
 #: Rows the subquantizers of the search benchmark train on (coarse quantizers and rotations

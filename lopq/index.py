@@ -86,6 +86,7 @@ class CellIndex:
             self.fine = np.ascontiguousarray(self.fine[keep])
             self.ids = np.asarray(self.ids)[keep]
             self.cell_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            self._arrays_replaced()
         return removed
 
     @property
@@ -128,7 +129,15 @@ class CellIndex:
         self.ids = ids[order]
         counts = np.bincount(cells, minlength=V * V)
         self.cell_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._arrays_replaced()
         return order
+
+    def _arrays_replaced(self):
+        """Drop what was derived from the old code arrays (the per-thread contexts of
+        one-query search hold views of them)."""
+        contexts = getattr(self, "_query_contexts", None)
+        if contexts:
+            contexts.clear()
 
     def get_cell(self, cell):
         """Items ``(id, LOPQCode)`` of the cell with coarse codes ``(c0, c1)``."""

@@ -12,6 +12,7 @@ once (`lopq.batch_search.BatchSearch`) and the index directory on disk
 
 import heapq
 import itertools
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -20,7 +21,7 @@ from . import _kernels as kernels
 from .batch_search import BatchSearch
 from .index import CellIndex
 from .index_files import INDEX_FORMAT, INDEX_VERSION, IndexFiles  # noqa: F401 (public names)
-from .model import check_rows
+from .model import LOPQCode, check_rows
 
 Result = namedtuple("Result", ["id", "code"])
 # Named "Result" as the reference names its with_dists results (their repr matches).
@@ -155,10 +156,16 @@ class LOPQSearcherBase:
 
     def _query(self, x):
         """One query (dim,) checked and mapped into the model space: (D,) float32."""
+        m = self.model
+        if (type(x) is np.ndarray and x.dtype.char == "f" and x.ndim == 1
+                and x.flags.c_contiguous and x.shape[0] == m.dim and m.metric == "l2"):
+            # the usual serving call: only finiteness is left to check
+            if np.isfinite(x).all():
+                return x
         x = np.asarray(x)
         if x.ndim != 1:
             raise ValueError(f"a query must be one vector of shape (D,), got {x.shape}")
-        return self.model.model_queries(x, "query", min_rows=1)[0]
+        return m.model_queries(x, "query", min_rows=1)[0]
 
 
 def _codes_as_tuples(coarse, fine):
@@ -179,6 +186,8 @@ class LOPQSearcher(CellIndex, BatchSearch, IndexFiles, LOPQSearcherBase):
         CellIndex.__init__(self, model)
         self._transposed_cache = None
         self._grouped_cache = None
+        #: per thread: (fine, cell_offsets, `OneQuery`) of `search`'s compiled path
+        self._query_contexts = {}
         #: Seconds the last `search_batch` spent traversing the multi-index, building
         #: distance tables and scanning codes (summed over its threads), when it ran a
         #: compiled path; else None.
@@ -265,22 +274,80 @@ class LOPQSearcher(CellIndex, BatchSearch, IndexFiles, LOPQSearcherBase):
 
     def search(self, x, quota=10, limit=None, with_dists=False):
         """`LOPQSearcherBase.search` (same arguments and results) on the flat arrays, with
-        the compiled query path when it is built."""
-        from .model import LOPQCode
+        the compiled query path when it is built: the ``limit`` nearest are selected in
+        the kernel (as `search_batch` does) and the results are built by C-level maps,
+        not a Python loop (one query of Oxford5k, limit 100: result objects cost more
+        than the search)."""
         x = self._query(x)
-        rows, dists, visited = self._ranked(x, quota, quota if limit is None else limit)
-        dists = self.model.metric_distances(dists, x)
-        results = []
-        coarse, fine = self.coarse[rows].tolist(), self.fine[rows].tolist()
+        limit = quota if limit is None else limit
+        rows, dists, visited = self._top_rows(x, quota, limit)
+        # zip(*[it] * k) cuts a flat list into k-tuples without a list per row
+        coarse = iter(self.coarse[rows].ravel().tolist())
+        fine = iter(self.fine[rows].ravel().tolist())
+        codes = map(tuple.__new__, itertools.repeat(LOPQCode),
+                    zip(zip(coarse, coarse), zip(*[fine] * self.fine.shape[1])))
         ids = self.ids[rows].tolist()  # Python ints whether in memory or memory-mapped
-        for k, item_id in enumerate(ids):
-            code = LOPQCode(tuple(coarse[k]), tuple(fine[k]))
-            if with_dists:
-                results.append(ResultWithDist(item_id, code, float(dists[k])))
-            else:
-                results.append(Result(item_id, code))
-        return results, visited
+        if with_dists:
+            dists = self.model.metric_distances(dists, x).tolist()
+            return list(map(tuple.__new__, itertools.repeat(ResultWithDist),
+                            zip(ids, codes, dists))), visited
+        return list(map(tuple.__new__, itertools.repeat(Result), zip(ids, codes))), visited
 
+    def search_arrays(self, x, quota=10, limit=None):
+        """One query, arrays out: what ``search_batch(x[None], quota, limit)[0]`` returns,
+        without the batch's set-up (the serving path: one call per request).
+
+        `search` builds a ``Result`` per item; this returns the ids and distances as
+        arrays, which costs about as much per query as `search_batch` does.
+
+        Args:
+            x: (D,) query.
+            quota: items to retrieve (whole cells in multi-sequence order).
+            limit: results kept (default: all retrieved, as `search_batch`).
+
+        Returns:
+            (ids, dists): the ids ranked by distance (an array, ties in retrieval order)
+            and their float32 distances in the model's metric.
+        """
+        x = self._query(x)
+        if limit is None:
+            rows, dists, _ = self._ranked(x, quota, None)
+        else:
+            rows, dists, _ = self._top_rows(x, quota, limit)
+        return self.ids[rows], self.model.metric_distances(dists, x)
+
+    def _top_rows(self, x, quota, limit):
+        """The ``limit`` nearest rows of one model-space query (D,) float32 among the
+        cells needed for ``quota``: (rows int64, squared L2 float32, visited cells),
+        nearest first, ties in retrieval order (`_ranked`'s order)."""
+        if self._pending:
+            self._merge_pending()
+        limit = min(limit, len(self.fine))  # never more than the index holds
+        compiled = kernels.compiled_search()
+        # dtype.char: uint8 "B", uint16 "H" (cheaper than comparing dtypes, per query)
+        if (compiled is not None and 0 < limit < 2 ** 31 and self.fine.dtype.char in "BH"
+                and quota is not None and quota > 0):
+            return self._one_query(compiled).search(x, int(quota), int(limit))
+        if limit < 0:
+            raise ValueError(f"limit must be None or at least 0, got {limit!r}")
+        if limit == 0:  # nothing to rank; the quota is still checked, cells counted
+            _, visited = self._retrieve_ranges(x, quota)
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), visited
+        return self._ranked(x, quota, limit)  # also raises for a bad quota
+
+    def _one_query(self, compiled):
+        """This thread's `OneQuery` of the current index arrays (the kernel's operands
+        converted once; a new one when the arrays were replaced)."""
+        thread = threading.get_ident()
+        entry = self._query_contexts.get(thread)
+        if entry is None or entry[0] is not self.fine or entry[1] is not self.cell_offsets:
+            m = self.model
+            CsT, RTs, booksT = self._transposed()
+            context = compiled.OneQuery(m.Cs, CsT, RTs, m.mus, booksT, self.cell_offsets,
+                                        self.fine, m.table_adjustment(),
+                                        m.coarse_adjustment())
+            entry = self._query_contexts[thread] = (self.fine, self.cell_offsets, context)
+        return entry[2]
 
 
 class LOPQSearcherLMDB(LOPQSearcherBase):

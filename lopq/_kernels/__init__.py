@@ -59,13 +59,19 @@ def get_backend(name=None):
 def compiled_search():
     """The compiled query path (`_search`) when the default backend is ``cython`` and it
     is built, else None (search then runs its numpy path, which computes the same)."""
+    global _SEARCH
     if default_backend() != "cython":
         return None
-    try:
-        from . import _search
-    except ImportError:  # e.g. lopq imported from a zip
-        return None
-    return _search
+    if _SEARCH is None:  # imported once: one query's search is tens of microseconds
+        try:
+            from . import _search
+        except ImportError:  # e.g. lopq imported from a zip
+            return None
+        _SEARCH = _search
+    return _SEARCH
+
+
+_SEARCH = None
 
 
 def grouped_table_operands(Rs, books):
