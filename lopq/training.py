@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -519,6 +520,32 @@ def _reconstruct(X, Cs, Rs, mus, subs, backend=None):
     return out
 
 
+def _evaluate_candidate(shrinkage, seed, fit, queries, base, neighbours, statistics, Cs,
+                        M, subquantizer_clusters, iters, refinement_iters, backend):
+    """One `choose_shrinkage` candidate: its model fitted on the ``fit`` rows (rotations
+    from the full ``statistics``, subquantizers, refinement), then, for each held-back
+    query, the rank by LOPQ distance of its exact nearest ``base`` row among its exact
+    ``neighbours``, and the queries' squared reconstruction error: (ranks, error)."""
+    Rs, mus = rotations_from_statistics(*statistics, M, shrinkage)
+    projected = ArrayRows(project_rows(fit, Cs, Rs, mus, backend), backend)
+    projected.log_level = logging.DEBUG  # a side computation: quiet iterations
+    subs = kmeans_rows(projected, M, subquantizer_clusters, iters, 1,
+                       random_state=np.random.RandomState(seed), backend=backend,
+                       label=f" shrinkage {shrinkage!r} (selection)")
+    if refinement_iters > 0:
+        Rs, subs = _refine_on_sample(fit, Cs, Rs, mus, subs, refinement_iters, shrinkage,
+                                     backend)
+    approx = _reconstruct(base, Cs, Rs, mus, subs, backend)
+    # |x~|^2 - 2 q.x~ ranks a query's candidates as |q - x~|^2 does
+    norms = np.einsum("ij,ij->i", approx, approx)[neighbours]
+    dots = np.einsum("qkd,qd->qk", approx[neighbours], queries)
+    estimated = norms - 2 * dots
+    # where the exact nearest row lands among its nearest, by LOPQ distance
+    rank = (estimated < estimated[:, :1]).sum(axis=1)
+    residual = queries - _reconstruct(queries, Cs, Rs, mus, subs, backend)
+    return rank, float((residual.astype(np.float64) ** 2).sum())
+
+
 def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
                      refinement_iters, random_state=None, backend=None,
                      candidates=SHRINKAGE_CANDIDATES, n_jobs=None):
@@ -588,33 +615,16 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
         # what each candidate draws
         seeds = rng.randint(2 ** 31 - 1, size=len(candidates))
 
-        def evaluate(c):
-            shrinkage = candidates[c]
-            Rs, mus = rotations_from_statistics(*statistics, M, shrinkage)
-            projected = ArrayRows(project_rows(fit, Cs, Rs, mus, backend), backend)
-            projected.log_level = logging.DEBUG  # a side computation: quiet iterations
-            subs = kmeans_rows(projected, M, subquantizer_clusters, iters, 1,
-                               random_state=np.random.RandomState(seeds[c]),
-                               backend=backend,
-                               label=f" shrinkage {shrinkage!r} (selection)")
-            if refinement_iters > 0:
-                Rs, subs = _refine_on_sample(fit, Cs, Rs, mus, subs, refinement_iters,
-                                             shrinkage, backend)
-            approx = _reconstruct(base, Cs, Rs, mus, subs, backend)
-            # |x~|^2 - 2 q.x~ ranks a query's candidates as |q - x~|^2 does
-            norms = np.einsum("ij,ij->i", approx, approx)[neighbours]
-            dots = np.einsum("qkd,qd->qk", approx[neighbours], queries)
-            estimated = norms - 2 * dots
-            # where the exact nearest row lands among its nearest, by LOPQ distance
-            rank = (estimated < estimated[:, :1]).sum(axis=1)
-            residual = queries - _reconstruct(queries, Cs, Rs, mus, subs, backend)
-            return rank, float((residual.astype(np.float64) ** 2).sum())
-
+        evaluate = partial(_evaluate_candidate, fit=fit, queries=queries, base=base,
+                           neighbours=neighbours, statistics=statistics, Cs=Cs, M=M,
+                           subquantizer_clusters=subquantizer_clusters, iters=iters,
+                           refinement_iters=refinement_iters, backend=backend)
+        shrinkages, seeds = list(candidates), list(seeds)
         if threads == 1:
-            outcomes = [evaluate(c) for c in range(len(candidates))]
+            outcomes = list(map(evaluate, shrinkages, seeds))
         else:  # the kernels and LAPACK release the GIL: candidates run side by side
             with ThreadPoolExecutor(threads) as pool:
-                outcomes = list(pool.map(evaluate, range(len(candidates))))
+                outcomes = list(pool.map(evaluate, shrinkages, seeds))
         for c, (rank, error) in enumerate(outcomes):
             ranks[c].append(rank)
             errors[c] += error
