@@ -2,6 +2,7 @@
 checked in-process on one shared SparkContext."""
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -589,3 +590,54 @@ def test_local_text_is_read_on_the_executors_and_compressed_text_by_spark(sc, tm
         blocks.unpersist()
         assert (n, D) == (500, 8)
         np.testing.assert_array_equal(got, X)
+
+
+def test_row_files_give_the_cached_blocks_results(sc, small_data):
+    """Local mode's row files (one memory-mapped .npy per partition) change where a
+    pass reads its rows, not what it computes: Lloyd and covariance passes, samples,
+    projections and subsets equal those of the JVM-cached blocks; a lost file is
+    written again; `release` removes the files. Each pass is a Spark job of one task
+    per partition (the status tracker's stages)."""
+    from pyspark import SparkFiles
+
+    from lopq.spark import load_blocks
+    from lopq.spark.rows import BlockRows
+    path, X = small_data
+    blocks, n, _ = load_blocks(sc, str(path), block_rows=700)
+    parts = blocks.getNumPartitions()
+    assert parts > 1
+    on_files = BlockRows(sc, blocks, row_files=True)
+    on_blocks = BlockRows(sc, blocks, row_files=False)
+    rng = np.random.RandomState(5)
+    h = X.shape[1] // 2
+    centers = np.stack([X[rng.choice(n, 6, replace=False), g * h:(g + 1) * h]
+                        for g in range(2)]).astype(np.float32)
+    sc.setJobGroup("row-files", "row files pass")
+    a, b = on_files.lloyd_pass(centers), on_blocks.lloyd_pass(centers)
+    tracker = sc.statusTracker()
+    jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup("row-files")]
+    tasks = [tracker.getStageInfo(s).numTasks for job in jobs for s in job.stageIds
+             if tracker.getStageInfo(s) is not None]
+    assert tasks.count(parts) >= 2, tasks  # file writing and the pass: one task each
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_allclose(a.sums, b.sums, rtol=1e-9)
+    folder = on_files._folder
+    assert folder.startswith(SparkFiles.getRootDirectory())
+    assert sorted(os.listdir(folder)) == sorted(f"{p}.npy" for p in range(parts))
+    indices = np.sort(rng.choice(n, 300, replace=False))
+    np.testing.assert_array_equal(on_files.take(indices), X[indices])
+    os.remove(os.path.join(folder, "1.npy"))  # lost: written again from the blocks
+    for x, y in zip(on_files.covariance_pass(centers), on_blocks.covariance_pass(centers)):
+        np.testing.assert_allclose(x, y, rtol=1e-9)
+    Rs = np.stack([np.stack([np.linalg.qr(rng.randn(h, h))[0] for _ in range(6)])
+                   for _ in range(2)]).astype(np.float32)
+    mus = (0.1 * rng.randn(2, 6, h)).astype(np.float32)
+    projected = [s.projected(centers, Rs, mus) for s in (on_files, on_blocks)]
+    np.testing.assert_allclose(projected[0].take(indices), projected[1].take(indices),
+                               rtol=1e-5, atol=1e-5)
+    subset = on_files.subset(indices)
+    np.testing.assert_array_equal(subset.take(np.arange(50)), X[indices[:50]])
+    for source in (*projected, subset, on_files, on_blocks):
+        source.release()
+    assert not os.path.exists(folder)
+    blocks.unpersist()

@@ -49,9 +49,12 @@ def kmeans_column_groups(sc, blocks, n_groups, k, max_iter, seed=None, tol=1e-4,
         (n_groups, k, dg) float32 centres.
     """
     source = BlockRows(sc, blocks, depth, backend=backend)
-    if init is not None:
-        centers = np.ascontiguousarray(init, dtype=np.float32)
-        centers, _, _ = lloyd_loop(source.lloyd_pass, centers, max_iter, 0.0, label,
-                                   log_level=source.log_level)
-        return centers
-    return kmeans_rows(source, n_groups, k, max_iter, n_init, tol, seed, label, backend)
+    try:
+        if init is not None:
+            centers = np.ascontiguousarray(init, dtype=np.float32)
+            centers, _, _ = lloyd_loop(source.lloyd_pass, centers, max_iter, 0.0, label,
+                                       log_level=source.log_level)
+            return centers
+        return kmeans_rows(source, n_groups, k, max_iter, n_init, tol, seed, label, backend)
+    finally:
+        source.release()  # its row files (the blocks are the caller's)

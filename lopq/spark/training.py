@@ -26,15 +26,19 @@ logger = logging.getLogger(__name__)
 
 def train_coarse_on_blocks(sc, blocks, V, iters=10, seed=None, depth=None):
     """Step 0 alone: both coarse quantizers in the same passes. Returns Cs (2, V, D/2)."""
-    return kmeans_rows(BlockRows(sc, blocks, depth), 2, V, iters, 1, random_state=seed,
-                       label=" coarse (step 0)")
+    source = BlockRows(sc, blocks, depth)
+    try:
+        return kmeans_rows(source, 2, V, iters, 1, random_state=seed,
+                           label=" coarse (step 0)")
+    finally:
+        source.release()
 
 
 def train_rotations_on_blocks(sc, blocks, Cs, M, depth=None, shrinkage=ROTATION_SHRINKAGE):
     """Step 1 alone: per-cluster covariance accumulators aggregated across the cluster,
     rotations on the driver (`lopq.training.rotations_from_statistics`). Returns
     Rs (2, V, h, h), mus (2, V, h) float32."""
-    source = BlockRows(sc, blocks, depth)
+    source = BlockRows(sc, blocks, depth, row_files=False)  # one pass: files cost more
     return rotations_from_statistics(*source.covariance_pass(Cs), M, shrinkage)
 
 
@@ -42,7 +46,7 @@ def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, s
                                   depth=None):
     """Step 2 alone: project the residuals once (cached), then train all M
     subquantizers in the same passes. Returns subs (M, S, D/M) float32."""
-    projected = BlockRows(sc, blocks, depth).projected(Cs, Rs, mus)
+    projected = BlockRows(sc, blocks, depth, row_files=False).projected(Cs, Rs, mus)
     try:
         return kmeans_rows(projected, M, S, iters, 1, random_state=seed,
                            label=" subquantizers (step 2)")
@@ -86,10 +90,13 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
         transform = Metric(metric, dim, model_dimension(metric, dim, M), max_norm)
         blocks = blocks.map(lambda b: (b[0], transform.rows(b[1])))
     source = BlockRows(sc, blocks, depth)
-    (Cs, Rs, mus, subs), timings = train_sequence(
-        source, V, M, S, parameters, coarse_iters, local_iters, n_init,
-        subquantizer_sampling_ratio, seed, rotation_refinement_iters, rotation_shrinkage,
-        steps=steps, n_jobs=driver_threads(sc))
+    try:
+        (Cs, Rs, mus, subs), timings = train_sequence(
+            source, V, M, S, parameters, coarse_iters, local_iters, n_init,
+            subquantizer_sampling_ratio, seed, rotation_refinement_iters,
+            rotation_shrinkage, steps=steps, n_jobs=driver_threads(sc))
+    finally:
+        source.release()  # its row files (the blocks are the caller's)
     model = LOPQModel(V, M, S if subs is None else subs.shape[1], (Cs, Rs, mus, subs),
                       metric=metric, dim=dim if metric != "l2" else None,
                       max_norm=max_norm if metric == "inner_product" else None)
