@@ -96,10 +96,19 @@ def file_chunks(X, rows=PASS_ROWS):
         yield X[start:start + rows]
 
 
+#: Spark configuration key: "false" keeps local-mode training on the JVM-cached blocks
+#: (no row files), "true" asks for them (local mode only: a cluster's executors do not
+#: share the driver's temporary folder).
+ROW_FILES_CONF = "spark.lopq.rowFiles"
+
+
 def local_files_default(sc):
-    """Whether training sources write row files by default: in local mode only, where
-    the driver and the executors see the same files."""
-    return sc.master.startswith("local")
+    """Whether training sources write row files by default: in local mode, where the
+    driver and the executors see the same files, unless `ROW_FILES_CONF` is "false"."""
+    setting = sc.getConf().get(ROW_FILES_CONF, "true").strip().lower()
+    if setting not in ("true", "false"):
+        raise ValueError(f"{ROW_FILES_CONF}={setting!r}: expected true or false")
+    return setting == "true" and sc.master.startswith("local")
 
 
 def _accumulate(total, part):
