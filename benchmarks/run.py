@@ -476,6 +476,8 @@ def part_search(res, quick):
     if split is not None and wanted(res, "Oxford5k"):
         train, test, nns = split
         _search_case(res, "Oxford5k", train, test, nns, 16, 8, 1000, "IMI2x4,PQ8np")
+        if not quick:  # the whole curves at 128-d too
+            _curves(res, "Oxford5k 128-d", train, test, 8, quick)
     n = scaled(20000 if quick else 1_000_000)
     if wanted(res, f"synthetic {n} x 128"):
         X = synthetic(n + 1000, seed=5)
