@@ -613,7 +613,10 @@ def test_row_files_give_the_cached_blocks_results(sc, small_data):
     centers = np.stack([X[rng.choice(n, 6, replace=False), g * h:(g + 1) * h]
                         for g in range(2)]).astype(np.float32)
     sc.setJobGroup("row-files", "row files pass")
-    a, b = on_files.lloyd_pass(centers), on_blocks.lloyd_pass(centers)
+    try:
+        a, b = on_files.lloyd_pass(centers), on_blocks.lloyd_pass(centers)
+    finally:  # later tests count the jobs of no group (spark_helpers.tasks_since)
+        sc.setLocalProperty("spark.jobGroup.id", None)
     tracker = sc.statusTracker()
     jobs = [tracker.getJobInfo(j) for j in tracker.getJobIdsForGroup("row-files")]
     tasks = [tracker.getStageInfo(s).numTasks for job in jobs for s in job.stageIds
