@@ -82,11 +82,13 @@ def test_compiled_and_python_paths_visit_the_same_cells(model_and_data, monkeypa
     model, X = model_and_data
     searcher = LOPQSearcher(model)
     searcher.add_data(X)
-    fast = [searcher.search(x, quota=300) for x in X[:20]]
+    fast = [searcher.search(x, quota=300, with_dists=True) for x in X[:20]]
     monkeypatch.setattr(search_module.kernels, "compiled_search", lambda: None)
-    slow = [searcher.search(x, quota=300) for x in X[:20]]
+    slow = [searcher.search(x, quota=300, with_dists=True) for x in X[:20]]
     for (a, va), (b, vb) in zip(fast, slow):
-        assert va == vb and [r.id for r in a] == [r.id for r in b]
+        # the kernel sums in another order: float32 near-ties may swap (query 1 here)
+        assert va == vb
+        _assert_same_ranking(a, b)
 
 
 @pytest.mark.parametrize("V", [5, 33, 300])
