@@ -7,7 +7,9 @@ a handful of passes, each returning statistics sized by the model, never by the 
 - ``subset(indices)``: a row source of only those rows (``subquantizer_sample_ratio``);
 - ``lloyd_pass(centers)``: one k-means assignment pass of G column groups (`LloydStep`);
 - ``covariance_pass(Cs)``: per coarse cluster, the residual statistics of both splits;
-- ``projected(Cs, Rs, mus)``: a row source of the locally rotated residuals;
+- ``projected(Cs, Rs, mus, passes=None)``: a row source of the locally rotated
+  residuals (``passes=1``: the caller reads it once, so a source on files may project
+  on the fly rather than store the projections);
 - ``release()``: free what the source cached.
 
 `ArrayRows` is the in-memory source (a numpy array). `lopq.spark.rows.BlockRows` is the
@@ -74,7 +76,9 @@ class ArrayRows(ArrayLloydSource):
     def covariance_pass(self, Cs):
         return covariance_statistics(self.X, Cs, self.backend)
 
-    def projected(self, Cs, Rs, mus):
+    def projected(self, Cs, Rs, mus, passes=None):
+        """The projected residuals as a row source (``passes``: how often the caller
+        will read it, a hint that sources on files use; in memory it changes nothing)."""
         return ArrayRows(project_rows(self.X, Cs, Rs, mus, self.backend), self.backend)
 
     def release(self):

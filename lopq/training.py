@@ -456,7 +456,7 @@ def refine_rotations(source, Cs, Rs, mus, subs, iters=3, random_state=None,
     sample = source.take(indices)
     Rs, subs = _refine_on_sample(sample, Cs, Rs, mus, subs, iters, shrinkage, backend)
     if len(indices) < n:
-        projected = source.projected(Cs, Rs, mus)
+        projected = source.projected(Cs, Rs, mus, passes=1)
         try:
             subs, _ = update_centers(subs, projected.lloyd_pass(subs))
         finally:

@@ -142,7 +142,8 @@ def main(argv=None):
                                  f"{model.metric}: train a new model for {metric} (no "
                                  "--existing_model_*) or drop --metric")
         load_started = time.time()
-        blocks, n, D = load_blocks(sc, args.data, **cli.data_options(args))
+        blocks, n, D = load_blocks(sc, args.data, row_files=True,
+                                   **cli.data_options(args))
         loading = time.time() - load_started
         if model is not None and model.dim is not None and model.dim != D:
             raise cli.UsageError(f"the existing model is for vectors of dimension "

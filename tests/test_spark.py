@@ -644,3 +644,53 @@ def test_row_files_give_the_cached_blocks_results(sc, small_data):
         source.release()
     assert not os.path.exists(folder)
     blocks.unpersist()
+
+
+def test_loading_writes_the_row_files_the_training_reads(sc, small_data, tmp_path):
+    """``load_blocks(row_files=True)`` in local mode writes each partition's rows as a
+    row file while it checks them; the training source takes those files over (no job
+    writes them again, no job counts rows) and computes what the cached blocks give.
+    Partitions of rows of another dimension (kept out by ``--skip_bad_records``) leave
+    no file behind: a pass writes it from the blocks."""
+    from lopq.spark import load_blocks
+    from lopq.spark.rows import ROW_FOLDER_ATTRIBUTE, BlockRows
+    path, X = small_data
+    blocks, n, D = load_blocks(sc, str(path), row_files=True, block_rows=500)
+    folder = getattr(blocks, ROW_FOLDER_ATTRIBUTE)
+    parts = blocks.getNumPartitions()
+    assert sorted(os.listdir(folder)) == sorted(f"{p}.npy" for p in range(parts))
+    for p, part in enumerate(blocks.glom().collect()):
+        want = np.concatenate([b[1] for b in part]) if part else np.empty((0, D))
+        np.testing.assert_array_equal(np.load(os.path.join(folder, f"{p}.npy")).reshape(
+            -1, D), want)
+    jobs_before = set(sc.statusTracker().getJobIdsForGroup())
+    source = BlockRows(sc, blocks, row_files=True)
+    indices = np.sort(np.random.RandomState(0).choice(n, 200, replace=False))
+    np.testing.assert_array_equal(source.take(indices), X[indices])
+    assert set(sc.statusTracker().getJobIdsForGroup()) == jobs_before  # read on the driver
+    on_blocks = BlockRows(sc, blocks, row_files=False)
+    centers = X[:5, None, :].transpose(1, 0, 2).astype(np.float32)
+    a, b = source.lloyd_pass(centers), on_blocks.lloyd_pass(centers)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_allclose(a.sums, b.sums, rtol=1e-9)
+    source.release()
+    assert not os.path.exists(folder)
+    blocks.unpersist()
+
+    # Two files: the 16-d rows and fewer 6-d ones; the 6-d ones are skipped.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_vector_file(mixed / "a.txt", X[:1000])
+    write_vector_file(mixed / "b.txt", X[:300, :6])
+    blocks, n, D = load_blocks(sc, str(mixed), row_files=True, skip_bad_records=True)
+    assert (n, D) == (1000, 16)
+    folder = getattr(blocks, ROW_FOLDER_ATTRIBUTE)
+    for name in os.listdir(folder):
+        shape = np.load(os.path.join(folder, name), mmap_mode="r").shape
+        assert shape[0] == 0 or shape[1] == 16, (name, shape)
+    source = BlockRows(sc, blocks, row_files=True)
+    assert source.n_rows == 1000
+    np.testing.assert_array_equal(np.sort(source.take(np.arange(1000)), axis=0),
+                                  np.sort(X[:1000], axis=0))
+    source.release()
+    blocks.unpersist()
