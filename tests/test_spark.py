@@ -653,10 +653,10 @@ def test_loading_writes_the_row_files_the_training_reads(sc, small_data, tmp_pat
     Partitions of rows of another dimension (kept out by ``--skip_bad_records``) leave
     no file behind: a pass writes it from the blocks."""
     from lopq.spark import load_blocks
-    from lopq.spark.rows import ROW_FOLDER_ATTRIBUTE, BlockRows
+    from lopq.spark.rows import ROW_FILES_ATTRIBUTE, BlockRows
     path, X = small_data
     blocks, n, D = load_blocks(sc, str(path), row_files=True, block_rows=500)
-    folder = getattr(blocks, ROW_FOLDER_ATTRIBUTE)
+    folder = getattr(blocks, ROW_FILES_ATTRIBUTE).folder
     parts = blocks.getNumPartitions()
     assert sorted(os.listdir(folder)) == sorted(f"{p}.npy" for p in range(parts))
     for p, part in enumerate(blocks.glom().collect()):
@@ -684,7 +684,7 @@ def test_loading_writes_the_row_files_the_training_reads(sc, small_data, tmp_pat
     write_vector_file(mixed / "b.txt", X[:300, :6])
     blocks, n, D = load_blocks(sc, str(mixed), row_files=True, skip_bad_records=True)
     assert (n, D) == (1000, 16)
-    folder = getattr(blocks, ROW_FOLDER_ATTRIBUTE)
+    folder = getattr(blocks, ROW_FILES_ATTRIBUTE).folder
     for name in os.listdir(folder):
         shape = np.load(os.path.join(folder, name), mmap_mode="r").shape
         assert shape[0] == 0 or shape[1] == 16, (name, shape)

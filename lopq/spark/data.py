@@ -407,11 +407,8 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     if not 0.0 < sampling_ratio <= 1.0:
         raise DataError(f"--sampling_ratio must be in (0, 1], got {sampling_ratio}")
     where = f"{flag} {data_path}" + (f" (--data_udf {data_udf})" if data_udf else "")
-    row_folder = None
-    if row_files:
-        from .rows import local_files_default, new_row_folder
-        if local_files_default(sc):
-            row_folder = new_row_folder()
+    from .rows import loading_row_folder
+    row_folder = loading_row_folder(sc) if row_files else None
     # Parquet files the executors can open are read with pyarrow, as compute_codes.py
     # reads them; other tables go through a DataFrame.
     units = _parquet_units(sc, data_path, vector_col, id_col, with_ids) \
@@ -559,7 +556,7 @@ def checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio
 
     With ``row_folder``, the checking job also writes each partition's rows there
     (`lopq.spark.rows.write_partition_file`); those of dimension D are handed to the
-    training's row source with the blocks (`lopq.spark.rows.ROW_FOLDER_ATTRIBUTE`)."""
+    training's row source with the blocks (`lopq.spark.rows.ROW_FILES_ATTRIBUTE`)."""
     from pyspark import StorageLevel
 
     from .errors import python_cause
@@ -603,10 +600,9 @@ def checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio
     blocks = parsed.filter(lambda b: b[1].shape[0] > 0 and b[1].shape[1] == D).map(
         lambda b: (b[0], b[1]))
     if row_folder is not None:
-        from .rows import ROW_FOLDER_ATTRIBUTE, keep_row_files
-        setattr(blocks, ROW_FOLDER_ATTRIBUTE, row_folder)
-        blocks._lopq_partition_rows = keep_row_files(row_folder, blocks.getNumPartitions(),
-                                                     D)
+        from .rows import ROW_FILES_ATTRIBUTE, LoadedRowFiles, keep_row_files
+        setattr(blocks, ROW_FILES_ATTRIBUTE, LoadedRowFiles(
+            row_folder, keep_row_files(row_folder, blocks.getNumPartitions(), D)))
     logger.info("loaded %d vectors of dimension %d in %d partitions", n, D,
                 blocks.getNumPartitions())
     _warn_if_spilled(sc, parsed)

@@ -185,11 +185,11 @@ class LOPQ(Estimator, _LOPQParams, DefaultParamsReadable, DefaultParamsWritable)
         seed = self.getOrDefault(self.seed) if self.isDefined(self.seed) else None
         spark = dataset.sparkSession
         metric = check_metric(self.getMetric())
-        from .rows import local_files_default, new_row_folder
+        from .rows import loading_row_folder
         # local mode: the rows are written as row files while they are checked
-        folder = new_row_folder() if local_files_default(spark.sparkContext) else None
         blocks, n, D = load_frame_blocks(spark, dataset, self.getFeaturesCol(), None, ratio,
-                                         seed, where="the DataFrame", row_folder=folder)
+                                         seed, where="the DataFrame",
+                                         row_folder=loading_row_folder(spark.sparkContext))
         blocks, largest, dropped = blocks_for_metric(
             spark.sparkContext, blocks, metric, f"column {self.getFeaturesCol()!r}")
         n -= dropped

@@ -21,6 +21,7 @@ from the cached blocks; on a cluster the passes read the cached blocks as before
 import logging
 import os
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,10 +84,23 @@ def new_row_folder():
     return os.path.join(SparkFiles.getRootDirectory(), f"lopq-rows-{uuid.uuid4().hex}")
 
 
-#: The attribute of a blocks RDD (set by `lopq.spark.data.load_blocks` with
-#: ``row_files=True``) naming the folder where its partitions were written as row
-#: files while they were loaded.
-ROW_FOLDER_ATTRIBUTE = "_lopq_row_folder"
+def loading_row_folder(sc):
+    """Where a loading job writes row files for the training (`load_blocks` with
+    ``row_files=True``): a new folder in local mode (`local_files_default`), else None."""
+    return new_row_folder() if local_files_default(sc) else None
+
+
+class LoadedRowFiles(NamedTuple):
+    """Row files written while the blocks were loaded, handed to `BlockRows` with them
+    (the blocks RDD's `ROW_FILES_ATTRIBUTE`): their folder, and the rows per partition
+    when every partition's file is there (else None: counted by a job)."""
+    folder: str
+    partition_rows: list
+
+
+#: The attribute of a blocks RDD (set by `lopq.spark.data.checked_blocks`) holding its
+#: `LoadedRowFiles`.
+ROW_FILES_ATTRIBUTE = "_lopq_row_files"
 
 
 def keep_row_files(folder, partitions, D):
@@ -197,13 +211,14 @@ class BlockRows:
         if row_files:
             # the files the loading wrote, if any (this source then owns them); else a
             # new folder, written on first use
-            self._folder = getattr(blocks, ROW_FOLDER_ATTRIBUTE, None) or new_row_folder()
-            if partition_rows is None and hasattr(blocks, ROW_FOLDER_ATTRIBUTE):
-                partition_rows = getattr(blocks, "_lopq_partition_rows", None)
-        self._derive = None  # (parent, function of its rows): how to write the files
-        # (parent, function of a chunk of its rows): passes map the parent's files
-        # chunk by chunk instead of writing files of their own
-        self._on_the_fly = None
+            loaded = getattr(blocks, ROW_FILES_ATTRIBUTE, None)
+            self._folder = new_row_folder() if loaded is None else loaded.folder
+            if partition_rows is None and loaded is not None:
+                partition_rows = loaded.partition_rows
+        # (parent, function of a chunk of the parent's rows): this source's rows, mapped
+        # from the parent's files; `_store` them in files of its own, or map each pass
+        self._derive = None
+        self._store = True
         self.blocks = blocks
         self.depth = depth
         self.backend = backend
@@ -275,7 +290,10 @@ class BlockRows:
 
             def derive(group):
                 for index in group:
-                    _write_row_file(folder, index, function(_read_row_file(parent, index)))
+                    X = _read_row_file(parent, index)
+                    if X.shape[0]:
+                        X = np.concatenate([function(part) for part in file_chunks(X)])
+                    _write_row_file(folder, index, X)
                     yield index
 
             self._markers(missing).flatMap(derive).collect()
@@ -291,15 +309,15 @@ class BlockRows:
         """An RDD with one item per partition: ``function`` of the partition's rows as
         consecutive (<= `PASS_ROWS`, D) float32 arrays, read from the row files when
         there are, else joined from the cached blocks."""
-        if self._on_the_fly is not None and self._on_the_fly[0]._files_ready():
-            folder, rows = self._on_the_fly[0]._folder, self._on_the_fly[1]
+        if self._mapped_each_pass():
+            parent, rows = self._derive[0]._folder, self._derive[1]
 
-            def projected_chunks(group):  # the parent's rows, mapped chunk by chunk
+            def mapped_chunks(group):
                 for index in group:
-                    for X in file_chunks(_read_row_file(folder, index)):
+                    for X in file_chunks(_read_row_file(parent, index)):
                         yield rows(X)
 
-            return self._markers().map(lambda group: function(projected_chunks(group)))
+            return self._markers().map(lambda group: function(mapped_chunks(group)))
         if self._files_ready():
             folder = self._folder
 
@@ -309,6 +327,12 @@ class BlockRows:
 
             return self._markers().map(lambda group: function(chunks(group)))
         return self.blocks.mapPartitions(lambda items: [function(joined_blocks(items))])
+
+    def _mapped_each_pass(self):
+        """Whether passes map the parent's row files rather than read files of this
+        source's own (a derived source not stored, over a parent with files)."""
+        return self._derive is not None and not self._store and \
+            self._derive[0]._files_ready()
 
     def _local_indices(self, indices):
         """Per partition, the sorted local row indices among global ``indices``."""
@@ -337,8 +361,8 @@ class BlockRows:
     def take(self, indices):
         """Rows at sorted global ``indices``, collected (read on the driver from the row
         files when there are): (s, D) float32."""
-        if self._on_the_fly is not None and self._on_the_fly[0]._files_ready():
-            return self._on_the_fly[1](self._on_the_fly[0].take(indices))
+        if self._mapped_each_pass():
+            return self._derive[1](self._derive[0].take(indices))
         if self._files_ready():
             parts = [_read_row_file(self._folder, p)[local]
                      for p, local in enumerate(self._local_indices(indices)) if len(local)]
@@ -417,12 +441,9 @@ class BlockRows:
             for ids, X in items:
                 yield ids, project_rows(X, Cs, Rs, mus, backend)
 
-        def project_file(X):
-            if X.shape[0] == 0:
-                return X
+        def project_chunk(X):
             Cs, Rs, mus = shipped.value
-            return np.concatenate([project_rows(part, Cs, Rs, mus, backend)
-                                   for part in file_chunks(X)])
+            return project_rows(X, Cs, Rs, mus, backend)
 
         projected = self.blocks.mapPartitions(partition)
         if self._folder is None:  # with row files the lineage only rewrites lost files
@@ -430,12 +451,8 @@ class BlockRows:
         source = BlockRows(self.sc, projected, self.depth, self.partition_rows, self._dim,
                            owned=True, backend=backend, broadcast=shipped,
                            row_files=self._folder is not None)
-        source._derive = (self, project_file)
-        if passes == 1 and self._folder is not None:
-            def project_chunk(X):
-                Cs, Rs, mus = shipped.value
-                return project_rows(X, Cs, Rs, mus, backend)
-            source._on_the_fly = (self, project_chunk)
+        source._derive = (self, project_chunk)
+        source._store = passes != 1
         return source
 
     def release(self):
