@@ -142,7 +142,9 @@ def main(argv=None):
                                  f"{model.metric}: train a new model for {metric} (no "
                                  "--existing_model_*) or drop --metric")
         load_started = time.time()
-        blocks, n, D = load_blocks(sc, args.data, row_files=True,
+        # Under L2 every pass reads the row files (local mode): no cached copy besides
+        # them. The other metrics map the blocks first, so they keep the cache.
+        blocks, n, D = load_blocks(sc, args.data, row_files=True, cache=metric != "l2",
                                    **cli.data_options(args))
         loading = time.time() - load_started
         if model is not None and model.dim is not None and model.dim != D:

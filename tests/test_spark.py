@@ -646,6 +646,35 @@ def test_row_files_give_the_cached_blocks_results(sc, small_data):
     blocks.unpersist()
 
 
+def test_training_on_row_files_alone_never_reads_the_input_again(sc, small_data, tmp_path):
+    """``load_blocks(row_files=True, cache=False)`` (train_model.py under L2, local mode)
+    caches nothing in Spark: the training, a subquantizer subset included, reads the
+    row files only. Proof: the input file is deleted right after loading, so any job
+    that read it again would fail; and the model equals that trained on cached blocks
+    of the same file with the same seed."""
+    import shutil
+
+    from lopq.spark import load_blocks
+    from lopq.spark.training import train_model
+    path, X = small_data
+    copy = tmp_path / "copy.txt"
+    shutil.copy(path, copy)
+    args = dict(V=4, M=4, S=16, seed=7, subquantizer_sampling_ratio=0.5, coarse_iters=4,
+                local_iters=4, rotation_refinement_iters=1, rotation_shrinkage=1.0)
+    cached_before = {r.id() for r in sc._jsc.sc().getRDDStorageInfo()}
+    blocks, n, D = load_blocks(sc, str(copy), row_files=True, cache=False, block_rows=500)
+    assert {r.id() for r in sc._jsc.sc().getRDDStorageInfo()} == cached_before
+    os.remove(copy)
+    alone = train_model(sc, blocks, n_rows=n, dim=D, **args)
+    cached, n2, _ = load_blocks(sc, str(path), row_files=True, block_rows=500)
+    assert sc._jsc.sc().getRDDStorageInfo()  # this one is cached
+    with_cache = train_model(sc, cached, n_rows=n2, dim=D, **args)
+    cached.unpersist()
+    for a, b in zip((alone.Cs, alone.Rs, alone.mus, alone.codebooks),
+                    (with_cache.Cs, with_cache.Rs, with_cache.mus, with_cache.codebooks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_loading_writes_the_row_files_the_training_reads(sc, small_data, tmp_path):
     """``load_blocks(row_files=True)`` in local mode writes each partition's rows as a
     row file while it checks them; the training source takes those files over (no job

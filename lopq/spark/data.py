@@ -369,7 +369,7 @@ def merge_reports(a, b):
 def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
                 with_ids=False, skip_bad_records=False, block_rows=ROWS_PER_CACHED_BLOCK,
                 data_format="text", vector_col="features", id_col="id", flag="--data",
-                row_files=False):
+                row_files=False, cache=True):
     """Load vectors into a cached RDD of blocks and check them once.
 
     Args:
@@ -392,6 +392,13 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
             Python then, so this costs a write instead of a job that moves every cached
             block from the JVM into Python again (measured on 1M x 128 rows,
             `local[2]`: about 3 s).
+        cache: keep the blocks cached by Spark. ``False`` with ``row_files`` in local
+            mode leaves the row files the only copy of the rows (the check job writes
+            them; nothing is pickled into the JVM: 1.2 s of 4.4 s loading 1M x 128
+            Parquet rows on `local[2]`, and no second copy in the driver's memory): for
+            callers whose every pass goes through `lopq.spark.rows.BlockRows`, since
+            any other job over the returned blocks reads and parses the input again.
+            Ignored without row files.
 
     Returns:
         (blocks RDD of ``(ids, X)`` with X (b, D) float32, n rows, D).
@@ -431,11 +438,16 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
     elif units is not None:
         from .frames import describe_frame_record
         from .parquet import row_group_blocks
-        parsed = _resized(sc, row_group_blocks(sc, units, vector_col, id_col, with_ids,
-                                               block_rows, sampling_ratio, seed))
+        # As many partitions as text of the same size gets (`_resized`): one per row
+        # group up to PARTITIONS_PER_CORE per core. One per core made 500k-row row
+        # files whose passes ran 1.3-1.5x slower than over 125k-row files (1M x 128,
+        # `local[2]`, the same rows in one application).
+        parsed = _resized(sc, row_group_blocks(
+            sc, units, vector_col, id_col, with_ids, block_rows, sampling_ratio, seed,
+            partitions=PARTITIONS_PER_CORE * sc.defaultParallelism))
         return checked_blocks(sc, parsed, describe_frame_record(vector_col, id_col),
                               f"{where} (column {vector_col!r})", skip_bad_records,
-                              sampling_ratio, row_folder)
+                              sampling_ratio, row_folder, cache)
     elif data_format != "text":
         from pyspark.sql import SparkSession
         df = read_table(SparkSession.builder.getOrCreate(), sc, data_path, data_format,
@@ -444,12 +456,12 @@ def load_blocks(sc, data_path, sampling_ratio=1.0, seed=None, data_udf=None,
         ids = id_col if with_ids or id_col in df.columns else None
         return load_frame_blocks(sc, df, vector_col, ids, sampling_ratio, seed,
                                  skip_bad_records, where, with_ids=with_ids,
-                                 row_folder=row_folder)
+                                 row_folder=row_folder, cache=cache)
     else:
         records, describe, _ = text_records(sc, data_path, sampling_ratio, seed, flag)
         parsed = text_blocks(_resized(sc, records), with_ids, block_rows)
     return checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio,
-                          row_folder)
+                          row_folder, cache)
 
 
 def text_records(sc, data_path, sampling_ratio=1.0, seed=None, flag="--data"):
@@ -517,10 +529,10 @@ def read_table(spark, sc, data_path, data_format, flag="--data"):
 
 def load_frame_blocks(sc, df, vector_col="features", id_col=None, sampling_ratio=1.0,
                       seed=None, skip_bad_records=False, where=None, with_ids=None,
-                      row_folder=None):
+                      row_folder=None, cache=True):
     """`load_blocks` for a DataFrame: Arrow batches of ``vector_col`` (and ``id_col``)
-    as cached float32 blocks (``row_folder``: see `checked_blocks`). Returns (blocks
-    RDD of ``(ids, X)``, n, D)."""
+    as cached float32 blocks (``row_folder``, ``cache``: see `checked_blocks`). Returns
+    (blocks RDD of ``(ids, X)``, n, D)."""
     from .frames import describe_frame_record, frame_block_source
     from .session import as_context
     sc = as_context(sc)
@@ -530,7 +542,7 @@ def load_frame_blocks(sc, df, vector_col="features", id_col=None, sampling_ratio
     where = where or "the DataFrame"
     return checked_blocks(sc, parsed, describe_frame_record(vector_col, id_col or "id"),
                           f"{where} (column {vector_col!r})", skip_bad_records,
-                          sampling_ratio, row_folder)
+                          sampling_ratio, row_folder, cache)
 
 
 def _first_line(err):
@@ -550,20 +562,23 @@ def _resized(sc, records):
 
 
 def checked_blocks(sc, parsed, describe, where, skip_bad_records, sampling_ratio=1.0,
-                   row_folder=None):
+                   row_folder=None, cache=True):
     """Cache ``parsed`` blocks ``(ids, X, report)``, add up their reports, and either
     raise a DataError naming the bad records or return (blocks ``(ids, X)``, n, D).
 
     With ``row_folder``, the checking job also writes each partition's rows there
     (`lopq.spark.rows.write_partition_file`); those of dimension D are handed to the
-    training's row source with the blocks (`lopq.spark.rows.ROW_FILES_ATTRIBUTE`)."""
+    training's row source with the blocks (`lopq.spark.rows.ROW_FILES_ATTRIBUTE`).
+    Without ``cache`` (and with ``row_folder``) the blocks are not cached: the files are
+    the copy the training reads (see `load_blocks`)."""
     from pyspark import StorageLevel
 
     from .errors import python_cause
     from .rows import write_partition_file
-    # Spill to local disk rather than re-read the input on every pass when the cache
-    # does not fit in memory.
-    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+    if cache or row_folder is None:
+        # Spill to local disk rather than re-read the input on every pass when the
+        # cache does not fit in memory.
+        parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
     sc.setJobDescription("lopq: load and check data")
 
     def reports(index, items):

@@ -93,11 +93,12 @@ def _read_row_groups(vector_col, id_col, with_ids, block_rows, sampling_ratio, s
 
 
 def row_group_blocks(sc, units, vector_col, id_col, with_ids, block_rows,
-                     sampling_ratio=1.0, seed=None):
+                     sampling_ratio=1.0, seed=None, partitions=None):
     """An RDD of ``(ids, X, report)`` blocks read by the executors from ``units`` (from
     `row_groups`) with pyarrow: no row goes through Spark's own rows (see the module
-    docstring). One partition per task of `_tasks`."""
-    tasks = _tasks(units, sc.defaultParallelism)
+    docstring). One partition per task of `_tasks`, at least ``partitions`` (default:
+    one per core) where there are as many row groups."""
+    tasks = _tasks(units, partitions or sc.defaultParallelism)
     log.info("reading %d rows in %d row groups with pyarrow on the executors",
              sum(u.rows for u in units), len(units))
     return sc.parallelize(tasks, len(tasks)).flatMap(lambda task: task).mapPartitions(

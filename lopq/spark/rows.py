@@ -377,14 +377,31 @@ class BlockRows:
         return np.concatenate(parts)
 
     def subset(self, indices):
-        """A cached `BlockRows` of the rows at sorted global ``indices``."""
+        """A `BlockRows` of the rows at sorted global ``indices``: with row files, its
+        files are cut from this source's files in one job (the blocks, which may not be
+        cached, are not read); else its blocks are cached."""
         from pyspark import StorageLevel
         selected, local = self._selected(indices, "lopq training: subset of rows")
-        selected = selected.persist(StorageLevel.MEMORY_AND_DISK)
         counts = [len(part) for part in self._local_indices(indices)]
-        return BlockRows(self.sc, selected, self.depth, counts, self._dim, owned=True,
-                         backend=self.backend, broadcast=local,
-                         row_files=self._folder is not None)
+        files = self._files_ready()
+        if not files:
+            selected = selected.persist(StorageLevel.MEMORY_AND_DISK)
+        source = BlockRows(self.sc, selected, self.depth, counts, self._dim, owned=True,
+                           backend=self.backend, broadcast=local,
+                           row_files=self._folder is not None)
+        if files:
+            parent, folder = self._folder, source._folder
+
+            def cut(group):
+                for index in group:
+                    X = _read_row_file(parent, index)
+                    _write_row_file(folder, index, X[local.value[index]] if X.shape[0]
+                                    else X)
+                    yield index
+
+            self.sc.setJobDescription("lopq training: subset of rows to local files")
+            self._markers().flatMap(cut).collect()
+        return source
 
     def lloyd_pass(self, centers):
         self.sc.setJobDescription(f"lopq k-means: Lloyd pass of {centers.shape[0]} group(s), "

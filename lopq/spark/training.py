@@ -85,11 +85,13 @@ def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=No
     if existing is not None:
         parameters = parameters_to_keep(
             (existing.Cs, existing.Rs, existing.mus, existing.codebooks), steps)
+    rows_dim = dim  # the rows' dimension, when known (a job finds it otherwise)
     if metric != "l2":
         dim = dim if dim is not None else blocks.first()[1].shape[1]
-        transform = Metric(metric, dim, model_dimension(metric, dim, M), max_norm)
+        rows_dim = model_dimension(metric, dim, M)
+        transform = Metric(metric, dim, rows_dim, max_norm)
         blocks = blocks.map(lambda b: (b[0], transform.rows(b[1])))
-    source = BlockRows(sc, blocks, depth)
+    source = BlockRows(sc, blocks, depth, dim=rows_dim)
     try:
         (Cs, Rs, mus, subs), timings = train_sequence(
             source, V, M, S, parameters, coarse_iters, local_iters, n_init,
