@@ -639,10 +639,11 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
                            neighbours=neighbours, statistics=statistics, Cs=Cs, M=M,
                            subquantizer_clusters=subquantizer_clusters, iters=iters,
                            refinement_iters=refinement_iters, backend=backend,
-                           # more candidates than threads: the last ones alone refine
-                           # their two splits side by side (measured, 16,384 rows of
-                           # 128-d, V=256, M=16: 0.92 s on one thread, 0.55-0.70 on two)
-                           threads=min(threads, 2))
+                           # candidates left over when they outnumber the threads run
+                           # with cores to spare: they refine their two splits side by
+                           # side (measured, 16,384 rows of 128-d, V=256, M=16: 0.92 s
+                           # on one thread, 0.55-0.70 on two)
+                           threads=2 if len(candidates) % threads else 1)
         shrinkages, seeds = list(candidates), list(seeds)
         if threads == 1:
             outcomes = list(map(evaluate, shrinkages, seeds))

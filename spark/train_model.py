@@ -13,7 +13,7 @@ from lopq.metric import model_dimension
 from lopq.spark import cli
 from lopq.spark.data import load_blocks
 from lopq.spark.metric import blocks_for_metric
-from lopq.spark.training import train_model
+from lopq.spark.training import reads_row_files_only, train_model
 from lopq.training import ROTATION_SHRINKAGE
 
 STEP_COARSE, STEP_ROTATION, STEP_SUBQUANT = 0, 1, 2
@@ -142,9 +142,8 @@ def main(argv=None):
                                  f"{model.metric}: train a new model for {metric} (no "
                                  "--existing_model_*) or drop --metric")
         load_started = time.time()
-        # Under L2 every pass reads the row files (local mode): no cached copy besides
-        # them. The other metrics map the blocks first, so they keep the cache.
-        blocks, n, D = load_blocks(sc, args.data, row_files=True, cache=metric != "l2",
+        blocks, n, D = load_blocks(sc, args.data, row_files=True,
+                                   cache=not reads_row_files_only(metric),
                                    **cli.data_options(args))
         loading = time.time() - load_started
         if model is not None and model.dim is not None and model.dim != D:

@@ -331,8 +331,8 @@ def _check_model_dim(model, D, data_path):
 
 
 def _encode_and_write_splits(model_bc, out_dir, skip_zero_rows):
-    """Task function over `text_blocks` (consecutive input splits per partition): encode
-    the blocks of the model's dimension, write them as ``part-<partition>`` (each line of
+    """Task function over `text_blocks` (one input split per partition): encode the
+    blocks of the model's dimension, write them as ``part-<split>`` (each line of
     `format_code_lines`, then a newline, as ``saveAsTextFile`` writes them), and yield
     ``(rows written, report, zero rows, the first zero row's id)``."""
     def run(split, items):
@@ -374,8 +374,8 @@ def _encode_and_write_splits(model_bc, out_dir, skip_zero_rows):
 def _local_text_to_text(sc, data_path, model, output, options, overwrite):
     """Text in, text out, in one pass, when the executors read the input files and
     write the output folder themselves (local or shared file systems): each task reads
-    consecutive input splits, encodes them and writes its part file; nothing is cached
-    and no line crosses the JVM. Bad input is judged on the driver from every task's report, with
+    one input split, encodes it and writes its part file; nothing is cached and no line
+    crosses the JVM. Bad input is judged on the driver from every task's report, with
     the messages of `load_blocks`, before the output is committed (on an error it is
     discarded). Returns (rows written, rows dropped), or None when Spark must read the
     input (another file system, compressed files)."""
@@ -412,7 +412,7 @@ def _local_text_to_text(sc, data_path, model, output, options, overwrite):
                 if part is not None:
                     report = merge_reports(report, part)
             n, D = verdict(report, describe, where, skip, options["sampling_ratio"])
-            logger.info("loaded %d vectors of dimension %d in %d task(s)", n, D,
+            logger.info("loaded %d vectors of dimension %d in %d input split(s)", n, D,
                         len(results))
             _check_model_dim(model, D, data_path)
             zero = sum(z for _, _, z, _ in results)

@@ -394,9 +394,8 @@ class BlockRows:
 
             def cut(group):
                 for index in group:
-                    X = _read_row_file(parent, index)
-                    _write_row_file(folder, index, X[local.value[index]] if X.shape[0]
-                                    else X)
+                    _write_row_file(folder, index,
+                                    _read_row_file(parent, index)[local.value[index]])
                     yield index
 
             self.sc.setJobDescription("lopq training: subset of rows to local files")

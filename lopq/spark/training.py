@@ -54,6 +54,14 @@ def train_subquantizers_on_blocks(sc, blocks, Cs, Rs, mus, M, S=256, iters=20, s
         projected.release()
 
 
+def reads_row_files_only(metric):
+    """Whether `train_model` under ``metric`` reads nothing of its blocks but their row
+    files (local mode): L2 trains on the loaded rows as they are; the other metrics map
+    the blocks first (`lopq.metric.Metric`), so their loading keeps the blocks cached
+    (`lopq.spark.data.load_blocks`'s ``cache``)."""
+    return metric == "l2"
+
+
 def train_model(sc, blocks, V, M, S=256, steps=(0, 1, 2), existing=None, seed=None,
                 subquantizer_sampling_ratio=1.0, coarse_iters=10, local_iters=20, depth=None,
                 rotation_refinement_iters=3, n_rows=None,
