@@ -874,6 +874,17 @@ def parse_code_line(line):
 _BRACKETS = str.maketrans("[]", "  ")
 
 
+def code_id(key):
+    """A code line's id as the searchers give it: an int where the text is a decimal
+    integer (``"7"``, ``"-7"``, ``"007"``), else the text itself (other objects as they
+    are)."""
+    if isinstance(key, str):
+        digits = key[1:] if key.startswith("-") else key
+        if digits.isdecimal():  # what int() reads: "--5" or "²" stay texts
+            return int(key)
+    return key
+
+
 def merge_code_parts(parts, source="codes"):
     """One index's worth of codes from `parse_code_lines` results (one per part file).
 
@@ -888,8 +899,7 @@ def merge_code_parts(parts, source="codes"):
     if len(widths) > 1:
         raise ValueError(f"{source}: the part files hold codes of {widths} fine codes "
                          "each; they come from different models")
-    ids = [int(key) if key.lstrip("-").isdigit() else key
-           for part in parts for key in part[0]]
+    ids = [code_id(key) for part in parts for key in part[0]]
     return (ids, np.concatenate([part[1] for part in parts]),
             np.concatenate([part[2] for part in parts]))
 

@@ -304,3 +304,73 @@ def test_rerank_candidates_rank_every_retrieved_item_exactly(sc):
         np.testing.assert_allclose(d_default, ((X[f_default] - x) ** 2).sum(axis=1),
                                    rtol=1e-4, atol=1e-5)
         assert np.all(d_default >= dists[:len(d_default)] - 1e-5)
+
+
+@pytest.mark.parametrize("map_join", [True, False], ids=["map", "buckets"])
+def test_vectors_join_matches_a_join_by_dictionary(sc, monkeypatch, map_join):
+    """The columnar join of codes with their vectors against a plain join by id: numeric
+    text ids meet their ints, an id repeated in the vectors takes its first vector in
+    the vectors' order (across partitions too), a code without a vector is left out, a
+    repeated code keeps every copy, empty partitions and blocks change nothing."""
+    from lopq.spark import search
+    monkeypatch.setattr(search, "MAP_JOIN_MAX_CODES", 10 ** 9 if map_join else 0)
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((60, 4)).astype(np.float32)
+    vector_ids = [*range(20), *(str(i) for i in range(20, 40)), 5, "7", 41, "x", "y", "x"]
+    vectors = sc.parallelize([
+        (vector_ids[:25], X[:25]), ([], X[:0]),
+        (vector_ids[25:40], X[25:40]), (vector_ids[40:], X[40:len(vector_ids)])], 3)
+    code_ids = ["5", 7, "x", "y", 12, 12, "missing", 39, "039", 41, "41"]
+    coarse = np.arange(2 * len(code_ids), dtype=np.int32).reshape(-1, 2)
+    fine = np.arange(3 * len(code_ids), dtype=np.uint8).reshape(-1, 3)
+    codes = sc.parallelize([(code_ids[:6], coarse[:6], fine[:6]), ([], coarse[:0], fine[:0]),
+                            (code_ids[6:], coarse[6:], fine[6:])], 4)
+    first = {}
+    for row, key in enumerate(vector_ids):  # the vectors' order is the list's order
+        first.setdefault(str(int(key)) if str(key).isdigit() else key, row)
+    expected = sorted(
+        (str(key), tuple(coarse[i]), tuple(fine[i]), tuple(X[first[k]]))
+        for i, key in enumerate(code_ids)
+        for k in [str(int(key)) if str(key).isdigit() else key] if k in first)
+    model = LOPQModel(V=2, M=2, subquantizer_clusters=4).fit(X, n_init=1, random_state=0)
+    index = search.ShardedIndex(sc, model, codes.map(lambda b: (b[0], b[1] % 2, b[2] % 4)),
+                                rows_per_shard=2, rerank_vectors=vectors)
+    try:
+        got = sorted(
+            (str(key), tuple(c), tuple(f), tuple(x))
+            for _, (_, ids, cs, fs, xs) in index.index.collect()
+            for key, c, f, x in zip(ids, cs, fs, xs))
+    finally:
+        index.unpersist()
+    assert (index.map_bc is not None) == map_join
+    expected = sorted((key, tuple(np.asarray(c) % 2), tuple(np.asarray(f) % 4), x)
+                      for key, c, f, x in expected)
+    assert got == expected
+    assert len(got) == len(code_ids) - 1  # only "missing" has no vector
+
+
+def test_join_keys_and_hashes_hold_for_any_ids():
+    """`_id_keys` equals `id_value` made text, id by id, on ids that need it (leading
+    zeros and signs, non-ASCII digits, texts int() cannot read, ints, mixtures); a key
+    hashes the same in arrays of any width; `_first_vectors` finds the first vector of
+    each id even when every hash collides."""
+    from lopq.spark.search import _first_vectors, _id_keys, _key_hashes, id_value
+    rng = np.random.default_rng(0)
+    pool = ["0", "00", "007", "-5", "-0", "--5", "²", "-²", "7", "x", "٣", "-٣", "é", "",
+            "-", " 5", "x\u00a0", "12"]
+    for _ in range(500):
+        ids = [str(i) for i in rng.choice(pool, size=rng.integers(1, 8))]
+        ids += [int(i) for i in rng.integers(-20, 20, size=rng.integers(0, 3))]
+        assert _id_keys(ids).tolist() == [str(id_value(key)) for key in ids]
+    assert id_value("--5") == "--5" and id_value("²") == "²" and id_value("-007") == -7
+    assert _id_keys([True, 1]).tolist() == ["True", "1"]
+    narrow, wide = np.array(["ab", "7"]), np.array(["ab", "7", "a much longer key"])
+    np.testing.assert_array_equal(_key_hashes(narrow), _key_hashes(wide)[:2])
+    keys = np.array(["b", "a", "b", "c", "a"])
+    homes, rows = np.array([1, 1, 0, 0, 2]), np.array([0, 1, 5, 4, 0])
+    code_keys = np.array(["a", "b", "c", "d"])
+    expected = [1, 2, 3, -1]  # "b": partition 0 row 5 comes before partition 1 row 0
+    for hashes, code_hashes in ((_key_hashes(keys), _key_hashes(code_keys)),
+                                (np.zeros(5, np.uint64), np.zeros(4, np.uint64))):
+        assert _first_vectors(keys, hashes, homes, rows, code_keys,
+                              code_hashes).tolist() == expected

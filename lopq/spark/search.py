@@ -28,6 +28,7 @@ import zlib
 
 import numpy as np
 
+from ..formats import code_id
 from ..metric import candidate_distances
 from ..model import LOPQModel
 from .errors import DataError
@@ -40,6 +41,10 @@ ROWS_PER_SHARD = 250_000
 #: Candidates per query and shard kept for exact re-ranking when the caller does not say,
 #: as a multiple of k.
 RERANK_FACTOR = 4
+#: Up to this many codes, re-ranking vectors go straight to their shards by a broadcast
+#: map of (id hash, shard) pairs (12 bytes per code on every executor: 240 MB at the
+#: most); beyond it they are joined by buckets of ids first, which moves them twice.
+MAP_JOIN_MAX_CODES = 20_000_000
 
 
 # ---------------------------------------------------------------------------- codes
@@ -59,8 +64,9 @@ def _check_code_arrays(ids, coarse, fine, V, M, S, where):
 
 
 def id_value(key):
-    """Code ids as `LOPQSearcher.from_codes` gives them: ints where the text is one."""
-    return int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
+    """Code ids as `LOPQSearcher.from_codes` gives them: ints where the text is one
+    (`lopq.formats.code_id`)."""
+    return code_id(key)
 
 
 def load_codes(sc, path, model, codes_format="text"):
@@ -300,21 +306,37 @@ def _shard_partition(shard):
     return shard
 
 
-def _index_partition(model_bc, with_vectors):
+def _index_partition(model_bc, vectors=None):
     """All codes of one shard as one record, sorted by cell (an `LOPQSearcher`'s arrays,
-    so that each batch of queries indexes them without sorting again)."""
+    so that each batch of queries indexes them without sorting again).
+
+    ``vectors``: None; ``"attached"`` (each code item carries its rows' vectors); or
+    ``"join"`` (vector items ``("v", keys, hashes, home, rows, X)`` came to the shard beside the
+    codes: each code takes its id's first vector, a code without one is left out)."""
     def run(records):
-        parts = [item for _, item in records]
+        parts, places = _split_items(records)
         if not parts:
             return
-        ids = np.empty(sum(len(p[1]) for p in parts), dtype=object)
-        ids[:] = [i for p in parts for i in p[1]]
+        ids = [i for p in parts for i in p[1]]
+        code_keys = _id_keys(ids) if vectors == "join" else None
+        ids = _object_array(ids)
         coarse = np.concatenate([p[2] for p in parts])
         fine = np.concatenate([p[3] for p in parts])
+        at = None  # the vectors' row of each code, in X
+        if vectors == "attached":
+            X = np.concatenate([p[4] for p in parts])
+            at = np.arange(len(X))
+        elif vectors == "join":
+            keys, hashes, homes, rows, X = _vector_columns(places)
+            at = _first_vectors(keys, hashes, homes, rows, code_keys, _key_hashes(code_keys))
+            hit = np.flatnonzero(at >= 0)
+            if not hit.size:
+                return
+            ids, coarse, fine, at = ids[hit], coarse[hit], fine[hit], at[hit]
         V = model_bc.value.V
         order = np.argsort(coarse[:, 0].astype(np.int64) * V + coarse[:, 1], kind="stable")
-        vectors = np.concatenate([p[4] for p in parts])[order] if with_vectors else None
-        yield -1, ("i", ids[order], coarse[order], fine[order], vectors)
+        yield -1, ("i", ids[order], coarse[order], fine[order],
+                   None if at is None else X[at[order]].astype(np.float32, copy=False))
     return run
 
 
@@ -447,16 +469,33 @@ class ShardedIndex:
                     rows_per_shard)
         self.model_bc = sc.broadcast(model)
         self.plan_bc = sc.broadcast((offsets, first, count))
-        with_vectors = rerank_vectors is not None
-        if with_vectors:
-            codes = _with_vectors(codes, rerank_vectors)
+        join, self.map_bc = None, None
+        shards = self.n_shards
+        # Each side is partitioned where it is made, then the sides meet in a
+        # partition-aware union: a union before partitionBy would send every record
+        # through the JVM and back into Python once more (1.8 s of 512 MB of vectors).
+        routed = codes.mapPartitions(_route_codes(self.plan_bc, V)).partitionBy(
+            shards, _shard_partition)
+        if rerank_vectors is not None and sizes.sum() <= MAP_JOIN_MAX_CODES:
+            # The vectors go straight to their codes' shards, by a map of id hashes.
+            join = "join"
+            sc.setJobDescription("lopq search: the shards of the codes' ids")
+            self.map_bc = sc.broadcast(_shard_map(codes.mapPartitions(
+                _code_shard_hashes(self.plan_bc, V)).collect()))
+            routed = _partition_aware_union(routed, rerank_vectors.mapPartitionsWithIndex(
+                _route_vectors(self.map_bc)).partitionBy(shards, _shard_partition))
+        elif rerank_vectors is not None:
+            join = "attached"
+            routed = _with_vectors(codes, rerank_vectors).mapPartitions(
+                _route_codes(self.plan_bc, V, vectors=True)).partitionBy(
+                    shards, _shard_partition)
         sc.setJobDescription("lopq search: shard the codes")
-        self.index = (codes.mapPartitions(_route_codes(self.plan_bc, V, with_vectors))
-                      .partitionBy(self.n_shards, _shard_partition)
-                      .mapPartitions(_index_partition(self.model_bc, with_vectors),
-                                     preservesPartitioning=True)
+        self.index = (routed.mapPartitions(_index_partition(self.model_bc, join),
+                                           preservesPartitioning=True)
                       .persist(_index_storage()))
-        self.index.count()
+        # Materialised by a count in the JVM: RDD.count() would stream every shard back
+        # into Python to count one record.
+        self.index._jrdd.count()
 
     def search(self, queries, k, quota, exclude_self=False, max_distance=None,
                rerank_candidates=None):
@@ -485,9 +524,7 @@ class ShardedIndex:
         routed = queries.mapPartitionsWithIndex(_route_queries(self.model_bc, self.plan_bc,
                                                                int(quota)))
         routed = routed.partitionBy(self.n_shards, _shard_partition)
-        joined = self.index.union(routed)
-        if joined.getNumPartitions() != self.n_shards:  # not partition-aware: a bug
-            raise RuntimeError("the index and the routed queries are not co-partitioned")
+        joined = _partition_aware_union(self.index, routed)
         scored = joined.mapPartitions(_score_partition(self.model_bc, int(k), exclude_self,
                                                        max_distance, candidates))
         return scored.reduceByKey(_merge_blocks(int(k))).map(_block_columns)
@@ -496,6 +533,8 @@ class ShardedIndex:
         self.index.unpersist()
         self.model_bc.unpersist()
         self.plan_bc.unpersist()
+        if self.map_bc is not None:
+            self.map_bc.unpersist()
 
 
 def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SHARD,
@@ -527,45 +566,144 @@ def search_codes(sc, model, codes, queries, k, quota, rows_per_shard=ROWS_PER_SH
     return index.search(queries, k, quota, exclude_self, max_distance, rerank_candidates)
 
 
+def _partition_aware_union(a, b):
+    """The union of two RDDs partitioned alike: partition i holds both sides' partition i
+    (no shuffle)."""
+    joined = a.union(b)
+    if joined.getNumPartitions() != a.getNumPartitions():  # not partition-aware: a bug
+        raise RuntimeError("the two sides of a union are not co-partitioned")
+    return joined
+
+
 def _with_vectors(codes, vectors):
-    """Codes joined with their items' vectors by id: RDD of (ids, coarse, fine, X).
+    """Codes joined with their items' vectors by id, by buckets of ids: RDD of (ids,
+    coarse, fine, X). The join for more codes than `MAP_JOIN_MAX_CODES` (the vectors
+    cross the shuffle twice: to their bucket, then to their shard).
 
     Columnar: both sides are cut into blocks by a hash of the id, shuffled as blocks, and
-    each partition joins its blocks with one sort (no Python object per row but the ids).
-    An item whose id appears more than once in the vectors gets the first of them; codes
-    without a vector are left out (as an inner join)."""
-    partitions = max(codes.getNumPartitions(), vectors.getNumPartitions())
-    keyed = codes.mapPartitions(_id_buckets("c", partitions)).union(
-        vectors.mapPartitions(_id_buckets("v", partitions)))
-    return keyed.partitionBy(partitions, _bucket_partition).mapPartitions(_join_buckets)
+    each bucket joins its blocks with one sort (`_first_vectors`: no Python object per
+    row but the ids)."""
+    buckets = max(codes.getNumPartitions(), vectors.getNumPartitions())
+    keyed = _partition_aware_union(
+        codes.mapPartitions(_code_buckets(buckets)).partitionBy(buckets, _bucket_partition),
+        vectors.mapPartitionsWithIndex(_vector_buckets(buckets)).partitionBy(
+            buckets, _bucket_partition))
+    return keyed.mapPartitions(_join_bucket)
 
 
 def _id_keys(ids):
     """Ids as a fixed-width unicode array, equal where `id_value` makes them equal (a
-    numeric text and its int give the same key)."""
-    return np.array([id_value(key) for key in ids], dtype=str) if len(ids) else \
-        np.empty(0, dtype="<U1")
+    numeric text and its int give the same key: ``"7"``, ``7`` and ``"007"`` are ``"7"``).
+
+    Texts and ints are converted by numpy in one call; only a text that `id_value` could
+    change (a leading ``0`` or ``-``, a character beyond ASCII) goes through it one by
+    one."""
+    if isinstance(ids, np.ndarray) and ids.dtype == object:
+        ids = ids.tolist()
+    if not len(ids):
+        return np.empty(0, dtype="<U1")
+    values = np.asarray(ids)
+    if values.dtype.kind in "iu" and bool not in set(map(type, ids)):
+        return values.astype(str)
+    if values.dtype.kind != "U" or values.ndim != 1:  # other objects: one by one
+        return np.array([id_value(key) for key in ids], dtype=str)
+    chars = values.view(np.uint32).reshape(values.size, values.dtype.itemsize // 4)
+    odd = np.flatnonzero((chars[:, 0] == ord("0")) | (chars[:, 0] == ord("-"))
+                         | (chars > 127).any(axis=1))
+    if odd.size:
+        values = values.copy()  # a canonical form is never longer than its text
+        values[odd] = [str(id_value(values[i].item())) for i in odd]
+    return values
 
 
-def _id_buckets(kind, partitions):
-    """Blocks ``(ids, arrays...)`` -> ``(bucket, (kind, keys, ids, arrays...))`` per
-    bucket, with a hash of the key's characters (the same on every executor, unlike
-    Python's salted ``hash``)."""
+def _key_hashes(keys):
+    """64-bit hashes (uint64) of unicode keys, the same on every executor (unlike Python's
+    salted ``hash``): a polynomial in the characters (numpy pads them with zeros), its
+    bits spread by splitmix64's finaliser (buckets take the low bits)."""
+    chars = keys.view(np.uint32).reshape(keys.size, keys.dtype.itemsize // 4)
+    h = np.zeros(keys.size, dtype=np.uint64)
+    # Horner's rule from the last column: numpy's zero padding adds nothing, so a key
+    # hashes the same in arrays of any width; a column at a time, no (n, width) uint64.
+    for column in chars.T[::-1]:
+        h *= np.uint64(1000003)
+        h += column
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _groups(labels):
+    """``(label, rows)`` for each distinct label, rows in their order."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    for rows in np.split(order, bounds):
+        if rows.size:
+            yield int(labels[rows[0]]), rows
+
+
+def _object_array(values):
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
+def _first_vectors(keys, hashes, homes, rows, code_keys, code_hashes):
+    """For each code key, the index (into ``keys``) of its vector, -1 where it has none.
+    ``hashes`` are the keys' `_key_hashes`; ``homes`` and ``rows`` place each vector in
+    the vectors' order (partition, row in it): an id given more than once takes the
+    first. Matched by hash (one integer sort), then checked key by key; a code whose
+    hash another key shares (a 64-bit collision) is matched by its key."""
+    found = np.full(code_keys.size, -1, dtype=np.int64)
+    if keys.size == 0:
+        return found
+    place = np.argsort((homes << 40) | rows)  # the vectors' order (< 2**40 rows a part)
+    order = place[np.argsort(hashes[place], kind="stable")]
+    at = np.minimum(np.searchsorted(hashes[order], code_hashes), keys.size - 1)
+    same_hash = hashes[order[at]] == code_hashes
+    candidate = order[at]
+    exact = same_hash & (keys[candidate] == code_keys)
+    found[exact] = candidate[exact]
+    clash = np.flatnonzero(same_hash & ~exact)
+    if clash.size:
+        order = np.lexsort((rows, homes, keys))
+        at = np.minimum(np.searchsorted(keys[order], code_keys[clash]), keys.size - 1)
+        hit = keys[order[at]] == code_keys[clash]
+        found[clash[hit]] = order[at[hit]]
+    return found
+
+
+def _vector_blocks(home, parts):
+    """One partition of vector blocks ``(ids, X)`` -> ``(keys, hashes, rows, X)`` per
+    block, rows counted across the partition's blocks."""
+    row = 0
+    for ids, X in parts:
+        keys = _id_keys(ids)
+        yield keys, _key_hashes(keys), np.arange(row, row + keys.size, dtype=np.int64), \
+            np.asarray(X)
+        row += keys.size
+
+
+def _code_buckets(buckets):
+    """Code blocks ``(ids, coarse, fine)`` -> ``(bucket, ("c", keys, hashes, ids, coarse,
+    fine))``."""
     def run(parts):
-        for part in parts:
-            ids = np.empty(len(part[0]), dtype=object)
-            ids[:] = list(part[0])
+        for ids, coarse, fine in parts:
+            ids = _object_array(ids)
             keys = _id_keys(ids)
-            if keys.size == 0:
-                continue
-            chars = keys.view(np.uint32).reshape(keys.size, -1).astype(np.uint64)
-            weights = (np.uint64(1000003) ** np.arange(chars.shape[1], dtype=np.uint64))
-            buckets = ((chars * weights).sum(axis=1) % np.uint64(partitions)).astype(np.int64)
-            order = np.argsort(buckets, kind="stable")
-            bounds = np.flatnonzero(np.diff(buckets[order])) + 1
-            for rows in np.split(order, bounds):
-                yield int(buckets[rows[0]]), (kind, keys[rows], ids[rows]) + tuple(
-                    np.asarray(a)[rows] for a in part[1:])
+            hashes = _key_hashes(keys)
+            for bucket, sel in _groups(hashes % np.uint64(buckets)):
+                yield bucket, ("c", keys[sel], hashes[sel], ids[sel], coarse[sel], fine[sel])
+    return run
+
+
+def _vector_buckets(buckets):
+    """Vector blocks -> ``(bucket, ("v", keys, hashes, home, rows, X))``."""
+    def run(home, parts):
+        for keys, hashes, rows, X in _vector_blocks(home, parts):
+            for bucket, sel in _groups(hashes % np.uint64(buckets)):
+                yield bucket, ("v", keys[sel], hashes[sel], home, rows[sel], X[sel])
     return run
 
 
@@ -573,22 +711,77 @@ def _bucket_partition(bucket):
     return bucket
 
 
-def _join_buckets(items):
+def _split_items(items):
+    """Shuffled ``(key, item)`` records -> (code items, vector items)."""
     codes, vectors = [], []
-    for _, block in items:
-        (codes if block[0] == "c" else vectors).append(block)
+    for _, item in items:
+        (codes if item[0] == "c" else vectors).append(item)
+    return codes, vectors
+
+
+def _vector_columns(items):
+    """Vector items ``("v", keys, hashes, home, rows, X)`` -> ``(keys, hashes, homes, rows,
+    X)``."""
+    if not items:
+        return (np.empty(0, dtype="<U1"), np.empty(0, dtype=np.uint64),
+                np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), None)
+    return (np.concatenate([v[1] for v in items]), np.concatenate([v[2] for v in items]),
+            np.concatenate([np.full(len(v[4]), v[3], dtype=np.int64) for v in items]),
+            np.concatenate([v[4] for v in items]), np.concatenate([v[5] for v in items]))
+
+
+def _join_bucket(items):
+    codes, vectors = _split_items(items)
     if not codes or not vectors:
         return
-    vkeys = np.concatenate([b[1] for b in vectors])
-    order = np.argsort(vkeys, kind="stable")  # stable: the first of equal ids first
-    sorted_keys = vkeys[order]
-    X = np.concatenate([b[3] for b in vectors])
-    for _, keys, ids, coarse, fine in codes:
-        at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
-        found = sorted_keys[at] == keys
-        if found.any():
-            yield (list(ids[found]), coarse[found], fine[found],
-                   X[order[at[found]]].astype(np.float32, copy=False))
+    keys, hashes, homes, rows, X = _vector_columns(vectors)
+    for _, code_keys, code_hashes, ids, coarse, fine in codes:
+        at = _first_vectors(keys, hashes, homes, rows, code_keys, code_hashes)
+        hit = at >= 0
+        if hit.any():
+            yield (list(ids[hit]), coarse[hit], fine[hit],
+                   X[at[hit]].astype(np.float32, copy=False))
+
+
+def _code_shard_hashes(plan_bc, V):
+    """Code blocks -> ``(hashes, shards)`` of their ids, for the map of `_route_vectors`."""
+    def run(parts):
+        _, first, count = plan_bc.value
+        for ids, coarse, _ in parts:
+            cells = coarse[:, 0].astype(np.int64) * V + coarse[:, 1]
+            yield (_key_hashes(_id_keys(ids)),
+                   _shard_of_codes(ids, cells, first, count).astype(np.int32))
+    return run
+
+
+def _shard_map(pairs):
+    """``(hashes, shards)`` blocks -> the distinct (hash, shard) pairs sorted by hash."""
+    hashes = np.concatenate([h for h, _ in pairs] or [np.empty(0, np.uint64)])
+    shards = np.concatenate([s for _, s in pairs] or [np.empty(0, np.int32)])
+    order = np.lexsort((shards, hashes))
+    hashes, shards = hashes[order], shards[order]
+    new = np.ones(hashes.size, dtype=bool)
+    new[1:] = (hashes[1:] != hashes[:-1]) | (shards[1:] != shards[:-1])
+    return hashes[new], shards[new]
+
+
+def _route_vectors(map_bc):
+    """Vector blocks -> ``(shard, ("v", keys, hashes, home, rows, X))`` to every shard holding a
+    code whose id hashes as theirs (rows no code hashes as are dropped here; the exact
+    match by key is the shard's)."""
+    def run(home, parts):
+        hashes, shards = map_bc.value
+        for keys, h, rows, X in _vector_blocks(home, parts):
+            by_hash = np.argsort(h)  # sorted needles: searchsorted walks the map once
+            lo = np.searchsorted(hashes, h[by_hash], side="left")
+            n = np.searchsorted(hashes, h[by_hash], side="right") - lo
+            picked = np.repeat(by_hash, n)  # a row per shard that wants it
+            starts = np.repeat(np.cumsum(n) - n, n)
+            dest = shards[np.repeat(lo, n) + np.arange(picked.size) - starts]
+            for shard, sel in _groups(dest):
+                sel = picked[sel]
+                yield shard, ("v", keys[sel], h[sel], home, rows[sel], X[sel])
+    return run
 
 
 def decoded_queries(codes, model):
