@@ -234,26 +234,6 @@ def test_search_runs_on_the_cluster_and_equals_the_searcher(cluster, cluster_mod
         # ids equal, except where two distances tie within float rounding
         for k, (a, r) in enumerate(zip(found, want)):
             assert a == r.id or abs(dists[k] - r.dist) <= 1e-4 * max(1.0, r.dist)
-    # Re-ranked by the original vectors (joined with the codes on the executors, by the
-    # broadcast map of id hashes): with candidates covering the quota, the exact 10
-    # nearest of the items the searcher retrieves.
-    reranked = tmp_path / "reranked"
-    on_cluster(cluster, "search.py", "--model_pkl", pkl, "--codes", codes,
-               "--data", query_path, "--k", 10, "--quota", 800, "--rows_per_shard", 700,
-               "--rerank_data", path, "--rerank_candidates", 800, "--output", reranked)
-    row_of = {key: row for row, key in enumerate(ids)}
-    got = {}
-    for part in sorted(reranked.glob("part-*")):
-        for line in part.read_text().splitlines():
-            key, payload = line.split("\t")
-            got[key] = json.loads(payload)
-    assert len(got) == len(queries)
-    for i, x in enumerate(queries):
-        retrieved = [r.id for r in searcher.search(x, quota=800, limit=10 ** 6)[0]]
-        exact = ((X[[row_of[r] for r in retrieved]] - x) ** 2).sum(axis=1)
-        found, dists = got[f"q{i}"]
-        np.testing.assert_allclose(dists, np.sort(exact)[:10], rtol=1e-4, atol=1e-4)
-        assert set(found) <= set(retrieved)
 
 
 def test_py_files_zip_reaches_the_executors(cluster, data, tmp_path):

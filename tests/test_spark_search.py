@@ -333,8 +333,11 @@ def test_vectors_join_matches_a_join_by_dictionary(sc, monkeypatch, map_join):
         for i, key in enumerate(code_ids)
         for k in [str(int(key)) if str(key).isdigit() else key] if k in first)
     model = LOPQModel(V=2, M=2, subquantizer_clusters=4).fit(X, n_init=1, random_state=0)
+    jobs_before = set(sc.statusTracker().getJobIdsForGroup())
     index = search.ShardedIndex(sc, model, codes.map(lambda b: (b[0], b[1] % 2, b[2] % 4)),
                                 rows_per_shard=2, rerank_vectors=vectors)
+    # the join ran as tasks: a stage per side (3 and 4 partitions), one over the shards
+    assert {3, 4, index.n_shards} <= set(tasks_since(sc, jobs_before))
     try:
         got = sorted(
             (str(key), tuple(c), tuple(f), tuple(x))
