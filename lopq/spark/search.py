@@ -278,16 +278,11 @@ def _route_codes(plan_bc, V, vectors=False):
         for part in parts:
             ids, coarse, fine = part[:3]
             cells = coarse[:, 0].astype(np.int64) * V + coarse[:, 1]
-            shards = _shard_of_codes(ids, cells, first, count)
-            order = np.argsort(shards, kind="stable")
-            bounds = np.flatnonzero(np.diff(shards[order])) + 1
-            for rows in np.split(order, bounds):
-                if rows.size == 0:
-                    continue
+            for shard, rows in _groups(_shard_of_codes(ids, cells, first, count)):
                 item = ("c", [ids[i] for i in rows], coarse[rows], fine[rows])
                 if vectors:
                     item += (part[3][rows],)
-                yield int(shards[rows[0]]), item
+                yield shard, item
     return run
 
 
