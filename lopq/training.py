@@ -6,6 +6,7 @@ Parameters are stacked arrays (see `lopq.model.LOPQModel`):
 with ``h = D / 2``.
 """
 
+import copy
 import logging
 import os
 import time
@@ -715,7 +716,9 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
 
     Every random choice is drawn from ``random_state`` in this order, whatever the
     source: `LOPQModel.fit` (an `ArrayRows`) and Spark (`lopq.spark.rows.BlockRows`) with
-    the same rows and seed train the same model, up to summation order. ``n_jobs``
+    the same rows and seed train the same model, up to summation order. The ``"auto"``
+    choice draws from a stream of its own: it trains the very model that its chosen
+    shrinkage given as a constant trains with the same seed. ``n_jobs``
     threads compare the ``"auto"`` shrinkage candidates (`choose_shrinkage`) and refine
     the two splits side by side (`refine_rotations`); the result does not depend on it.
 
@@ -745,9 +748,13 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
         if rotation_shrinkage == "auto":  # without subquantizers to compare: the fallback
             rotation_shrinkage = SHRINKAGE_FALLBACK
             if train_subs:
+                # The choice draws from a stream of its own, seeded from a copy of
+                # ``rng``: training then goes on with the very draws (and gives the
+                # very model) that the chosen constant would with the same seed.
+                own_rng = np.random.RandomState(copy.deepcopy(rng).randint(2 ** 31 - 1))
                 rotation_shrinkage = choose_shrinkage(
                     source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
-                    rotation_refinement_iters, rng, backend, n_jobs=n_jobs)
+                    rotation_refinement_iters, own_rng, backend, n_jobs=n_jobs)
         Rs, mus = rotations_from_statistics(*statistics, M, rotation_shrinkage)
         timings["step 1 (rotations)"] = time.time() - start
         start = time.time()

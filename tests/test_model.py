@@ -541,3 +541,22 @@ def test_auto_shrinkage_threads_do_not_change_the_model():
         X, random_state=3, n_init=1, n_jobs=jobs) for jobs in (1, 3)]
     for a, b in zip(models[0].parameters, models[1].parameters):
         np.testing.assert_array_equal(a, b)
+
+
+def test_auto_shrinkage_trains_the_model_of_its_choice(monkeypatch):
+    """"auto" draws its comparison from a stream of its own: the model it trains is the
+    very model that its chosen shrinkage, given as a constant, trains with the same seed
+    (so a user can reproduce it, and the choice costs no accuracy to a reseeding)."""
+    import lopq.training as training
+    chosen = []
+    choose = training.choose_shrinkage
+    monkeypatch.setattr(training, "choose_shrinkage",
+                        lambda *args, **kwargs: chosen.append(choose(*args, **kwargs))
+                        or chosen[-1])
+    X = make_clustered(9000, 32, n_clusters=20, seed=8)
+    auto = LOPQModel(V=8, M=4, subquantizer_clusters=16).fit(X, random_state=3, n_init=1)
+    assert len(chosen) == 1
+    constant = LOPQModel(V=8, M=4, subquantizer_clusters=16).fit(
+        X, random_state=3, n_init=1, rotation_shrinkage=chosen[0])
+    for a, b in zip(auto.parameters, constant.parameters):
+        np.testing.assert_array_equal(a, b)
