@@ -111,9 +111,10 @@ ROTATION_SHRINKAGE = "auto"
 #: What ``"auto"`` chooses among, by recall on held-back training rows: the per-cluster
 #: Ledoit-Wolf estimate, one pseudo-row per dimension, no shrinkage (the refinement alone).
 SHRINKAGE_CANDIDATES = ("lw", 1.0, 0.0)
-#: What ``"auto"`` keeps unless the held-back rows show another candidate clearly
-#: better: one pseudo-row per dimension (the previous default; on small samples, where a
-#: choice among close settings is noise, it was the most accurate on Oxford5k).
+#: What ``"auto"`` gives when the rows are too few to compare candidates (fewer than 500,
+#: or fewer than two per subquantizer centroid beside the queries) or there are no
+#: subquantizers to compare (step 1 alone): one pseudo-row per dimension, the previous
+#: default.
 SHRINKAGE_FALLBACK = 1.0
 
 
@@ -221,7 +222,8 @@ def shrunk_covariances(A, mu, count, shrinkage):
     return cov, pooled, means, rho
 
 
-def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0):
+def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0, *,
+                                        log_level=logging.WARNING):
     """Local rotations and mean residuals from accumulated statistics.
 
     The covariance of cluster i is ``(A + A.T) / (2 (n - 1)) - outer(m, m)`` with
@@ -238,6 +240,8 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0
         A: (V, d, d) summed outer products; mu: (V, d) summed residuals; count: (V,).
         num_buckets: subquantizers in this split (M / 2).
         shrinkage: ``"auto"`` or a number >= 0 (0: the reference).
+        log_level: of the note on clusters left with the identity (a side computation,
+            such as `choose_shrinkage`'s candidates, keeps it at DEBUG).
 
     Returns:
         R (V, d, d) float64, mu (V, d) float64 mean residuals.
@@ -274,8 +278,8 @@ def compute_rotations_from_accumulators(A, mu, count, num_buckets, shrinkage=0.0
         R[rotated] = np.take_along_axis(eigenvectors, permutations[:, None, :],
                                         axis=2).transpose(0, 2, 1)
     if small:
-        logger.warning("%d of %d clusters have fewer points than dimensions (%d): they get "
-                       "the identity rotation", len(small), V, d)
+        logger.log(log_level, "%d of %d clusters have fewer points than dimensions (%d): "
+                   "they get the identity rotation", len(small), V, d)
     return R, means
 
 
@@ -302,13 +306,14 @@ def train_coarse_splits(data, V, kmeans_coarse_iters=10, n_init=10, random_state
                        random_state=random_state, label=" coarse (step 0)", backend=backend)
 
 
-def rotations_from_statistics(A, sums, counts, M, shrinkage=ROTATION_SHRINKAGE):
+def rotations_from_statistics(A, sums, counts, M, shrinkage=ROTATION_SHRINKAGE, *,
+                              log_level=logging.WARNING):
     """Step 1 from the statistics of `lopq.rows.covariance_statistics` (both splits):
     Rs (2, V, h, h) float32, mus (2, V, h) float32."""
     Rs, mus = [], []
     for split in range(2):
         R, mu = compute_rotations_from_accumulators(A[split], sums[split], counts[split],
-                                                    M // 2, shrinkage)
+                                                    M // 2, shrinkage, log_level=log_level)
         Rs.append(R)
         mus.append(mu)
     return np.stack(Rs).astype(np.float32), np.stack(mus).astype(np.float32)
@@ -547,7 +552,7 @@ def _evaluate_candidate(shrinkage, seed, fit, queries, base, neighbours, statist
     from the full ``statistics``, subquantizers, refinement), then, for each held-back
     query, the rank by LOPQ distance of its exact nearest ``base`` row among its exact
     ``neighbours``, and the queries' squared reconstruction error: (ranks, error)."""
-    Rs, mus = rotations_from_statistics(*statistics, M, shrinkage)
+    Rs, mus = rotations_from_statistics(*statistics, M, shrinkage, log_level=logging.DEBUG)
     projected = ArrayRows(project_rows(fit, Cs, Rs, mus, backend), backend)
     projected.log_level = logging.DEBUG  # a side computation: quiet iterations
     subs = kmeans_rows(projected, M, subquantizer_clusters, iters, 1,
@@ -570,30 +575,30 @@ def _evaluate_candidate(shrinkage, seed, fit, queries, base, neighbours, statist
 def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
                      refinement_iters, random_state=None, backend=None,
                      candidates=SHRINKAGE_CANDIDATES, n_jobs=None):
-    """``rotation_shrinkage="auto"``: the candidate whose model ranks neighbours best on
-    training rows it did not see.
+    """``rotation_shrinkage="auto"``: the candidate whose model ranks neighbours best for
+    queries it did not see, among rows treated as the training treats them.
 
     Reconstruction error alone does not predict recall (on the MiniLM token table and on
     Gaussian mixtures the lowest-error setting loses 0.1-0.15 recall@1), so the choice is
-    made by recall itself. Two disjoint samples are drawn: fitting rows (at most
-    `REFINE_POINTS_PER_CENTROID` per subquantizer centroid, the refinement's sample) and
-    as many evaluation rows, held-back queries (at most `SELECTION_QUERIES`) and a base
-    (half each when the data has fewer rows). For each candidate, rotations come from
-    the full data's ``statistics`` (step 1), subquantizers are trained on the fitting
-    rows and refined on them, as the training will; each query's exact nearest base row
-    is then ranked by
-    LOPQ (asymmetric) distance among its `SELECTION_CANDIDATES` exact nearest ones, and
-    the candidate of lowest mean ``log(1 + rank)`` among those clearly better (2 paired
-    standard errors) than `SHRINKAGE_FALLBACK` wins, else the fallback: recall@1 counts only rank 0,
-    the log rank also counts how near the top the nearest row lands, so it tells
-    settings apart on fewer rows (it agrees with recall@1 on Oxford5k, Gaussian
-    mixtures and the MiniLM sets, where recall@1 differences are large enough to see).
-    The coarse quantizers are the same for every candidate, so which cells a search
-    visits does not depend on the choice; how it ranks what it finds does. Rows the
-    candidate was fitted on are never ranked: a setting that overfits its rows (the
-    refinement without a prior on small clusters) would look best on them (measured on
-    the MiniLM token table, V=256: 0.591 against 0.518 held-back recall@1 in-sample,
-    0.307 against 0.392 on real held-out queries).
+    made by recall itself, in two folds. Each fold holds back queries of its own (at
+    most `SELECTION_QUERIES`, a tenth of the rows when fewer) and rebuilds, on the other
+    rows, what `fit` does: rotations from the step 1 ``statistics`` of every row but
+    the fold's queries, subquantizers trained and refined on a sample of the
+    refinement's size (`REFINE_POINTS_PER_CENTROID` per subquantizer centroid), and a
+    base to search whose share of fitted rows is the training's (its refinement sample
+    over all rows; every row when they are fewer). Each query's exact nearest base row is
+    ranked by LOPQ (asymmetric) distance among its `SELECTION_CANDIDATES` exact nearest
+    ones, and the candidate of lowest mean ``log(1 + rank)`` wins: recall@1 counts only
+    rank 0, the log rank also counts how near the top the nearest row lands, so it tells
+    settings apart on fewer rows. The coarse quantizers are the same for every
+    candidate, so which cells a search visits does not depend on the choice; how it
+    ranks what it finds does.
+
+    Both ways of leaking were measured. Queries inside the statistics favour ``"lw"``
+    (its local covariances fit them: chosen on Gaussian mixtures, where it loses 0.03-0.12
+    recall@1 on new queries); a base of only fitted rows favours the refinement without a
+    prior, which fits the rows it sees (chosen on the Debian descriptions at V=256, where
+    it loses 0.02-0.08).
 
     Args:
         source: the row source; statistics: its ``covariance_pass(Cs)``.
@@ -607,37 +612,45 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
     from .eval import exact_neighbors
     rng = check_random_state(random_state)
     n = source.n_rows
-    fit_size = REFINE_POINTS_PER_CENTROID * subquantizer_clusters
-    size = min(n, 2 * fit_size)
-    fit_size = min(fit_size, size // 2)
-    n_queries = min(SELECTION_QUERIES, (size - fit_size) // 10)
-    if size - fit_size - n_queries < 1:
-        n_queries = 0
+    n_queries = min(SELECTION_QUERIES, n // 10)
+    # The training refines on a sample of `refine_size` rows and searches them all.
+    refine_size = min(n, REFINE_POINTS_PER_CENTROID * subquantizer_clusters)
+    fit_size = min(refine_size, n - n_queries)
     if n_queries < 50 or fit_size < 2 * subquantizer_clusters:
         logger.info("rotation shrinkage: %d rows are too few to compare settings: %r", n,
                     SHRINKAGE_FALLBACK)
         return SHRINKAGE_FALLBACK
+    # Each fold holds back queries of its own (the choice rests on twice as many) and
+    # treats the other rows as the training does: all of them in the step 1 statistics,
+    # a sample fitted (subquantizers, refinement), and a base to rank that has, as the
+    # searched rows of a trained model do, a share refine_size / n of fitted rows (at
+    # most 4 unfitted rows per fitted one). A base of only held-out rows hides what
+    # fitting without a prior does to rows it did not see; a base of only fitted rows
+    # makes it look best (both measured: MiniLM sets, Gaussian mixtures).
+    unfitted = min(n - n_queries - fit_size, 4 * fit_size,
+                   int(round(fit_size * (n - refine_size) / refine_size)))
+    size = min(n, 2 * n_queries + fit_size + unfitted)
     rows = source.take(sample_indices(n, size, rng))
     order = rng.permutation(size)
-    halves = [order[:fit_size], order[fit_size:]]  # in random order: queries come first
-    # Fewer rows than two full samples: each half serves once to fit and once to
-    # evaluate (two-fold), so the choice rests on twice the held-back rows.
-    folds = [(0, 1), (1, 0)] if size < 2 * REFINE_POINTS_PER_CENTROID * \
-        subquantizer_clusters else [(0, 1)]
     iters = min(kmeans_local_iters, SELECTION_LLOYD_ITERS)
     ranks = [[] for _ in candidates]
     errors = np.zeros(len(candidates))
     threads = max(1, min(n_jobs or os.cpu_count() or 1, len(candidates)))
-    for fit_half, eval_half in folds:
-        fit, evaluation = rows[np.sort(halves[fit_half])], rows[halves[eval_half]]
-        queries, base = evaluation[:n_queries], evaluation[n_queries:]
+    for fold in range(2):
+        held = order[fold * n_queries:(fold + 1) * n_queries]
+        rest = np.concatenate([order[:fold * n_queries], order[(fold + 1) * n_queries:]])
+        queries = rows[held]
+        fit = rows[np.sort(rest[:fit_size])]
+        base = rows[np.sort(rest[:fit_size + unfitted])]
         neighbours = exact_neighbors(queries, base, min(SELECTION_CANDIDATES, len(base)))
+        held_statistics = tuple(full - part for full, part in zip(
+            statistics, covariance_statistics(queries, Cs, backend)))
         # a seed per candidate, drawn before any runs: the threads' order cannot change
         # what each candidate draws
         seeds = rng.randint(2 ** 31 - 1, size=len(candidates))
 
         evaluate = partial(_evaluate_candidate, fit=fit, queries=queries, base=base,
-                           neighbours=neighbours, statistics=statistics, Cs=Cs, M=M,
+                           neighbours=neighbours, statistics=held_statistics, Cs=Cs, M=M,
                            subquantizer_clusters=subquantizer_clusters, iters=iters,
                            refinement_iters=refinement_iters, backend=backend,
                            # candidates left over when they outnumber the threads run
@@ -657,8 +670,7 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
     ranks = [np.concatenate(r) for r in ranks]
     n_queries = len(ranks[0])
     log_ranks = [np.log1p(rank).mean() for rank in ranks]
-    best = _clearly_better(ranks, candidates.index(SHRINKAGE_FALLBACK)
-                           if SHRINKAGE_FALLBACK in candidates else 0)
+    best = _best_candidate(ranks)
     logger.info("rotation shrinkage on %d held-back rows: %s: %r chosen", n_queries,
                 ", ".join(f"{c!r} recall@1 {np.mean(rank == 0):.3f} mean log rank "
                           f"{lr:.3f} error {e / errors[0]:.3f}"
@@ -672,18 +684,9 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
 PARAMETER_STEPS = (0, 1, 1, 2)
 
 
-def _clearly_better(ranks, fallback, z=2.0):
-    """Index of the candidate of lowest mean log rank among those clearly better than
-    candidate ``fallback`` (paired over the same held-back rows, a mean gain above ``z``
-    standard errors); ``fallback`` when none is."""
-    logs = [np.log1p(rank) for rank in ranks]
-    best = fallback
-    for c in range(len(logs)):
-        gain = logs[fallback] - logs[c]
-        if c != fallback and gain.mean() > z * gain.std() / np.sqrt(len(gain)) \
-                and logs[c].mean() < logs[best].mean():
-            best = c
-    return best
+def _best_candidate(ranks):
+    """Index of the candidate of lowest mean ``log(1 + rank)`` (the first on a tie)."""
+    return int(np.argmin([np.log1p(rank).mean() for rank in ranks]))
 
 
 def parameters_to_keep(parameters, steps):
