@@ -46,3 +46,40 @@ def sc():
     session, _ = get_session("lopq tests")
     yield session.sparkContext
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(tmp_path_factory):
+    """``python -m build`` of this checkout (sdist, then the wheel from the sdist) and a
+    fresh venv with that wheel installed, made once per test run even across xdist
+    workers (the packaging test and the cluster's packed-environment test share it: a
+    build and an install cost a minute on 2 cores). Returns (dist folder, venv folder).
+    """
+    import fcntl
+    import subprocess
+    import sys
+    pytest.importorskip("build")
+    # xdist workers' base temps share a parent: build there, one worker at a time
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / "wheel_venv"
+    folder.mkdir(exist_ok=True)
+    dist, venv = folder / "dist", folder / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOPQ_KERNELS")}
+
+    def run(*cmd):
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                              env=env)
+        assert proc.returncode == 0, \
+            f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            run(sys.executable, "-m", "build", "--outdir", dist, ROOT)
+            run(sys.executable, "-m", "venv", venv)
+            run(venv / "bin" / "python", "-m", "pip", "install", "-q",
+                *dist.glob("lopq-*.whl"))
+            (folder / "done").write_text("built\n")
+    return dist, venv

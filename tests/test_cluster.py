@@ -18,6 +18,7 @@ from spark_helpers import (
     application_id,
     assert_codes_equal_encode,
     read_codes,
+    run_driver,
     spark_env,
     spark_submit,
     spark_submit_path,
@@ -119,11 +120,20 @@ def cluster_model(cluster, data, tmp_path_factory):
     return pkl, LOPQModel.load_proto(proto)
 
 
-def test_train_model_runs_on_the_cluster_and_equals_local(cluster_model, data, tmp_path):
+def in_local_mode(sc, capsys, script, *args):
+    """The driver run in this process on the shared local[2] context (the local
+    comparisons: a local spark-submit costs a JVM start each)."""
+    code, (_, err) = run_driver(script, [str(a) for a in args], capsys)
+    assert code == 0, err[-5000:]
+
+
+def test_train_model_runs_on_the_cluster_and_equals_local(sc, capsys, cluster_model, data,
+                                                          tmp_path):
     _, model = cluster_model
     path, _, X, queries = data
     local = tmp_path / "local.lopq"
-    spark_submit("train_model.py", "--data", path, *TRAIN_ARGS, "--model_proto", local)
+    in_local_mode(sc, capsys, "train_model", "--data", path, *TRAIN_ARGS,
+                  "--model_proto", local)
     local_model = LOPQModel.load_proto(local)
     # Same partitions, same per-partition seeds, partition results merged in order.
     assert models_equal(model, local_model)
@@ -132,7 +142,8 @@ def test_train_model_runs_on_the_cluster_and_equals_local(cluster_model, data, t
     assert recall_at_10(model, X, queries) >= 0.9 * recall_at_10(single, X, queries)
 
 
-def test_train_model_resumes_step_2_on_the_cluster(cluster, cluster_model, data, tmp_path):
+def test_train_model_resumes_step_2_on_the_cluster(sc, capsys, cluster, cluster_model, data,
+                                                   tmp_path):
     pkl, model = cluster_model
     path, _, _, _ = data
     args = ["--data", path, "--existing_model_pkl", pkl, "--steps", "2", "--seed", 11]
@@ -141,7 +152,7 @@ def test_train_model_resumes_step_2_on_the_cluster(cluster, cluster_model, data,
     resumed = LOPQModel.load_proto(out)
     np.testing.assert_array_equal(resumed.Cs, model.Cs)
     np.testing.assert_array_equal(resumed.Rs, model.Rs)
-    spark_submit("train_model.py", *args, "--model_proto", tmp_path / "local.lopq")
+    in_local_mode(sc, capsys, "train_model", *args, "--model_proto", tmp_path / "local.lopq")
     assert models_equal(resumed, LOPQModel.load_proto(tmp_path / "local.lopq"))
 
 
@@ -158,12 +169,21 @@ def test_train_pca_runs_on_the_cluster(cluster, data, tmp_path):
                                atol=1e-9)
 
 
-def test_compute_codes_runs_on_the_cluster(cluster, cluster_model, data, tmp_path):
-    pkl, model = cluster_model
-    path, ids, X, _ = data
-    out = tmp_path / "codes"
-    output = on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
-                        "--model_pkl", pkl)
+@pytest.fixture(scope="module")
+def cluster_codes(cluster, cluster_model, data, tmp_path_factory):
+    """compute_codes.py on the cluster, once for the tests that read its codes:
+    (codes folder, driver output)."""
+    pkl, _ = cluster_model
+    path, _, _, _ = data
+    out = tmp_path_factory.mktemp("cluster_codes") / "codes"
+    return out, on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
+                           "--model_pkl", pkl)
+
+
+def test_compute_codes_runs_on_the_cluster(cluster, cluster_model, cluster_codes, data):
+    _, model = cluster_model
+    _, ids, X, _ = data
+    out, output = cluster_codes
     assert f"wrote codes of {N_ROWS} vectors" in output
     # (a) lopq installed in the executors' Python: the compiled backend, said once per
     # Python worker in each executor's log.
@@ -199,8 +219,8 @@ def test_compute_codes_from_parquet_runs_on_the_cluster(cluster, cluster_model, 
     assert_codes_equal_encode(model, X, ids, codes)
 
 
-def test_search_runs_on_the_cluster_and_equals_the_searcher(cluster, cluster_model, data,
-                                                           tmp_path):
+def test_search_runs_on_the_cluster_and_equals_the_searcher(cluster, cluster_model,
+                                                           cluster_codes, data, tmp_path):
     """spark/search.py on compute_codes output, both submitted to the cluster: the
     scoring ran in executors on both workers (several shards), and every query gets the
     searcher's neighbours on the same codes."""
@@ -209,9 +229,7 @@ def test_search_runs_on_the_cluster_and_equals_the_searcher(cluster, cluster_mod
     from lopq import LOPQSearcher
     pkl, model = cluster_model
     path, ids, X, queries = data
-    codes = tmp_path / "codes"
-    on_cluster(cluster, "compute_codes.py", "--data", path, "--output", codes,
-               "--model_pkl", pkl)
+    codes, _ = cluster_codes
     query_path = tmp_path / "queries.txt"
     write_vector_file(query_path, queries, ids=[f"q{i}" for i in range(len(queries))])
     out = tmp_path / "neighbours"
@@ -269,19 +287,14 @@ def test_py_files_zip_reaches_the_executors(cluster, data, tmp_path):
                             and "--archives" in line for line in backends), backends
 
 
-def test_packed_environment_reaches_the_executors(cluster, cluster_model, data, tmp_path):
+def test_packed_environment_reaches_the_executors(cluster, cluster_model, data, wheel_venv,
+                                                  tmp_path):
     """(b) Executors whose Python lacks lopq run it, compiled, from a venv-pack archive
-    shipped with --archives env.tar.gz#environment (Spark's Python package management)."""
+    shipped with --archives env.tar.gz#environment (Spark's Python package management):
+    the packaging test's fresh venv with the built wheel installed."""
     pytest.importorskip("venv_pack")
     import sys
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True,
-                   capture_output=True)
-    env_dir = tmp_path / "packed"
-    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q",
-                    *map(str, wheels.glob("lopq-*.whl"))], check=True, capture_output=True)
+    _, env_dir = wheel_venv
     archive = tmp_path / "env.tar.gz"
     subprocess.run([sys.executable, "-m", "venv_pack", "-p", str(env_dir), "-o", str(archive)],
                    check=True, capture_output=True)
@@ -318,12 +331,26 @@ def executors_launched(cluster, app_id, worker):
     return len([p for p in folder.iterdir() if p.is_dir()]) if folder.is_dir() else 0
 
 
-def test_executor_killed_in_step_2_of_training(cluster, cluster_model, data, tmp_path):
+def kill_driver_at(tmp_path, job, progress, out):
+    """Kill ``job``'s driver once its output shows ``progress``: nothing is left at
+    ``out``, and any temporary output is hidden beside it."""
+    job.wait_for(progress)
+    job.kill_driver()
+    assert not out.exists(), f"the killed driver left {out}"
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p.name != out.name)
+
+
+# A fault each, then the rerun a user would make, itself through an executor lost: two
+# applications per test instead of three (each submission costs 20-30 s on 2 cores).
+def test_training_driver_killed_then_a_rerun_survives_an_executor_killed_in_step_2(
+        cluster, cluster_model, data, tmp_path):
     _, undisturbed = cluster_model
     path, _, X, queries = data
     out = tmp_path / "model.lopq"
-    job = start_on_cluster(cluster, "train_model.py", "--data", path, *TRAIN_ARGS,
-                           "--model_proto", out)
+    args = ["--data", path, *TRAIN_ARGS, "--model_proto", out]
+    kill_driver_at(tmp_path, start_on_cluster(cluster, "train_model.py", *args),
+                   r"subquantizers \(step 2\): Lloyd iteration 1/", out)
+    job = start_on_cluster(cluster, "train_model.py", *args)
     job.wait_for(r"subquantizers \(step 2\): Lloyd iteration 2/")
     app_id = kill_executor_of_worker_2(cluster, job)
     code, output = job.finish()
@@ -335,14 +362,18 @@ def test_executor_killed_in_step_2_of_training(cluster, cluster_model, data, tmp
     assert_as_good_as(LOPQModel.load_proto(out), undisturbed, X, queries)
 
 
-def test_executor_killed_in_compute_codes(cluster, cluster_model, data, tmp_path):
+def test_codes_driver_killed_then_a_rerun_survives_an_executor_killed(cluster, cluster_model,
+                                                                      data, tmp_path):
     pkl, model = cluster_model
     path, ids, X, _ = data
     out = tmp_path / "codes"
-    job = start_on_cluster(cluster, "compute_codes.py", "--data", path, "--output", out,
-                           "--model_pkl", pkl)
+    args = ["--data", path, "--output", out, "--model_pkl", pkl]
     # Local text: one job reads, encodes and writes each split; its tasks start here.
-    job.wait_for(r"reading \d+ input split")
+    progress = r"reading \d+ input split"
+    kill_driver_at(tmp_path, start_on_cluster(cluster, "compute_codes.py", *args),
+                   progress, out)
+    job = start_on_cluster(cluster, "compute_codes.py", *args)
+    job.wait_for(progress)
     app_id = kill_executor_of_worker_2(cluster, job)
     code, output = job.finish()
     assert code == 0, output[-5000:]
@@ -365,31 +396,6 @@ def test_worker_lost_for_good_in_mid_job(cluster, cluster_model, data, tmp_path)
     assert code == 0, output[-5000:]
     assert_ran_on_cluster(cluster, application_id(output), workers=(1,))
     assert_as_good_as(LOPQModel.load_proto(out), undisturbed, X, queries)
-
-
-@pytest.mark.parametrize("script,progress,output_flag", [
-    ("train_model.py", r"subquantizers \(step 2\): Lloyd iteration 1/", "--model_proto"),
-    ("compute_codes.py", r"reading \d+ input split", "--output"),
-])
-def test_driver_killed_leaves_no_output_and_a_rerun_succeeds(cluster, cluster_model, data,
-                                                              tmp_path, script, progress,
-                                                              output_flag):
-    pkl, _ = cluster_model
-    path, ids, _, _ = data
-    out = tmp_path / "out"
-    args = ["--data", path, output_flag, out]
-    args += TRAIN_ARGS if script == "train_model.py" else ["--model_pkl", pkl]
-    job = start_on_cluster(cluster, script, *args)
-    job.wait_for(progress)
-    job.kill_driver()
-    assert not out.exists(), f"the killed driver left {out}"
-    # Any temporary output is hidden beside it and never mistaken for the result.
-    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p.name != "out")
-    on_cluster(cluster, script, *args)
-    if script == "compute_codes.py":
-        assert len(read_codes(out)) == len(ids)
-    else:
-        assert LOPQModel.load_proto(out).D == DIM
 
 
 SYNTHETIC_UDF = '''"""Synthetic vectors made on the executors; --data is "rows,dim,partitions"."""

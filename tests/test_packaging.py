@@ -4,11 +4,9 @@ searches, and `import lopq.spark` names the extra to install."""
 
 import os
 import subprocess
-import sys
 import zipfile
 
 import pytest
-from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +45,8 @@ def run(*cmd, **kwargs):
     return proc.stdout
 
 
-def test_wheel_in_a_fresh_venv_without_pyspark(tmp_path):
-    pytest.importorskip("build")
-    dist = tmp_path / "dist"
-    run(sys.executable, "-m", "build", "--outdir", dist, ROOT)
+def test_wheel_in_a_fresh_venv_without_pyspark(wheel_venv, tmp_path):
+    dist, venv = wheel_venv
     wheels, sdists = list(dist.glob("lopq-*.whl")), list(dist.glob("lopq-*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1
     with zipfile.ZipFile(wheels[0]) as wheel:
@@ -65,11 +61,8 @@ def test_wheel_in_a_fresh_venv_without_pyspark(tmp_path):
     assert core == ["numba", "numpy", "protobuf", "threadpoolctl"], requires
     assert any(r.startswith("pyspark") and 'extra == "spark"' in r for r in requires), requires
 
-    venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv)
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOPQ_KERNELS")}
-    run(python, "-m", "pip", "install", "-q", wheels[0], env=env)
     out = run(python, "-c", CORE_USE, cwd=tmp_path, env=env)
     assert "backend cython" in out  # the compiled extension came with the wheel
     assert "pyspark importable" not in out
