@@ -40,7 +40,7 @@ test: venv lint
 	$(PY) -m pytest -q -ra --durations=10 -n 2 --dist loadfile
 	@# The portable copy of the C loops (what CPUs without AVX2 run): the tests that call
 	@# every C entry point (kernels against their numpy reference, the compiled search).
-	LOPQ_PORTABLE=1 $(PY) -m pytest -q -ra -m "not spark and not slow" tests/test_kernels.py tests/test_search.py
+	LOPQ_PORTABLE=1 $(PY) -m pytest -q -ra -n 2 -m "not spark and not slow" tests/test_kernels.py tests/test_search.py
 
 bench-deps: venv
 	@# Peers and plots from PyPI; Fashion-MNIST from Debian.

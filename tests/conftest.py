@@ -42,6 +42,8 @@ def sc():
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ.setdefault("PYSPARK_SUBMIT_ARGS", "--master local[2] pyspark-shell")
+    from spark_helpers import TEST_JVM_OPTS
+    os.environ.setdefault("SPARK_SUBMIT_OPTS", TEST_JVM_OPTS)
     from lopq.spark.session import get_session
     session, _ = get_session("lopq tests")
     yield session.sparkContext

@@ -388,9 +388,12 @@ def test_steps_alone_and_iteration_flags_do_what_they_say(sc, small_data, workdi
     path, _ = small_data
     common = ["--data", str(path), "--V", "4", "--M", "4", "--subquantizer_clusters", "16",
               "--seed", "5", "--coarse_iters", "2"]
+    # A constant shrinkage: "auto" compares candidates only when it trains subquantizers
+    # too (step 1 alone is 1.0), so with it the full run may choose another.
     full = workdir / "flags-full.pkl"
     code, streams = run_driver("train_model", [*common, "--local_iters", "3",
                                                "--rotation_refinement_iters", "0",
+                                               "--rotation_shrinkage", "1.0",
                                                "--model_pkl", str(full)], capsys)
     assert code == 0, streams.err
     assert lloyd_lines(streams.err, "coarse (step 0)")[-1] == ("2", "2")
@@ -408,6 +411,7 @@ def test_steps_alone_and_iteration_flags_do_what_they_say(sc, small_data, workdi
     np.testing.assert_array_equal(coarse_only.Cs, want.Cs)  # same seed, drawn first
     step1 = workdir / "flags-step1.pkl"
     code, streams = run_driver("train_model", ["--data", str(path), "--steps", "1",
+                                               "--rotation_shrinkage", "1.0",
                                                "--existing_model_pkl", str(step0),
                                                "--model_pkl", str(step1)], capsys)
     assert code == 0, streams.err
