@@ -4,7 +4,7 @@ has: executors killed, a worker lost, the driver killed, cached data larger than
 
 Every test proves the work left the driver: the application is listed by the master and
 executors on both workers logged finished tasks. Run only these with
-``pytest -m cluster`` (about 10 minutes on 2 cores).
+``pytest -m cluster`` (about 6-7 minutes on 2 cores, with the wheel build it shares).
 """
 
 import subprocess
