@@ -112,9 +112,8 @@ ROTATION_SHRINKAGE = "auto"
 #: Ledoit-Wolf estimate, one pseudo-row per dimension, no shrinkage (the refinement alone).
 SHRINKAGE_CANDIDATES = ("lw", 1.0, 0.0)
 #: What ``"auto"`` gives when the rows are too few to compare candidates (fewer than 500,
-#: or fewer than two per subquantizer centroid beside the queries) or there are no
-#: subquantizers to compare (step 1 alone): one pseudo-row per dimension, the previous
-#: default.
+#: or fewer than two per subquantizer centroid beside the queries): one pseudo-row per
+#: dimension, the previous default.
 SHRINKAGE_FALLBACK = 1.0
 
 
@@ -748,16 +747,16 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
         Cs = np.ascontiguousarray(Cs, dtype=np.float32)
         logger.info("step 1: local rotations")
         statistics = source.covariance_pass(Cs)
-        if rotation_shrinkage == "auto":  # without subquantizers to compare: the fallback
-            rotation_shrinkage = SHRINKAGE_FALLBACK
-            if train_subs:
-                # The choice draws from a stream of its own, seeded from a copy of
-                # ``rng``: training then goes on with the very draws (and gives the
-                # very model) that the chosen constant would with the same seed.
-                own_rng = np.random.RandomState(copy.deepcopy(rng).randint(2 ** 31 - 1))
-                rotation_shrinkage = choose_shrinkage(
-                    source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
-                    rotation_refinement_iters, own_rng, backend, n_jobs=n_jobs)
+        if rotation_shrinkage == "auto":
+            # The choice draws from a stream of its own, seeded from a copy of ``rng``:
+            # training then goes on with the very draws (and gives the very model) that
+            # the chosen constant would with the same seed. Step 1 alone compares too,
+            # with the subquantizers (unrefined) that a later step 2 alone will train.
+            own_rng = np.random.RandomState(copy.deepcopy(rng).randint(2 ** 31 - 1))
+            rotation_shrinkage = choose_shrinkage(
+                source, statistics, Cs, M, subquantizer_clusters, kmeans_local_iters,
+                rotation_refinement_iters if refine else 0, own_rng, backend,
+                n_jobs=n_jobs)
         Rs, mus = rotations_from_statistics(*statistics, M, rotation_shrinkage)
         timings["step 1 (rotations)"] = time.time() - start
         start = time.time()

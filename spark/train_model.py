@@ -54,8 +54,9 @@ def parse_args(argv=None):
                              "exactly)")
     parser.add_argument("--rotation_shrinkage", type=cli.shrinkage, default=ROTATION_SHRINKAGE,
                         help="how far each local covariance leans on the pooled one: "
-                             "'auto' (default) keeps 1.0 unless 'lw' or 0 ranks held-back "
-                             "training rows clearly better; 'lw' estimates it per cluster "
+                             "'auto' (default) tries 'lw', 1.0 and 0 and keeps the one "
+                             "that ranks held-out training rows' neighbours best; 'lw' "
+                             "estimates it per cluster "
                              "(Ledoit-Wolf); a number gives that many pseudo-rows per "
                              "dimension; 0 is the reference (identity rotation below D/2 "
                              "rows)")

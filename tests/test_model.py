@@ -560,3 +560,27 @@ def test_auto_shrinkage_trains_the_model_of_its_choice(monkeypatch):
         X, random_state=3, n_init=1, rotation_shrinkage=chosen[0])
     for a, b in zip(auto.parameters, constant.parameters):
         np.testing.assert_array_equal(a, b)
+
+
+def test_auto_shrinkage_compares_candidates_for_step_1_alone(monkeypatch):
+    """Steps 0 and 1 without step 2 (``--steps 0,1``) still choose the shrinkage, with
+    unrefined candidates (a later step 2 alone does not refine), and give the rotations
+    of that choice."""
+    import lopq.training as training
+    from lopq.rows import ArrayRows
+    calls = []
+    choose = training.choose_shrinkage
+    monkeypatch.setattr(training, "choose_shrinkage",
+                        lambda *args, **kwargs: calls.append((args[6], choose(*args, **kwargs)))
+                        or calls[-1][1])
+    X = make_clustered(9000, 32, n_clusters=20, seed=8)
+    (Cs, Rs, mus, subs), _ = training.train_sequence(
+        ArrayRows(X), 8, 4, subquantizer_clusters=16, n_init=1, random_state=3, steps=(0, 1))
+    assert subs is None and len(calls) == 1
+    refinement_iters, chosen = calls[0]
+    assert refinement_iters == 0
+    (Cs2, Rs2, mus2, _), _ = training.train_sequence(
+        ArrayRows(X), 8, 4, subquantizer_clusters=16, n_init=1, random_state=3, steps=(0, 1),
+        rotation_shrinkage=chosen)
+    np.testing.assert_array_equal(Rs, Rs2)
+    np.testing.assert_array_equal(mus, mus2)

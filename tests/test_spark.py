@@ -388,8 +388,8 @@ def test_steps_alone_and_iteration_flags_do_what_they_say(sc, small_data, workdi
     path, _ = small_data
     common = ["--data", str(path), "--V", "4", "--M", "4", "--subquantizer_clusters", "16",
               "--seed", "5", "--coarse_iters", "2"]
-    # A constant shrinkage: "auto" compares candidates only when it trains subquantizers
-    # too (step 1 alone is 1.0), so with it the full run may choose another.
+    # A constant shrinkage: "auto" compares candidates on a sample drawn after step 0,
+    # and step 1 run alone draws it from a fresh seed, so the two may choose apart.
     full = workdir / "flags-full.pkl"
     code, streams = run_driver("train_model", [*common, "--local_iters", "3",
                                                "--rotation_refinement_iters", "0",

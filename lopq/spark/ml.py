@@ -68,8 +68,8 @@ class _LOPQParams(HasFeaturesCol, HasSeed):
                                     "reference's training)", TypeConverters.toInt)
     rotationShrinkage = Param(Params._dummy(), "rotationShrinkage",
                               "how far each local covariance leans on the pooled one: "
-                              "'auto' (1.0 unless 'lw' or 0 ranks held-back rows "
-                              "clearly better), 'lw' (per-cluster Ledoit-Wolf), or "
+                              "'auto' ('lw', 1.0 or 0, whichever ranks held-out "
+                              "rows' neighbours best), 'lw' (per-cluster Ledoit-Wolf), or "
                               "pseudo-rows per dimension (0: the reference)", _to_shrinkage)
     samplingRatio = Param(Params._dummy(), "samplingRatio",
                           "fraction of rows to train on, in (0, 1]", TypeConverters.toFloat)
