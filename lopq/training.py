@@ -548,7 +548,7 @@ def _evaluate_candidate(shrinkage, seed, fit, queries, base, neighbours, statist
                         M, subquantizer_clusters, iters, refinement_iters, backend,
                         threads=1):
     """One `choose_shrinkage` candidate: its model fitted on the ``fit`` rows (rotations
-    from the full ``statistics``, subquantizers, refinement), then, for each held-back
+    from ``statistics``, subquantizers, refinement), then, for each held-back
     query, the rank by LOPQ distance of its exact nearest ``base`` row among its exact
     ``neighbours``, and the queries' squared reconstruction error: (ranks, error)."""
     Rs, mus = rotations_from_statistics(*statistics, M, shrinkage, log_level=logging.DEBUG)
@@ -623,10 +623,12 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
     # treats the other rows as the training does: all of them in the step 1 statistics,
     # a sample fitted (subquantizers, refinement), and a base to rank that has, as the
     # searched rows of a trained model do, a share refine_size / n of fitted rows (at
-    # most 4 unfitted rows per fitted one). A base of only held-out rows hides what
-    # fitting without a prior does to rows it did not see; a base of only fitted rows
-    # makes it look best (both measured: MiniLM sets, Gaussian mixtures).
-    unfitted = min(n - n_queries - fit_size, 4 * fit_size,
+    # most one unfitted row per fitted one: the cap binds only above 2 refinement
+    # samples of rows, where ranking more base rows would cost seconds per fit). A base
+    # of only unfitted rows hides what fitting without a prior does to rows it did not
+    # see; a base of only fitted rows makes it look best (measured on the Debian
+    # descriptions).
+    unfitted = min(n - n_queries - fit_size, fit_size,
                    int(round(fit_size * (n - refine_size) / refine_size)))
     size = min(n, 2 * n_queries + fit_size + unfitted)
     rows = source.take(sample_indices(n, size, rng))
