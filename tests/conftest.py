@@ -50,6 +50,15 @@ def sc():
     session.stop()
 
 
+def run_checked(*cmd, **kwargs):
+    """Run ``cmd`` (its parts made strings); its stdout, or a failure showing both
+    streams' tails."""
+    import subprocess
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
 @pytest.fixture(scope="session")
 def wheel_venv(tmp_path_factory):
     """``python -m build`` of this checkout (sdist, then the wheel from the sdist) and a
@@ -58,7 +67,6 @@ def wheel_venv(tmp_path_factory):
     build and an install cost a minute on 2 cores). Returns (dist folder, venv folder).
     """
     import fcntl
-    import subprocess
     import sys
     pytest.importorskip("build")
     # xdist workers' base temps share a parent: build there, one worker at a time
@@ -71,10 +79,7 @@ def wheel_venv(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOPQ_KERNELS")}
 
     def run(*cmd):
-        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                              env=env)
-        assert proc.returncode == 0, \
-            f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        run_checked(*cmd, env=env)
 
     with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -543,21 +543,29 @@ def test_auto_shrinkage_threads_do_not_change_the_model():
         np.testing.assert_array_equal(a, b)
 
 
+def record_shrinkage_choices(monkeypatch):
+    """Wrap `choose_shrinkage`: a list that gets (refinement_iters, choice) per call."""
+    import lopq.training as training
+    calls = []
+    choose = training.choose_shrinkage
+
+    def recorded(*args, **kwargs):
+        calls.append((args[6], choose(*args, **kwargs)))
+        return calls[-1][1]
+    monkeypatch.setattr(training, "choose_shrinkage", recorded)
+    return calls
+
+
 def test_auto_shrinkage_trains_the_model_of_its_choice(monkeypatch):
     """"auto" draws its comparison from a stream of its own: the model it trains is the
     very model that its chosen shrinkage, given as a constant, trains with the same seed
     (so a user can reproduce it, and the choice costs no accuracy to a reseeding)."""
-    import lopq.training as training
-    chosen = []
-    choose = training.choose_shrinkage
-    monkeypatch.setattr(training, "choose_shrinkage",
-                        lambda *args, **kwargs: chosen.append(choose(*args, **kwargs))
-                        or chosen[-1])
+    calls = record_shrinkage_choices(monkeypatch)
     X = make_clustered(9000, 32, n_clusters=20, seed=8)
     auto = LOPQModel(V=8, M=4, subquantizer_clusters=16).fit(X, random_state=3, n_init=1)
-    assert len(chosen) == 1
+    assert len(calls) == 1
     constant = LOPQModel(V=8, M=4, subquantizer_clusters=16).fit(
-        X, random_state=3, n_init=1, rotation_shrinkage=chosen[0])
+        X, random_state=3, n_init=1, rotation_shrinkage=calls[0][1])
     for a, b in zip(auto.parameters, constant.parameters):
         np.testing.assert_array_equal(a, b)
 
@@ -568,11 +576,7 @@ def test_auto_shrinkage_compares_candidates_for_step_1_alone(monkeypatch):
     of that choice."""
     import lopq.training as training
     from lopq.rows import ArrayRows
-    calls = []
-    choose = training.choose_shrinkage
-    monkeypatch.setattr(training, "choose_shrinkage",
-                        lambda *args, **kwargs: calls.append((args[6], choose(*args, **kwargs)))
-                        or calls[-1][1])
+    calls = record_shrinkage_choices(monkeypatch)
     X = make_clustered(9000, 32, n_clusters=20, seed=8)
     (Cs, Rs, mus, subs), _ = training.train_sequence(
         ArrayRows(X), 8, 4, subquantizer_clusters=16, n_init=1, random_state=3, steps=(0, 1))

@@ -3,10 +3,10 @@ is complete); the wheel, installed in a fresh venv without PySpark, fits, encode
 searches, and `import lopq.spark` names the extra to install."""
 
 import os
-import subprocess
 import zipfile
 
 import pytest
+from conftest import run_checked
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +39,6 @@ except ImportError as err:
 """
 
 
-def run(*cmd, **kwargs):
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
 def test_wheel_in_a_fresh_venv_without_pyspark(wheel_venv, tmp_path):
     dist, venv = wheel_venv
     wheels, sdists = list(dist.glob("lopq-*.whl")), list(dist.glob("lopq-*.tar.gz"))
@@ -63,7 +57,7 @@ def test_wheel_in_a_fresh_venv_without_pyspark(wheel_venv, tmp_path):
 
     python = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOPQ_KERNELS")}
-    out = run(python, "-c", CORE_USE, cwd=tmp_path, env=env)
+    out = run_checked(python, "-c", CORE_USE, cwd=tmp_path, env=env)
     assert "backend cython" in out  # the compiled extension came with the wheel
     assert "pyspark importable" not in out
     assert "spark: lopq.spark needs PySpark: pip install 'lopq[spark]'" in out
