@@ -588,3 +588,40 @@ def test_auto_shrinkage_compares_candidates_for_step_1_alone(monkeypatch):
         rotation_shrinkage=chosen)
     np.testing.assert_array_equal(Rs, Rs2)
     np.testing.assert_array_equal(mus, mus2)
+
+
+def _rows_of(A):
+    return {row.tobytes() for row in np.ascontiguousarray(A)}
+
+
+@pytest.mark.parametrize("n, folds", [(5000, 2), (9000, 1)])
+def test_auto_shrinkage_holds_back_queries_it_never_fits(monkeypatch, n, folds):
+    """Every candidate is ranked on held-back queries that are neither fitted nor in the
+    base it searches; two folds where the rows are scarce, one holding back as many
+    queries as both where the rows would fill two disjoint folds (S=16: a 1,024-row fit
+    and base share, so 5,000 rows give two folds of 500 queries, 9,000 rows one of 1,800)."""
+    import lopq.training as training
+    from lopq.rows import ArrayRows
+    seen = []
+    evaluate = training._evaluate_candidate
+
+    def recorded(shrinkage, seed, fit, queries, base, *args, **kwargs):
+        seen.append((shrinkage, fit, queries, base))
+        return evaluate(shrinkage, seed, fit, queries, base, *args, **kwargs)
+    monkeypatch.setattr(training, "_evaluate_candidate", recorded)
+    X = make_clustered(n, 32, n_clusters=20, seed=8)
+    source = ArrayRows(X)
+    Cs = training.kmeans_rows(source, 2, 8, 5, 1, random_state=0).astype(np.float32)
+    training.choose_shrinkage(source, source.covariance_pass(Cs), Cs, 4, 16, 5, 1,
+                              random_state=1, n_jobs=1)
+    candidates = training.SHRINKAGE_CANDIDATES
+    assert len(seen) == folds * len(candidates)
+    held = [_rows_of(q) for _, _, q, _ in seen[::len(candidates)]]
+    assert sum(len(h) for h in held) == 2 * (n // 10)  # as many queries either way
+    for _, fit, queries, base in seen:
+        assert len(fit) == 1024
+        queries = _rows_of(queries)
+        assert not queries & _rows_of(fit) and not queries & _rows_of(base)
+        assert _rows_of(fit) <= _rows_of(base)
+    if folds == 2:
+        assert not held[0] & held[1]
