@@ -10,6 +10,7 @@ faiss-cpu is installed (`pip install .[bench]`).
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -513,6 +514,21 @@ FIRST_QUOTA = 250
 SWEEP_MIN_GAIN = 0.001
 
 
+#: The dimension of the lopq curves on PCA'd rows (sets of more than twice as many).
+PCA_CURVE_DIM = 128
+
+
+def _pca_projection(base, dim):
+    """The spec's PCA of ``base`` (`lopq.spark.training.prepare_pca`: the top ``dim``
+    components, the two halves' variance balanced) as a function of (n, D) rows."""
+    from lopq.spark.training import apply_pca, prepare_pca
+    B = base.astype(np.float64)
+    mu = B.mean(axis=0)
+    E, P = np.linalg.eigh(np.cov(B, rowvar=False))
+    pca = prepare_pca({"E": E, "P": P, "mu": mu}, dim)
+    return lambda X: apply_pca(X, pca)
+
+
 def faiss_nlists(n):
     """faiss IVF list counts for n base rows: the largest power of two leaving at least
     39 training rows per list (faiss warns below) and half of it."""
@@ -531,27 +547,37 @@ def _curves(res, name, base, queries, M, quick):
     params = dict(data=name, n=len(base), queries=len(queries), D=base.shape[1], M=M,
                   limit=10, threads=1)
     points = []  # (system, setting, qps, r1, r10)
-    for V in CURVE_V[:1] if quick else CURVE_V:  # --quick: V=64 alone
+    # lopq as it ships, then (above 256-d) on the spec's PCA to PCA_CURVE_DIM
+    # dimensions (`train_pca.py` + `pca_preparation.py`, computed here in numpy); the
+    # queries' projection is inside the timed search
+    variants = [(None, V) for V in (CURVE_V[:1] if quick else CURVE_V)]  # --quick: V=64
+    if base.shape[1] > 2 * PCA_CURVE_DIM and not quick:
+        variants += [(PCA_CURVE_DIM, V) for V in CURVE_V]
+    for pca_dim, V in variants:
+        project = _pca_projection(base, pca_dim) if pca_dim else (lambda X: X)
+        curve = f"lopq PCA{pca_dim} V={V}" if pca_dim else f"lopq V={V}"
         start = time.perf_counter()
-        model = LOPQModel(V=V, M=M).fit(base, n_init=1, random_state=0)
+        model = LOPQModel(V=V, M=M).fit(project(base), n_init=1, random_state=0)
         fit_s = time.perf_counter() - start
         searcher = LOPQSearcher(model)
-        searcher.add_data(base)
+        searcher.add_data(project(base))
         quota, previous = FIRST_QUOTA, -1.0
         while quota <= 2 * len(base):
-            searcher.search_batch(queries[:20], quota=quota, limit=10, threads=1)
+            searcher.search_batch(project(queries[:20]), quota=quota, limit=10, threads=1)
             start = time.perf_counter()
-            results = searcher.search_batch(queries, quota=quota, limit=10, threads=1)
+            results = searcher.search_batch(project(queries), quota=quota, limit=10,
+                                            threads=1)
             qps = len(queries) / (time.perf_counter() - start)
             r1, r10 = recall_at([ids for ids, _ in results], nns, (1, 10))
             split = {k: round(v / len(queries) * 1e6, 1)
                      for k, v in searcher.last_batch_profile.items()}
-            res.add("search", f"lopq V={V} quota={quota}, {name}", qps, "queries/s",
-                    **params, curve=f"lopq V={V}", V=V, quota=quota, fit_s=round(fit_s, 1),
+            res.add("search", f"{curve} quota={quota}, {name}", qps, "queries/s",
+                    **params, curve=curve, V=V, quota=quota, fit_s=round(fit_s, 1),
+                    pca_dim=pca_dim or base.shape[1],
                     recall_at_1=round(r1, 4), recall_at_10=round(r10, 4),
                     us_traversal=split["traversal"], us_tables=split["tables"],
                     us_scan=split["scan"])
-            points.append((f"lopq V={V}", f"quota={quota}", qps, r1, r10))
+            points.append((curve, f"quota={quota}", qps, r1, r10))
             if r10 < previous + SWEEP_MIN_GAIN:
                 break
             quota, previous = 2 * quota, r10
@@ -611,7 +637,8 @@ def compare_curves(res, name, points, params, part="search"):
     setting of faiss's speed/recall frontier, lopq's fastest setting with at least
     that recall, q/s over faiss's (0 when lopq never reaches it), for R@10 and R@1;
     the lowest ratio over faiss's top recall decile and the ratio at faiss's best."""
-    lopq = [p for p in points if p[0].startswith("lopq")]
+    every = [p for p in points if p[0].startswith("lopq")]
+    lopq = [p for p in every if " PCA" not in p[0]]  # as it ships: no PCA
     faiss_points = [p for p in points if p[0].startswith("faiss")]
     best = max(lopq, key=lambda p: (p[3], p[2]))
     res.add(part, f"lopq best recall@1, {name}", best[3], "recall", **params,
@@ -628,26 +655,33 @@ def compare_curves(res, name, points, params, part="search"):
     fbest1 = max(faiss_points, key=lambda p: (p[3], p[2]))
     res.add(part, f"faiss best recall@1, {name}", fbest1[3], "recall", **params,
             setting=f"{fbest1[0]} {fbest1[1]}")
-    for column, label in ((4, "recall@10"), (3, "recall@1")):
+    # lopq's curves alone, then with the PCA'd curves too (its settings' union)
+    families = [("", lopq)] + ([(" (with PCA)", every)] if len(every) > len(lopq) else [])
+    for (family, mine_points), (column, label) in itertools.product(
+            families, ((4, "recall@10"), (3, "recall@1"))):
+        if family:
+            pbest = max(every, key=lambda p: (p[column], p[2]))
+            res.add(part, f"lopq{family} best {label}, {name}", pbest[column], "recall",
+                    **params, setting=f"{pbest[0]} {pbest[1]}")
         frontier = _frontier(faiss_points, column)
         top = max(p[column] for p in frontier)
         ratios = []
         for f in frontier:
-            mine = _fastest_reaching(lopq, column, f[column])
+            mine = _fastest_reaching(mine_points, column, f[column])
             ratio = mine[2] / f[2] if mine else 0.0
             ratios.append((f, ratio))
-            res.add(part, f"lopq / faiss queries/s at faiss's {label} "
+            res.add(part, f"lopq{family} / faiss queries/s at faiss's {label} "
                     f"{f[column]:.3f} ({f[0]} {f[1]}), {name}", ratio, "x", **params,
                     faiss=f"{f[0]} {f[1]} {label}={f[column]:.3f} {f[2]:.0f} q/s",
                     lopq=(f"{mine[0]} {mine[1]} {label}={mine[column]:.3f} {mine[2]:.0f} q/s"
                           if mine else "never reaches it"))
         decile = [r for f, r in ratios if f[column] >= TOP_DECILE * top]
         worst = min(decile)
-        res.add(part, f"lowest lopq / faiss queries/s over faiss's top {label} decile, "
+        res.add(part, f"lowest lopq{family} / faiss queries/s over faiss's top {label} decile, "
                 f"{name}", worst, "x", **params, decile=f"faiss {label} >= {TOP_DECILE} x "
                 f"its best {top:.3f}", settings=len(decile))
         at_best = [r for f, r in ratios if f[column] == top][-1]
-        res.add(part, f"lopq / faiss queries/s at faiss's best {label}, {name}", at_best,
+        res.add(part, f"lopq{family} / faiss queries/s at faiss's best {label}, {name}", at_best,
                 "x", **params)
 
 

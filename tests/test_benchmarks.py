@@ -45,7 +45,9 @@ def test_ratio_curve_takes_lopqs_fastest_setting_at_each_faiss_recall():
               ("faiss IVF", "nprobe=4", 4000.0, 0.36, 0.65),
               ("faiss IVF", "nprobe=8", 3000.0, 0.37, 0.66),
               ("faiss IVF", "nprobe=16", 1000.0, 0.37, 0.66),  # dominated: not compared
-              ("faiss other", "nprobe=1", 500.0, 0.45, 0.75)]
+              ("faiss other", "nprobe=1", 500.0, 0.45, 0.75),
+              # PCA'd rows: only in the "(with PCA)" ratios, never in lopq's own
+              ("lopq PCA128 V=64", "quota=250", 1500.0, 0.46, 0.80)]
     rows = Rows()
     run.compare_curves(rows, "toy", points, {})
     got = dict(rows.rows)
@@ -58,8 +60,15 @@ def test_ratio_curve_takes_lopqs_fastest_setting_at_each_faiss_recall():
     assert got["lopq / faiss queries/s at faiss's recall@10 0.750 (faiss other nprobe=1), "
                "toy"] == 0.0
     assert not any("nprobe=16" in name for name in got)
-    # within 10% of faiss's best R@10 (0.75): 0.66 and 0.75 -> min(2/3, 0)
+    # within 10% of faiss's best R@10 (0.75): 0.75 alone (0.66 < 0.675) -> 0
     assert got["lowest lopq / faiss queries/s over faiss's top recall@10 decile, toy"] == 0
     assert got["lopq / faiss queries/s at faiss's best recall@10, toy"] == 0
     assert got["lopq / faiss queries/s at faiss's best recall@1, toy"] == 0
     assert got["lopq best recall@1, toy"] == 0.40
+    assert got["lopq (with PCA) / faiss queries/s at faiss's best recall@10, toy"] == 3.0
+    assert got["lopq (with PCA) / faiss queries/s at faiss's recall@10 0.400 (faiss IVF "
+               "nprobe=1), toy"] == 9000 / 20000
+    # the decile is R@10 >= 0.675: faiss's 0.75 alone
+    assert got["lowest lopq (with PCA) / faiss queries/s over faiss's top recall@10 "
+               "decile, toy"] == 3.0
+    assert got["lopq (with PCA) best recall@10, toy"] == 0.80
