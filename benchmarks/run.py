@@ -539,8 +539,10 @@ def faiss_nlists(n):
 def _curves(res, name, base, queries, M, quick):
     """Recall@1/10 against queries/s on one thread, 10 results per query, M-byte codes:
     lopq for each V over quotas doubling (with the per-query time in traversal, tables
-    and scan), faiss OPQ+IVF+PQ (polysemous training off) for two nlist over nprobe
-    doubling, each swept until recall@10 stops rising; then `compare_curves`."""
+    and scan), above 256-d also on the spec's PCA to `PCA_CURVE_DIM` dimensions (the
+    PCA fitted on the base outside the timings, the queries' projection inside), faiss
+    OPQ+IVF+PQ (polysemous training off) for two nlist over nprobe doubling, each
+    swept until recall@10 stops rising; then `compare_curves`."""
     from lopq import LOPQModel, LOPQSearcher
     from lopq.eval import exact_neighbors, recall_at
     nns = exact_neighbors(queries, base)[:, 0]
@@ -556,11 +558,12 @@ def _curves(res, name, base, queries, M, quick):
     for pca_dim, V in variants:
         project = _pca_projection(base, pca_dim) if pca_dim else (lambda X: X)
         curve = f"lopq PCA{pca_dim} V={V}" if pca_dim else f"lopq V={V}"
+        rows = project(base)
         start = time.perf_counter()
-        model = LOPQModel(V=V, M=M).fit(project(base), n_init=1, random_state=0)
+        model = LOPQModel(V=V, M=M).fit(rows, n_init=1, random_state=0)
         fit_s = time.perf_counter() - start
         searcher = LOPQSearcher(model)
-        searcher.add_data(project(base))
+        searcher.add_data(rows)
         quota, previous = FIRST_QUOTA, -1.0
         while quota <= 2 * len(base):
             searcher.search_batch(project(queries[:20]), quota=quota, limit=10, threads=1)
