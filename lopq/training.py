@@ -10,7 +10,7 @@ import copy
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -550,7 +550,9 @@ def _evaluate_candidate(shrinkage, seed, fit, queries, base, neighbours, statist
     """One `choose_shrinkage` candidate: its model fitted on the ``fit`` rows (rotations
     from ``statistics``, subquantizers, refinement), then, for each held-back
     query, the rank by LOPQ distance of its exact nearest ``base`` row among its exact
-    ``neighbours``, and the queries' squared reconstruction error: (ranks, error)."""
+    ``neighbours`` ((q, k) indices into ``base``, or a `concurrent.futures.Future` of
+    them, awaited once the model is fitted), and the queries' squared reconstruction
+    error: (ranks, error)."""
     Rs, mus = rotations_from_statistics(*statistics, M, shrinkage, log_level=logging.DEBUG)
     projected = ArrayRows(project_rows(fit, Cs, Rs, mus, backend), backend)
     projected.log_level = logging.DEBUG  # a side computation: quiet iterations
@@ -560,6 +562,8 @@ def _evaluate_candidate(shrinkage, seed, fit, queries, base, neighbours, statist
     if refinement_iters > 0:
         Rs, subs = _refine_on_sample(fit, Cs, Rs, mus, subs, refinement_iters, shrinkage,
                                      backend, threads)
+    if isinstance(neighbours, Future):
+        neighbours = neighbours.result()
     approx = _reconstruct(base, Cs, Rs, mus, subs, backend)
     # |x~|^2 - 2 q.x~ ranks a query's candidates as |q - x~|^2 does
     norms = np.einsum("ij,ij->i", approx, approx)[neighbours]
@@ -651,7 +655,7 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
         queries = rows[held]
         fit = rows[np.sort(rest[:fit_size])]
         base = rows[np.sort(rest[:fit_size + unfitted])]
-        neighbours = exact_neighbors(queries, base, min(SELECTION_CANDIDATES, len(base)))
+        k = min(SELECTION_CANDIDATES, len(base))
         held_statistics = tuple(full - part for full, part in zip(
             statistics, covariance_statistics(queries, Cs, backend)))
         # a seed per candidate, drawn before any runs: the threads' order cannot change
@@ -659,20 +663,25 @@ def choose_shrinkage(source, statistics, Cs, M, subquantizer_clusters, kmeans_lo
         seeds = rng.randint(2 ** 31 - 1, size=len(candidates))
 
         evaluate = partial(_evaluate_candidate, fit=fit, queries=queries, base=base,
-                           neighbours=neighbours, statistics=held_statistics, Cs=Cs, M=M,
+                           statistics=held_statistics, Cs=Cs, M=M,
                            subquantizer_clusters=subquantizer_clusters, iters=iters,
-                           refinement_iters=refinement_iters, backend=backend,
-                           # candidates left over when they outnumber the threads run
-                           # with cores to spare: they refine their two splits side by
-                           # side (measured, 16,384 rows of 128-d, V=256, M=16: 0.92 s
-                           # on one thread, 0.55-0.70 on two)
-                           threads=2 if len(candidates) % threads else 1)
+                           refinement_iters=refinement_iters, backend=backend)
         shrinkages, seeds = list(candidates), list(seeds)
         if threads == 1:
-            outcomes = list(map(evaluate, shrinkages, seeds))
-        else:  # the kernels and LAPACK release the GIL: candidates run side by side
+            neighbours = exact_neighbors(queries, base, k)
+            outcomes = [evaluate(s, seed, neighbours=neighbours)
+                        for s, seed in zip(shrinkages, seeds)]
+        else:
+            # The kernels and LAPACK release the GIL: the candidates fit side by side,
+            # and beside the exact neighbours, which they need only once fitted
+            # (submitted first, so no candidate waits on a task queued behind it).
+            # Measured, 1M x 128 rows, V=256, M=16, 2 threads: 5.4 s with the
+            # neighbours (1.3 s) ahead of the candidates (1.9 s each), 4.0-4.2 s beside them.
             with ThreadPoolExecutor(threads) as pool:
-                outcomes = list(pool.map(evaluate, shrinkages, seeds))
+                neighbours = pool.submit(exact_neighbors, queries, base, k)
+                outcomes = list(pool.map(partial(evaluate, neighbours=neighbours,
+                                                 threads=threads),
+                                         shrinkages, seeds))
         for c, (rank, error) in enumerate(outcomes):
             ranks[c].append(rank)
             errors[c] += error
