@@ -28,6 +28,11 @@ class BatchSearch:
     #: MiniLM V=16 h=192 (4.7 MB) 64.5k / 17.6k at quota 1000; 200k x 128 V=256 (8.4 MB)
     #: 19.7k / 21.8k; MiniLM V=64 (18.9 MB) 11.6k / 14.1k; MiniLM V=256 (75 MB) 751 / 3,224.
     GROUPED_MIN_ROTATION_BYTES = 8 << 20
+    #: In the grouped path, a (query, half-cluster) pair whose visited cells hold fewer
+    #: than this many rows per subquantizer centroid gets no distance table: a table
+    #: costs S x h multiply-adds, scoring a row from the rotated residual h (with the
+    #: table, M/2 lookups). 0 builds every table.
+    DIRECT_ROWS_PER_CENTROID = 1.0
 
     def uses_grouped_tables(self):
         """Whether `search_batch` builds the tables of a block of queries together."""
@@ -83,6 +88,7 @@ class BatchSearch:
         grouped = self.uses_grouped_tables()
         if grouped:
             RTp, CBTm2, sqnorm = self._grouped()
+            books, direct_below = self._direct_operands()
         rows = np.empty((len(Q), limit), dtype=np.int64)
         dists = np.empty((len(Q), limit), dtype=np.float32)
         visited = np.empty(len(Q), dtype=np.int32)
@@ -104,7 +110,8 @@ class BatchSearch:
                     compiled.search_cells_grouped(
                         Q[a:b], ptr, cells, ranges, m.Cs, RTp, m.mus, CBTm2, sqnorm,
                         m.subquantizer_clusters, self.fine, int(limit), self.BATCH_BLOCK,
-                        rows[a:b], dists[a:b], seconds[slot], adjust)
+                        rows[a:b], dists[a:b], seconds[slot], adjust, books,
+                        direct_below)
             else:
                 compiled.search_many(Q[lo:hi], m.Cs, CsT, RTs, m.mus, booksT,
                                      self.cell_offsets, self.fine, int(quota), int(limit),
@@ -168,12 +175,13 @@ class BatchSearch:
         compiled = kernels.compiled_search()
         if compiled is not None and self.fine.dtype in (np.uint8, np.uint16) and len(Q):
             RTp, CBTm2, sqnorm = self._grouped()
+            books, direct_below = self._direct_operands()
             m = self.model
             compiled.search_cells_grouped(
                 np.ascontiguousarray(Q), ptr, np.ascontiguousarray(cells),
                 np.ascontiguousarray(np.stack([lo, hi], axis=1)), m.Cs, RTp, m.mus, CBTm2,
                 sqnorm, m.subquantizer_clusters, self.fine, int(limit), self.BATCH_BLOCK,
-                rows, dists, np.zeros(3), m.table_adjustment())
+                rows, dists, np.zeros(3), m.table_adjustment(), books, direct_below)
             return rows, dists
         for q, x in enumerate(Q):
             ranges = [((int(c0), int(c1)), int(a), int(b)) for (c0, c1), a, b in
@@ -196,3 +204,12 @@ class BatchSearch:
             self._grouped_cache = kernels.grouped_table_operands(self.model.Rs,
                                                                 self.model.subquantizers)
         return self._grouped_cache
+
+    def _direct_operands(self):
+        """The codebooks (2, M/2, S, ds) float32 and the row count below which a pair of
+        the grouped path is scored without a table (`DIRECT_ROWS_PER_CENTROID`)."""
+        m = self.model
+        below = int(np.ceil(self.DIRECT_ROWS_PER_CENTROID * m.subquantizer_clusters))
+        if below <= 0 or m.M // 2 > 256:
+            return None, 0
+        return np.ascontiguousarray(m.subquantizers, dtype=np.float32), below

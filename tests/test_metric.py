@@ -243,8 +243,10 @@ def test_inner_product_distances_are_dot_products_with_the_reconstructions(sprea
     truth = -(Q.astype(np.float64) @ model.decode((coarse, fine)).T)
     searcher = LOPQSearcher(model)
     searcher.add_codes((coarse, fine))
-    for grouped in (False, True):  # the one-query tables and the grouped GEMM tables
+    # the one-query tables, the grouped GEMM tables, and grouped pairs scored directly
+    for grouped, direct in ((False, 0), (True, 0), (True, 1e9)):
         monkeypatch.setattr(LOPQSearcher, "GROUPED_MIN_ROTATION_BYTES", 0 if grouped else 1e18)
+        monkeypatch.setattr(LOPQSearcher, "DIRECT_ROWS_PER_CENTROID", direct)
         assert searcher.uses_grouped_tables() == grouped
         for qi, (ids, dists) in enumerate(searcher.search_batch(Q, quota=len(X), limit=8)):
             assert_same_ranking_up_to_ties(ids, dists, truth[qi], 1e-3)

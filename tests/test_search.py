@@ -386,12 +386,18 @@ def _grouped_case(D, M, S, V, n, seed):
     return model, coarse, fine, rng
 
 
+@pytest.mark.parametrize("direct", [0, 1.0, 1e9])
 @pytest.mark.parametrize("D,M,S,V,n", [(16, 4, 32, 6, 500), (12, 2, 12, 5, 300),
-                                       (24, 6, 20, 40, 2000), (16, 4, 32, 3, 1)])
-def test_grouped_batch_tables_equal_plain_numpy_distances(D, M, S, V, n, monkeypatch):
+                                       (24, 6, 20, 40, 2000), (16, 4, 32, 3, 1),
+                                       (40, 4, 9, 30, 1500)])
+def test_grouped_batch_tables_equal_plain_numpy_distances(D, M, S, V, n, direct,
+                                                          monkeypatch):
     """search_batch (tables of a block of queries built per cluster, expanded square)
     retrieves what the plain definition retrieves and ranks by its distances, within
-    float tolerance; blocks of 3 queries make the block boundaries part of the test."""
+    float tolerance; blocks of 3 queries make the block boundaries part of the test.
+    ``direct``: pairs with fewer rows than that many per centroid are scored without
+    tables (0: none; 1: a mix, pair by pair; 1e9: every one; ds = 10 in the last case
+    leaves a tail past the vector width)."""
     if search_module.kernels.compiled_search() is None:
         pytest.skip("compiled search extension not built")
     model, coarse, fine, rng = _grouped_case(D, M, S, V, n, seed=D + V)
@@ -399,6 +405,7 @@ def test_grouped_batch_tables_equal_plain_numpy_distances(D, M, S, V, n, monkeyp
     searcher.add_codes((coarse, fine))
     monkeypatch.setattr(LOPQSearcher, "BATCH_BLOCK", 3)
     monkeypatch.setattr(LOPQSearcher, "GROUPED_MIN_ROTATION_BYTES", 0)
+    monkeypatch.setattr(LOPQSearcher, "DIRECT_ROWS_PER_CENTROID", direct)
     assert searcher.uses_grouped_tables()
     queries = rng.randn(11, D).astype(np.float32)
     queries[5] = queries[4]  # a repeated query: identical results

@@ -430,3 +430,26 @@ static inline int lopq_tables_rows(
     free(scratch);
     return 0;
 }
+
+/* sum_j |p[j ds:(j + 1) ds] - rows[j]|^2: one split's distance from a rotated residual p
+ * (half_m * ds floats) to a decoded code (its half_m codewords, ds floats each), the
+ * sum its ADC table entries would give. */
+static inline float lopq_residual_sqdist(const float *p, const float *const *rows,
+                                         ptrdiff_t half_m, ptrdiff_t ds) {
+    lopq_vf acc = {0};
+    float tail = 0.0f;
+    for (ptrdiff_t j = 0; j < half_m; j++) {
+        const float *pj = p + j * ds, *b = rows[j];
+        ptrdiff_t t = 0;
+        for (; t + LOPQ_VW <= ds; t += LOPQ_VW) {
+            const lopq_vf d = lopq_load(pj + t) - lopq_load(b + t);
+            acc += d * d;
+        }
+        for (; t < ds; t++) {
+            const float d = pj[t] - b[t];
+            tail += d * d;
+        }
+    }
+    for (int l = 0; l < LOPQ_VW; l++) tail += acc[l];
+    return tail;
+}

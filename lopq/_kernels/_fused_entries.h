@@ -42,7 +42,10 @@
     ENTRY(int, lopq_tables_rows,                                                           \
           (const float *P, ptrdiff_t n, ptrdiff_t hp, const float *CBTm2, ptrdiff_t half_m, \
            ptrdiff_t ds, ptrdiff_t Sp, const float *cb_sqnorm, ptrdiff_t S, float *tables), \
-          (P, n, hp, CBTm2, half_m, ds, Sp, cb_sqnorm, S, tables), return)
+          (P, n, hp, CBTm2, half_m, ds, Sp, cb_sqnorm, S, tables), return)                \
+    ENTRY(float, lopq_residual_sqdist,                                                     \
+          (const float *p, const float *const *rows, ptrdiff_t half_m, ptrdiff_t ds),      \
+          (p, rows, half_m, ds), return)
 
 #define LOPQ_CAT2(a, b) a##_##b
 #define LOPQ_CAT(a, b) LOPQ_CAT2(a, b)

@@ -28,6 +28,8 @@ cdef extern from "_fused_api.h" nogil:
     int lopq_tables_rows(const float *P, Py_ssize_t n, Py_ssize_t hp, const float *CBTm2,
                          Py_ssize_t half_m, Py_ssize_t ds, Py_ssize_t Sp,
                          const float *cb_sqnorm, Py_ssize_t S, float *tables)
+    float lopq_residual_sqdist(const float *p, const float *const *rows,
+                               Py_ssize_t half_m, Py_ssize_t ds)
 
 #: The copy of the fused loops this module runs (see _cython.ISA).
 ISA = "avx2" if lopq_select_isa(os.environ.get("LOPQ_PORTABLE", "") != "1") else "portable"
@@ -340,10 +342,41 @@ cdef int _traverse(Work *w, const float *x, const float *CsT, int V, int h,
     return 0
 
 
+cdef struct Direct:
+    # Scoring without tables (`_scan`): pairs with direct[t] set have no table; their
+    # rows' distances come from the pair's rotated residual px + t * hp and the codebooks.
+    const char *direct
+    const float *px
+    Py_ssize_t hp
+    const float *books       # (2, M/2, S, ds) codebooks
+    Py_ssize_t ds
+    const int *pair_key      # split * V + cluster of each pair (the adjustment's key)
+    const float *adjust      # (2V, M/2, S) inner-product adjustment, or NULL
+
+
+cdef inline float _direct_split(const Direct *dr, int t, int split, const code_t *code,
+                                int half_m, int S, const float **rows) noexcept nogil:
+    # |px_t - decoded codes|^2 of one split: the sum its table lookups would give
+    cdef int j
+    cdef Py_ssize_t S_ds = <Py_ssize_t>S * dr.ds
+    cdef const float *books = dr.books + <Py_ssize_t>split * half_m * S_ds
+    cdef const float *a
+    cdef float out
+    for j in range(half_m):
+        rows[j] = books + j * S_ds + <Py_ssize_t>code[j] * dr.ds
+    out = lopq_residual_sqdist(dr.px + <Py_ssize_t>t * dr.hp, rows, half_m, dr.ds)
+    if dr.adjust != NULL:
+        a = dr.adjust + <Py_ssize_t>dr.pair_key[t] * half_m * S
+        for j in range(half_m):
+            out = out - a[j * S + code[j]]
+    return out
+
+
 cdef int _scan(Work *w, const Cell *cells, Py_ssize_t n_cells, const float *tables,
                Py_ssize_t table_size, int half_m, int S, const code_t *fine,
-               Py_ssize_t total) noexcept nogil:
-    """ADC distances of every row of the cells into w.rows / w.dists (room for total)."""
+               Py_ssize_t total, const Direct *dr=NULL) noexcept nogil:
+    """ADC distances of every row of the cells into w.rows / w.dists (room for total).
+    With ``dr``, a half of a cell whose pair has no table is scored directly."""
     cdef int M = 2 * half_m, j
     cdef Py_ssize_t k, n = 0
     cdef long long r
@@ -351,6 +384,8 @@ cdef int _scan(Work *w, const Cell *cells, Py_ssize_t n_cells, const float *tabl
     cdef const float *t0
     cdef const float *t1
     cdef const code_t *code
+    cdef const float *rows[256]
+    cdef int direct0, direct1
     if _grow(<void **>&w.rows, &w.rows_cap, total, sizeof(long long)):
         return -1
     if _grow(<void **>&w.dists, &w.dists_cap, total, sizeof(float)):
@@ -360,6 +395,30 @@ cdef int _scan(Work *w, const Cell *cells, Py_ssize_t n_cells, const float *tabl
             __builtin_prefetch(fine + cells[k + 1].lo * M)
         t0 = tables + cells[k].t0 * table_size
         t1 = tables + cells[k].t1 * table_size
+        direct0 = 0
+        direct1 = 0
+        if dr != NULL:
+            direct0 = dr.direct[cells[k].t0] != 0
+            direct1 = dr.direct[cells[k].t1] != 0
+        if direct0 or direct1:
+            for r in range(cells[k].lo, cells[k].hi):
+                code = fine + r * M
+                acc = 0
+                acc1 = 0
+                if direct0:
+                    acc = _direct_split(dr, cells[k].t0, 0, code, half_m, S, rows)
+                else:
+                    for j in range(half_m):
+                        acc = acc + t0[j * S + code[j]]
+                if direct1:
+                    acc1 = _direct_split(dr, cells[k].t1, 1, code + half_m, half_m, S, rows)
+                else:
+                    for j in range(half_m):
+                        acc1 = acc1 + t1[j * S + code[half_m + j]]
+                w.rows[n] = r
+                w.dists[n] = acc + acc1
+                n += 1
+            continue
         for r in range(cells[k].lo, cells[k].hi):
             code = fine + r * M
             # four independent sums (split x parity of j) quarter the chain of
@@ -753,6 +812,10 @@ cdef struct Block:
     float **ptrs
     Py_ssize_t order_cap
     Py_ssize_t ptrs_cap
+    char *direct            # per pair of the current query: scored without a table
+    long long *pair_rows    # per pair of the current query: rows of its cells
+    Py_ssize_t direct_cap
+    Py_ssize_t pair_rows_cap
     double t_tables
     double t_scan
 
@@ -782,6 +845,8 @@ cdef void _block_free(Block *b) noexcept nogil:
     free(b.px)
     free(b.tables)
     free(b.ptrs)
+    free(b.direct)
+    free(b.pair_rows)
 
 
 cdef int _number_pairs(Work *w, Block *b, int qi, Py_ssize_t *n_pairs, int V) noexcept nogil:
@@ -823,13 +888,17 @@ cdef int _score_block(Work *w, Block *b, const float *Q, Py_ssize_t D, int nq,
                       const float *CBTm2, const float *cb_sqnorm, int V, int h, Py_ssize_t hp,
                       int half_m, Py_ssize_t ds, Py_ssize_t Sp, int S, const code_t *fine,
                       int limit, long long *out_rows, float *out_dists,
-                      const float *adjust) noexcept nogil:
+                      const float *adjust, const float *books,
+                      Py_ssize_t direct_below) noexcept nogil:
     """Tables and scan of a block of nq queries (rows of Q, D floats each) whose cells
     and pairs are numbered: rotations grouped by half-cluster, then per query its tables,
-    its scan and its `limit` nearest into out_rows / out_dists (nq, limit)."""
+    its scan and its `limit` nearest into out_rows / out_dists (nq, limit). With
+    ``books`` (2, M/2, S, ds), a pair whose cells hold fewer than ``direct_below`` rows
+    gets no table: its rows are scored from its rotated residual directly."""
     cdef Py_ssize_t table_size = <Py_ssize_t>half_m * S, k, g, i, t, last, ps, n0, nqp
     cdef Py_ssize_t split_c = <Py_ssize_t>V * h, split_b = <Py_ssize_t>half_m * ds * Sp
-    cdef int key, split, c, qi, kk, found
+    cdef int key, split, c, qi, kk, found, any_direct
+    cdef Direct dr
     cdef const float *x
     cdef const float *centre
     cdef const float *mean
@@ -877,19 +946,57 @@ cdef int _score_block(Work *w, Block *b, const float *Q, Py_ssize_t D, int nq,
         n0 = b.split0_pairs[qi]
         if _grow(<void **>&b.tables, &b.tables_cap, nqp * table_size, sizeof(float)):
             return -1
-        if (lopq_tables_rows(b.px + ps * hp, n0, hp, CBTm2, half_m, ds, Sp, cb_sqnorm, S,
-                             b.tables)
-                or lopq_tables_rows(b.px + (ps + n0) * hp, nqp - n0, hp, CBTm2 + split_b,
-                                    half_m, ds, Sp, cb_sqnorm + half_m * Sp, S,
-                                    b.tables + n0 * table_size)):
-            return -1
+        any_direct = 0
+        if books != NULL and direct_below > 0:
+            # a table costs S x h multiply-adds, a row scored directly h: pairs with few
+            # rows are cheaper without one
+            if (_grow(<void **>&b.direct, &b.direct_cap, nqp, sizeof(char))
+                    or _grow(<void **>&b.pair_rows, &b.pair_rows_cap, nqp,
+                             sizeof(long long))):
+                return -1
+            for k in range(nqp):
+                b.pair_rows[k] = 0
+            for k in range(b.cell_start[qi], b.cell_start[qi + 1]):
+                b.pair_rows[w.cells[k].t0] += w.cells[k].hi - w.cells[k].lo
+                b.pair_rows[w.cells[k].t1] += w.cells[k].hi - w.cells[k].lo
+            for k in range(nqp):
+                b.direct[k] = b.pair_rows[k] < direct_below
+                any_direct = any_direct or b.direct[k]
+        if not any_direct:
+            if (lopq_tables_rows(b.px + ps * hp, n0, hp, CBTm2, half_m, ds, Sp, cb_sqnorm,
+                                 S, b.tables)
+                    or lopq_tables_rows(b.px + (ps + n0) * hp, nqp - n0, hp,
+                                        CBTm2 + split_b, half_m, ds, Sp,
+                                        cb_sqnorm + half_m * Sp, S,
+                                        b.tables + n0 * table_size)):
+                return -1
+        else:
+            for k in range(nqp):
+                if b.direct[k]:
+                    continue
+                split = k >= n0
+                if lopq_tables_rows(b.px + (ps + k) * hp, 1, hp, CBTm2 + split * split_b,
+                                    half_m, ds, Sp, cb_sqnorm + split * half_m * Sp, S,
+                                    b.tables + k * table_size):
+                    return -1
         if adjust != NULL:
             for k in range(nqp):
-                _adjust(b.tables + k * table_size, adjust, b.pair_key[ps + k], table_size)
+                if not (any_direct and b.direct[k]):
+                    _adjust(b.tables + k * table_size, adjust, b.pair_key[ps + k],
+                            table_size)
         b.t_tables += _now() - t0
         t0 = _now()
+        if any_direct:
+            dr.direct = b.direct
+            dr.px = b.px + ps * hp
+            dr.hp = hp
+            dr.books = books
+            dr.ds = ds
+            dr.pair_key = b.pair_key + ps
+            dr.adjust = adjust
         if _scan(w, w.cells + b.cell_start[qi], b.cell_start[qi + 1] - b.cell_start[qi],
-                 b.tables, table_size, half_m, S, fine, b.totals[qi]):
+                 b.tables, table_size, half_m, S, fine, b.totals[qi],
+                 &dr if any_direct else NULL):
             return -1
         found = _top_k(w.dists, b.totals[qi], limit, w.top)
         for kk in range(limit):
@@ -918,7 +1025,9 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
                          long long[:, ::1] out_rows,      # OUT (q, limit) rows, -1 padded
                          float[:, ::1] out_dists,         # OUT (q, limit) distances, inf padded
                          double[::1] out_seconds,         # OUT (3,) += 0, tables, scan
-                         const float[:, :, :, ::1] adjust=None):  # IN (2, V, M/2, S) or None
+                         const float[:, :, :, ::1] adjust=None,  # IN (2, V, M/2, S) or None
+                         const float[:, :, :, ::1] books=None,   # IN (2, M/2, S, ds) or None
+                         Py_ssize_t direct_below=0):
     """The `limit` nearest rows of given cells for each query, with the rotations of a
     block of queries computed together.
 
@@ -929,7 +1038,11 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
     instead of once per query, which is what the one-query path spends its time on at
     large D and V. Then per query: its tables from its rotated residuals
     (`lopq_tables_rows`, codebooks shared by the split), the ADC scan while they are in
-    cache, its top ``limit``. The cells come from `visited_cells` (`search_batch`: the
+    cache, its top ``limit``. With ``books`` (the codebooks), a (query, half-cluster)
+    pair whose cells hold fewer than ``direct_below`` rows gets no table: each of its
+    rows is scored from the rotated residual and its decoded codewords (h multiply-adds
+    a row, against S x h for a table), the same distance up to float rounding. The
+    cells come from `visited_cells` (`search_batch`: the
     retrieval of `search_many`, distances equal up to float rounding) or from elsewhere (a
     Spark partition holds some cells of the index; its queries say which they visit).
     """
@@ -941,8 +1054,15 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
     cdef Work w
     cdef Block b
     cdef const float *adj = _adjust_pointer(adjust, V, half_m, S)
+    cdef const float *books_ptr = NULL
     if Q.shape[0] == 0:
         return
+    if books is not None and direct_below > 0:
+        if (books.shape[0] != 2 or books.shape[1] != half_m or books.shape[2] != S
+                or books.shape[3] != ds or half_m > 256):
+            raise ValueError(f"books must be (2, {half_m}, {S}, {ds}) (M/2 <= 256), got "
+                             f"({books.shape[0]}, {books.shape[1]}, {books.shape[2]}, {books.shape[3]})")
+        books_ptr = &books[0, 0, 0, 0]
     if max_block < 1:
         raise ValueError(f"max_block must be >= 1, got {max_block}")
     if cell_ptr.shape[0] != Q.shape[0] + 1 or cells.shape[0] != ranges.shape[0]:
@@ -993,7 +1113,8 @@ def search_cells_grouped(const float[:, ::1] Q,          # IN (q, D) queries
             if _score_block(&w, &b, &Q[first, 0], D, nq, n_pairs, &Cs[0, 0, 0],
                             &RTp[0, 0, 0, 0], &mus[0, 0, 0], &CBTm2[0, 0, 0, 0],
                             &cb_sqnorm[0, 0, 0], V, h, hp, half_m, ds, Sp, S, &fine[0, 0],
-                            limit, &out_rows[first, 0], &out_dists[first, 0], adj):
+                            limit, &out_rows[first, 0], &out_dists[first, 0], adj,
+                            books_ptr, direct_below):
                 failed = 1
             first += nq
         _work_free(&w)
