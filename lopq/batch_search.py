@@ -29,10 +29,14 @@ class BatchSearch:
     #: 19.7k / 21.8k; MiniLM V=64 (18.9 MB) 11.6k / 14.1k; MiniLM V=256 (75 MB) 751 / 3,224.
     GROUPED_MIN_ROTATION_BYTES = 8 << 20
     #: In the grouped path, a (query, half-cluster) pair whose visited cells hold fewer
-    #: than this many rows per subquantizer centroid gets no distance table: a table
-    #: costs S x h multiply-adds, scoring a row from the rotated residual h (with the
-    #: table, M/2 lookups). 0 builds every table.
-    DIRECT_ROWS_PER_CENTROID = 1.0
+    #: than this many rows per subquantizer centroid gets no distance table: its rows are
+    #: scored from the rotated residual (h multiply-adds a row, against S x h for a
+    #: table). 0 (the default) builds every table. Off by default: alone on Debian with
+    #: PCA to 128-d, V=256, 1.0 ran 1.3-1.65x faster at quotas 250-1000, but in the
+    #: search benchmark (two processes side by side) the gathered codewords made the
+    #: scan slower than the tables it saved: MiniLM 384-d V=256 quota 250, 8.6k -> 4.5k
+    #: q/s; Debian PCA-128 quota 32000, 205 -> 173 q/s.
+    DIRECT_ROWS_PER_CENTROID = 0
 
     def uses_grouped_tables(self):
         """Whether `search_batch` builds the tables of a block of queries together."""
