@@ -283,10 +283,11 @@ class LOPQModel:
             backend=None, rotation_refinement_iters=3, rotation_shrinkage=ROTATION_SHRINKAGE):
         """Fit the missing parameters on ``data`` (n, D); existing ones are reused.
 
-        Keyword arguments are the reference's. ``n_jobs`` is the number of threads that
-        compare the ``rotation_shrinkage="auto"`` candidates (None: one per core, at most
-        three); the model does not depend on it. The rest of training runs on the calling
-        thread (numpy's BLAS may use its own threads). When rotations and
+        Keyword arguments are the reference's. ``n_jobs`` is the number of threads
+        (None: one per core) that compare the ``rotation_shrinkage="auto"`` candidates (at
+        most three), refine the two splits, and assign the k-means column groups (the two
+        halves in step 0, the M subvectors in step 2) side by side; the model does not
+        depend on it. When rotations and
         subquantizers are both trained here, ``rotation_refinement_iters`` rounds of local
         rotation refinement follow (see `lopq.training.refine_local_rotations`).
         ``rotation_shrinkage`` pseudo-points per dimension pull each local covariance

@@ -68,10 +68,12 @@ class ArrayRows(ArrayLloydSource):
     Args:
         X: (n, D) rows (converted to C-contiguous float32 once).
         backend: kernel backend (see `lopq._kernels`).
+        threads: column groups of a Lloyd pass assigned side by side (also in the sources
+            it derives); the results do not depend on it.
     """
 
     def subset(self, indices):
-        return ArrayRows(self.take(indices), self.backend)
+        return ArrayRows(self.take(indices), self.backend, self.threads)
 
     def covariance_pass(self, Cs):
         return covariance_statistics(self.X, Cs, self.backend)
@@ -79,7 +81,8 @@ class ArrayRows(ArrayLloydSource):
     def projected(self, Cs, Rs, mus, passes=None):
         """The projected residuals as a row source (``passes``: how often the caller
         will read it, a hint that sources on files use; in memory it changes nothing)."""
-        return ArrayRows(project_rows(self.X, Cs, Rs, mus, self.backend), self.backend)
+        return ArrayRows(project_rows(self.X, Cs, Rs, mus, self.backend), self.backend,
+                         self.threads)
 
     def release(self):
         pass

@@ -741,9 +741,10 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
     source: `LOPQModel.fit` (an `ArrayRows`) and Spark (`lopq.spark.rows.BlockRows`) with
     the same rows and seed train the same model, up to summation order. The ``"auto"``
     choice draws from a stream of its own: it trains the very model that its chosen
-    shrinkage given as a constant trains with the same seed. ``n_jobs``
-    threads compare the ``"auto"`` shrinkage candidates (`choose_shrinkage`) and refine
-    the two splits side by side (`refine_rotations`); the result does not depend on it.
+    shrinkage given as a constant trains with the same seed. ``n_jobs`` (None: one per
+    core) threads compare the ``"auto"`` shrinkage candidates (`choose_shrinkage`),
+    refine the two splits side by side (`refine_rotations`) and run the column groups of
+    the k-means seeding and warm start (`kmeans_rows`); the result does not depend on it.
 
     Returns:
         ``(Cs, Rs, mus, subs)`` stacked float32 arrays, and a dict of seconds per step.
@@ -756,12 +757,15 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
     train_subs = subs is None and 2 in steps
     refine = train_rotations and train_subs and rotation_refinement_iters > 0
     n, D = source.n_rows, source.dim
+    # the k-means on the driver (seeding, the warm start's sample) runs its column groups
+    # on these threads; the source's passes run as the source does
+    threads = n_jobs or os.cpu_count() or 1
     timings = {}
     start = time.time()
     if Cs is None and 0 in steps:
         logger.info("step 0: coarse quantizers (V=%d) on %d x %d", V, n, D)
         Cs = kmeans_rows(source, 2, V, kmeans_coarse_iters, n_init, random_state=rng,
-                         label=" coarse (step 0)", backend=backend)
+                         label=" coarse (step 0)", backend=backend, threads=threads)
         timings["step 0 (coarse)"] = time.time() - start
         start = time.time()
     if train_rotations:
@@ -795,7 +799,7 @@ def train_sequence(source, V, M, subquantizer_clusters=256, parameters=None,
         try:
             subs = kmeans_rows(projected, M, subquantizer_clusters, kmeans_local_iters,
                                n_init, random_state=rng, label=" subquantizers (step 2)",
-                               backend=backend)
+                               backend=backend, threads=threads)
         finally:
             projected.release()
         timings["step 2 (subquantizers)"] = time.time() - start
@@ -821,7 +825,8 @@ def train_parameters(data, V=8, M=4, subquantizer_clusters=256, parameters=None,
     Returns:
         (Cs, Rs, mus, subs) stacked float32 arrays.
     """
-    params, _ = train_sequence(ArrayRows(data, backend), V, M, subquantizer_clusters,
+    rows = ArrayRows(data, backend, threads=n_jobs or os.cpu_count() or 1)
+    params, _ = train_sequence(rows, V, M, subquantizer_clusters,
                                parameters, kmeans_coarse_iters, kmeans_local_iters, n_init,
                                subquantizer_sample_ratio, random_state,
                                rotation_refinement_iters, rotation_shrinkage, backend,

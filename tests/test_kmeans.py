@@ -83,3 +83,24 @@ def test_joined_blocks_keep_row_order_and_join_up_to_the_size():
     np.testing.assert_array_equal(np.concatenate(joined),
                                   np.concatenate([X for _, X in blocks]))
     assert list(joined_blocks(iter([]), rows=7)) == []
+
+
+def test_column_groups_on_threads_give_the_very_same_centres():
+    """`kmeans_rows(threads=...)` seeds and warms up its column groups side by side, and
+    `ArrayRows(threads=...)` assigns them side by side: one thread and three give the
+    same centres and pass statistics bit for bit, with a
+    group whose rows are all equal (empty clusters repaired on every pass)."""
+    import lopq.kmeans as km
+    from lopq.datasets import make_clustered
+    from lopq.rows import ArrayRows
+    X = make_clustered(6000, 24, n_clusters=12, seed=4)
+    X[:, 16:] = 1.0  # the third group: one distinct row, every other cluster empty
+    k = 16
+    assert len(X) >= 4 * km.WARM_START_POINTS_PER_CLUSTER * k  # the warm start runs
+    runs = [km.kmeans_rows(ArrayRows(X, threads=t), 3, k, max_iter=8, n_init=2,
+                           random_state=5, threads=t) for t in (1, 3)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    one, three = (km.lloyd_statistics(X, runs[0], threads=t) for t in (1, 3))
+    for a, b in zip(one[:3], three[:3]):
+        np.testing.assert_array_equal(a, b)
+    assert [[d for d, _ in g] for g in one[3]] == [[d for d, _ in g] for g in three[3]]

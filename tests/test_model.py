@@ -534,8 +534,9 @@ def test_batched_eigenvalue_allocation_equals_the_plain_greedy_rule():
 
 
 def test_auto_shrinkage_threads_do_not_change_the_model():
-    """`fit(n_jobs=...)` only sets how many threads compare the "auto" candidates: one
-    thread and three train the very same model (each candidate has its own seed)."""
+    """`fit(n_jobs=...)` only sets how many threads compare the "auto" candidates and
+    run the k-means column groups: one thread and three train the very same model (each
+    candidate has its own seed; the warm start runs at these sizes)."""
     X = make_clustered(9000, 32, n_clusters=20, seed=8)
     models = [LOPQModel(V=8, M=4, subquantizer_clusters=16).fit(
         X, random_state=3, n_init=1, n_jobs=jobs) for jobs in (1, 3)]
