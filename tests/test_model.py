@@ -626,3 +626,24 @@ def test_auto_shrinkage_holds_back_queries_it_never_fits(monkeypatch, n, folds):
         assert _rows_of(fit) <= _rows_of(base)
     if folds == 2:
         assert not held[0] & held[1]
+
+
+def test_in_memory_projection_reuses_the_covariance_pass_labels_only_for_its_centroids():
+    """`ArrayRows` keeps the coarse labels of its covariance pass: a projection over the
+    same centroids reads them (poisoned labels show it), one over other centroids
+    assigns again; both equal the projection that assigns every row itself."""
+    from lopq.rows import ArrayRows, project_rows
+    rng = np.random.RandomState(2)
+    X = rng.randn(500, 8).astype(np.float32)
+    Cs = rng.randn(2, 5, 4).astype(np.float32)
+    Rs = np.stack([np.stack([np.linalg.qr(rng.randn(4, 4))[0] for _ in range(5)])
+                   for _ in range(2)]).astype(np.float32)
+    mus = (0.1 * rng.randn(2, 5, 4)).astype(np.float32)
+    rows = ArrayRows(X)
+    rows.covariance_pass(Cs)
+    np.testing.assert_array_equal(rows.projected(Cs, Rs, mus).X, project_rows(X, Cs, Rs, mus))
+    rows._labels[1][:] = (rows._labels[1] + 1) % 5
+    assert not np.allclose(rows.projected(Cs, Rs, mus).X, project_rows(X, Cs, Rs, mus))
+    other = Cs + np.float32(0.25)
+    np.testing.assert_array_equal(rows.projected(other, Rs, mus).X,
+                                  project_rows(X, other, Rs, mus))

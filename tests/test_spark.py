@@ -639,9 +639,37 @@ def test_row_files_give_the_cached_blocks_results(sc, small_data):
     Rs = np.stack([np.stack([np.linalg.qr(rng.randn(h, h))[0] for _ in range(6)])
                    for _ in range(2)]).astype(np.float32)
     mus = (0.1 * rng.randn(2, 6, h)).astype(np.float32)
+    # the covariance pass left each partition's coarse labels beside its file: the
+    # nearest centroids (by distance: a float32 near-tie may pick another)
+    from lopq.rows import centroid_tag
+    tag = centroid_tag(centers)
+    labels = np.concatenate([np.load(os.path.join(folder, f"labels-{tag}-{p}.npy"))
+                             for p in range(parts)])
+    for g in range(2):
+        d = ((X[:, None, g * h:(g + 1) * h] - centers[g][None]) ** 2).sum(-1)
+        np.testing.assert_allclose(d[np.arange(n), labels[:, g]], d.min(1), rtol=1e-5)
     projected = [s.projected(centers, Rs, mus) for s in (on_files, on_blocks)]
     np.testing.assert_allclose(projected[0].take(indices), projected[1].take(indices),
                                rtol=1e-5, atol=1e-5)
+    # ... and the projections read them: labels of another cell change the rows of that
+    # partition; other centroids (another tag) assign again
+    poisoned = os.path.join(folder, f"labels-{tag}-0.npy")
+    np.save(poisoned, (np.load(poisoned) + 1) % 6)
+    first = np.arange(on_files.partition_rows[0])
+    stored = on_files.projected(centers, Rs, mus)
+    assert not np.allclose(stored.take(first), projected[1].take(first), atol=1e-4)
+    # a pass over projections mapped on the fly reads them too
+    mapped = on_files.projected(centers, Rs, mus, passes=1)
+    starts = np.stack([projected[1].take(indices[:3])[:, g * h:(g + 1) * h]
+                       for g in range(2)])
+    a, b = mapped.lloyd_pass(starts), stored.lloyd_pass(starts)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_allclose(a.sums, b.sums, rtol=1e-6)
+    moved = centers + np.float32(0.5)
+    again = [s.projected(moved, Rs, mus) for s in (on_files, on_blocks)]
+    np.testing.assert_allclose(again[0].take(first), again[1].take(first), rtol=1e-5,
+                               atol=1e-5)
+    projected += [stored, mapped, *again]
     subset = on_files.subset(indices)
     np.testing.assert_array_equal(subset.take(np.arange(50)), X[indices[:50]])
     for source in (*projected, subset, on_files, on_blocks):
